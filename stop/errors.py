@@ -1,0 +1,50 @@
+"""The exception hierarchy. Each error that reaches a peer carries its
+RFC 1413 error word; everything else is logged and answered UNKNOWN-ERROR.
+"""
+
+from __future__ import annotations
+
+
+class StopError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    #: The RFC 1413 / STOP error word sent to a peer for this error.
+    word = "UNKNOWN-ERROR"
+
+
+class RequestError(StopError):
+    """A request line that does not parse (answered UNKNOWN-ERROR)."""
+
+    def __init__(self, message: str, ports: tuple[int, int] = (0, 0)):
+        super().__init__(message)
+        #: The port pair to echo in the reply: (0, 0) when none could be read.
+        self.ports = ports
+
+
+class InvalidPort(RequestError):
+    """A port pair that was read but is out of 1..65535."""
+
+    word = "INVALID-PORT"
+
+
+class NoUser(StopError):
+    """No established, locally initiated connection matches (NO-USER)."""
+
+    word = "NO-USER"
+
+
+class Overloaded(StopError):
+    """The lookup queue is full; nothing was looked up or saved."""
+
+
+class LookupFailed(StopError):
+    """The OS backend could not be asked (netlink or /proc failed)."""
+
+
+class StoreFailed(StopError):
+    """A record could not be stored durably; no token is given for it."""
+
+
+class ConfigError(StopError):
+    """The configuration file or command line is wrong; the message says
+    which setting and why."""

@@ -1,0 +1,89 @@
+"""Every swappable part of stop, as zope interfaces.
+
+Each is a contract: implementations declare ``@implementer(I...)`` and the
+tests check them with ``zope.interface.verify.verifyObject``. Site plugins
+(see README.rst, "Plugins") provide the same interfaces.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class ISocketLookup(Interface):
+    """Finds the established TCP connection behind an ident query.
+
+    Implementations: ``stop.lookup.netlink`` (Linux sock_diag, exact
+    4-tuple), ``stop.lookup.procfs`` (Linux ``/proc/net/tcp{,6}``).
+    Lookups are synchronous and cheap (microseconds); an implementation that
+    is not must say so in its docs.
+    """
+
+    name = Attribute("Short name of the backend, e.g. 'netlink'; used in logs and config.")
+
+    def find(local, remote):
+        """Find the established TCP connection between ``local`` and ``remote``.
+
+        :param local: :class:`stop.model.Endpoint` on this host; its ``host``
+            may be ``""`` to mean any local address (the address form).
+        :param remote: :class:`stop.model.Endpoint`, the other end.
+        :return: a :class:`stop.model.Connection` whose state is ESTABLISHED
+            and whose ends equal the ones asked for, or ``None`` when there is
+            none. Listening and TIME_WAIT sockets are never returned.
+        :raise stop.errors.LookupFailed: when the kernel could not be asked.
+        """
+
+    def close():
+        """Release any kernel handles (netlink sockets). Idempotent."""
+
+
+class IRecordStore(Interface):
+    """Durable storage of records, keyed by token.
+
+    A record is the exact bytes of canonical UTF-8 JSON (``stop.records``);
+    a store keeps them byte for byte, so the hash of an SV record can be
+    verified later. Records are append-only: nothing is ever changed or
+    deleted by the daemon.
+
+    Implementations: ``memory`` (tests), ``flat`` and ``gzip``
+    (``stop.storage``). Writes may be grouped (one fsync for many records),
+    but ``save`` fires only once its record is durable.
+    """
+
+    name = Attribute("Short name of the backend, e.g. 'flat'.")
+
+    def open():
+        """Open (creating when needed) the store. Called once, after twistd
+        has dropped privileges, before the first ``save``.
+
+        :raise stop.errors.StoreFailed: the store cannot be opened (path,
+            permissions); the message says which and why.
+        """
+
+    def save(token, record):
+        """Store ``record`` (bytes) under ``token`` (str).
+
+        :return: a Deferred that fires with ``None`` once the record is
+            durable (per the ``fsync`` setting), or fails with
+            :class:`stop.errors.StoreFailed`. The caller sends its reply
+            only after it fired.
+        """
+
+    def get(token):
+        """The stored bytes of ``token``, or ``None``. Synchronous; reads
+        what is durable on disk (usable from ``stopctl`` while the daemon
+        runs)."""
+
+    def records():
+        """Iterate ``(token, record_bytes)`` over every stored record,
+        oldest first. Synchronous."""
+
+    def usage():
+        """Bytes this store occupies on disk (what the quota counts)."""
+
+    def close():
+        """Flush what is pending and release files.
+
+        :return: a Deferred that fires when every pending ``save`` has
+            completed.
+        """
