@@ -205,3 +205,23 @@ def test_sha256_makes_64_char_tokens():
     a, store = make(Config(hash="sha256", errors="token"))
     for line in (b"40000, 6667", b"40001, 6667"):
         assert re.fullmatch(rb".* : USERID : OTHER : [0-9a-f]{64}\r\n", ask(a, line)[0])
+
+
+def _messages(a):
+    from twisted.logger import Logger, formatEvent
+    events = []
+    a.log = Logger(observer=events.append)
+    return events, formatEvent
+
+
+def test_one_log_line_per_query_and_log_users_setting():
+    for log_users, shown in ((True, True), (False, False)):
+        a, store = make(Config(log_users=log_users))
+        events, fmt = _messages(a)
+        ask(a, b"40000, 6667")
+        ask(a, b"40001, 6667")
+        texts = [fmt(e) for e in events]
+        assert len(texts) == 2
+        assert "127.0.0.2:51000 asked 40000, 6667 ID" in texts[0] and "uid 1000" in texts[0]
+        assert ("alice" in texts[0]) is shown
+        assert "NO-USER" in texts[1]
