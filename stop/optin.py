@@ -22,6 +22,8 @@ from typing import Callable, Optional
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from stop.model import canonical_host
+
 MAX_BYTES = 65536
 FILENAME = ".ident"
 
@@ -99,7 +101,7 @@ class OptIn:
         matched, names = _matches(host, read_entries(home, uid))
         if matched or not names:
             return defer.succeed(matched)
-        canonical = str(ipaddress.ip_address(host))
+        canonical = canonical_host(host)
         d = self._resolve(names)
         d.addCallback(lambda addrs: canonical in {_canon(a) for a in addrs})
         return d
@@ -107,7 +109,7 @@ class OptIn:
 
 def _canon(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text.split("%", 1)[0]))
+        return canonical_host(text.split("%", 1)[0])
     except ValueError:
         return ""
 
