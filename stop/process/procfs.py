@@ -140,19 +140,27 @@ class ProcfsScan:
         if self._index is not None:
             return self._index
         index: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+        unreadable: dict[str, int] = defaultdict(int)
         for entry in os.listdir(PROC):
             if not entry.isdigit():
                 continue
             pid = int(entry)
             try:
                 links = self._read_links(pid)
-            except (ProcessGone, Unavailable):
+            except ProcessGone:
+                continue
+            except Unavailable as exc:
+                unreadable[exc.reason] += 1
                 continue
             for fd, target in links:
                 if target.startswith("socket:["):
                     index[("socket", int(target[8:-1]))].append((pid, fd))
                 elif target.startswith("pipe:["):
                     index[("pipe", int(target[6:-1]))].append((pid, fd))
+        if unreadable:
+            # Peers among these processes cannot be found: say so.
+            self.unavailable["descriptors"] = ", ".join(
+                f"{why} for {n} processes" for why, n in sorted(unreadable.items()))
         self._index = index
         return index
 
@@ -273,7 +281,9 @@ class ProcfsScan:
                  "local": {"address": tcp.local[0], "port": tcp.local[1]},
                  "remote": {"address": tcp.remote[0], "port": tcp.remote[1]},
                  "state": tcp.state}
-            if tcp.state not in ("LISTEN", "TIME_WAIT", "CLOSE"):
+            if tcp.state == "LISTEN":
+                del d["remote"]  # a listener has no other end (as psutil says)
+            elif tcp.state not in ("TIME_WAIT", "CLOSE"):
                 d["direction"] = ("inbound" if self._is_listening(*tcp.local) else "outbound")
             return d
         unix = self._unix_sock(inode)
