@@ -129,6 +129,10 @@ class ProcfsScan:
             self._fds_read += 1
             try:
                 links.append((int(name), os.readlink(f"{base}/{name}")))
+            except PermissionError:
+                # One unreadable link means all are (ptrace access mode):
+                # stop here instead of failing once per descriptor.
+                raise Unavailable("EACCES") from None
             except OSError:
                 # Closed between listdir and readlink: the table changed
                 # while read, which is normal.
