@@ -7,7 +7,6 @@ Loopback aliases 127.0.0.x keep the tests apart (Linux answers all of
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import select
@@ -384,6 +383,18 @@ def test_netlink_socket_failure_raises_then_recovers(opened):
     finally:
         nl.close()
     nl.close()  # idempotent
+
+
+def test_netlink_reply_reading_is_bounded():
+    """A request whose reply does not end within max_datagrams fails
+    instead of reading on (and leaves no half-read socket behind)."""
+    nl = NetlinkLookup(max_datagrams=0)
+    try:
+        with pytest.raises(LookupFailed, match="no end of reply after 0 datagrams"):
+            nl.find(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2))
+        assert nl._sock is None
+    finally:
+        nl.close()
 
 
 def test_netlink_socket_is_reused(opened):
