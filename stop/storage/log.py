@@ -529,8 +529,8 @@ class LogStore:
 
     def _committed(self, result, batch) -> None:
         """Reactor thread: record where the batch went, fire its Deferreds,
-        start the next batch."""
-        self._flushing = False
+        start the next batch. ``_flushing`` stays set while the Deferreds
+        fire, so a callback's ``save`` queues and its ``close`` waits."""
         if isinstance(result, tuple):
             done, added, error = result
         else:  # not an OSError: a bug; fail the batch, keep the store going
@@ -549,6 +549,7 @@ class LogStore:
                 d.callback(None)
             else:
                 d.errback(error)
+        self._flushing = False
         if self._pending:
             self._flush()
         elif self._closed:
