@@ -491,7 +491,7 @@ class LogStore:
             self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"stop-{self.name}-store")
         self._pool.start()
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
 
     # -- write -------------------------------------------------------------
 
@@ -503,7 +503,8 @@ class LogStore:
             reused token, closed or read-only store, an OS error).
         """
         try:
-            if not self._opened or self._closed or self.readonly:
+            if not self._opened or self._closed or self.readonly or not self._pool.started:
+                # (the pool stops early when the reactor shuts down)
                 raise StoreFailed(f"{self.name} store {self.data_dir} is not open for writing")
             check_entry(token, record)
             if token in self._index or token in self._reserved:
@@ -743,10 +744,14 @@ class LogStore:
             self._finish_close()
         return d
 
-    def _finish_close(self) -> None:
-        if self._pool is not None:
+    def _stop_pool(self) -> None:
+        """Stop the worker (once: a second ThreadPool.stop raises)."""
+        if self._pool is not None and self._pool.started:
             self._pool.stop()
-            self._pool = None
+
+    def _finish_close(self) -> None:
+        self._stop_pool()
+        self._pool = None
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
