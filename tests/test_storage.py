@@ -515,6 +515,9 @@ class LogStoreTests(TempDirMixin):
             store.get("d1")
         self.assertIn("d1", str(caught.exception))
         self.assertEqual(store.get("d2"), canonical({"v": "bbbb"}))
+        self.assertFalse(store.integrity("d1"))
+        self.assertTrue(store.integrity("d2"))
+        self.assertFalse(store.integrity("unknown"))
 
     @defer.inlineCallbacks
     def test_callbacks_may_save_and_close(self):
@@ -531,6 +534,33 @@ class LogStoreTests(TempDirMixin):
         yield closing[0]
         self.assertIsNone(self.successResultOf(second[0]))
         self.assertEqual([t for t, _ in self.reopen(store).records()], ["first", "second"])
+
+    @defer.inlineCallbacks
+    def test_damaged_last_indexed_record_is_not_a_torn_tail(self):
+        """The newest record was indexed (so it was durable and answered),
+        then damaged: it is reported damaged, never moved aside as torn."""
+        store = self.make()
+        yield self.save_all(store, [("e1", canonical({"v": "aaaa"})), ("e2", canonical({"v": "bbbb"}))])
+        yield store.close()
+        seg = segment_files(store)[0]
+        with open(seg, "r+b") as f:
+            data = bytearray(f.read())
+            off, length = store._index["e2"][1:]
+            data[off + length - 5] ^= 0x01  # inside the record (flat) or gzip trailer
+            f.seek(0)
+            f.write(bytes(data))
+        size = os.path.getsize(seg)
+        for readonly in (True, False):
+            again = self.cls(store.data_dir, reactor=reactor, readonly=readonly)
+            again.open()
+            self.addCleanup(again.close)
+            self.assertRaises(StoreFailed, again.get, "e2")
+            self.assertFalse(again.integrity("e2"))
+            self.assertTrue(again.integrity("e1"))
+        self.assertEqual(os.path.getsize(seg), size)
+        self.assertFalse([n for n in os.listdir(store.records_dir) if n.startswith("torn-")])
+        yield again.save("e3", b"{}")
+        self.assertEqual(again.get("e3"), b"{}")
 
     @defer.inlineCallbacks
     def test_close_waits_for_pending_saves(self):

@@ -368,13 +368,21 @@ class LogStore:
             entries.append((token, (seg, off, length)))
             prev = (seg, off, length)
         if entries:
-            # The newest entry is the one a crash may have hit: verify it fully.
+            # Does the index describe these segments? Its newest entry must
+            # be there. An entry it lists was durable (index lines are
+            # written after the fdatasync), so one that no longer parses is
+            # damage, reported by get(), not a crash tail to move aside.
             token, loc = entries[-1]
             try:
-                if self._read_entry(token, loc) is None:
-                    return [], False
-            except StoreFailed:
+                found, _ = self._entry_at(loc)
+            except BadEntry as exc:
+                log.error("{path}: indexed record {token} at offset {off} is damaged ({why})",
+                          path=self._seg_path(loc[0]), token=token, off=loc[1], why=str(exc))
+            except OSError:
                 return [], False
+            else:
+                if found != token:
+                    return [], False
         return entries, True
 
     def _scan(self, segments: list[int], repair: bool) -> list:
@@ -659,20 +667,28 @@ class LogStore:
 
     # -- read --------------------------------------------------------------
 
+    def _entry_at(self, loc: tuple[int, int, int]) -> tuple[str, bytes]:
+        """The verified ``(token, record)`` stored at ``loc``.
+
+        :raise BadEntry: the bytes there are not one sound entry.
+        :raise OSError: it cannot be read.
+        """
+        seg, off, length = loc
+        raw = os.pread(_open_read(self._seg_path(seg), self._read_fds, seg), length, off)
+        return parse_line(self.codec.decode(raw))
+
     def _read_entry(self, token: str, loc: tuple[int, int, int]) -> bytes | None:
         """The verified record at ``loc``; ``None`` when the bytes there are
-        not the entry of ``token``."""
-        seg, off, length = loc
-        path = self._seg_path(seg)
+        not the entry of ``token``.
+
+        :raise StoreFailed: an OS error.
+        """
         try:
-            fd = _open_read(path, self._read_fds, seg)
-            raw = os.pread(fd, length, off)
-        except OSError as exc:
-            raise _oserror("cannot read", path, exc) from exc
-        try:
-            found, record = parse_line(self.codec.decode(raw))
+            found, record = self._entry_at(loc)
         except BadEntry:
             return None
+        except OSError as exc:
+            raise _oserror("cannot read", self._seg_path(loc[0]), exc) from exc
         return record if found == token else None
 
     def _get_known(self, token: str) -> bytes | None:
@@ -703,6 +719,19 @@ class LogStore:
         if token not in self._index and self.readonly:
             self._refresh()
         return self._get_known(token)
+
+    def integrity(self, token: str) -> bool:
+        """Whether the stored entry of ``token`` checks out (framing, gzip
+        CRC, SHA-256 of the record); ``False`` for an unknown token. Used
+        by ``stopctl verify``.
+
+        :raise StoreFailed: an OS error.
+        """
+        self._check_open()
+        if token not in self._index and self.readonly:
+            self._refresh()
+        loc = self._index.get(token)
+        return loc is not None and self._read_entry(token, loc) is not None
 
     def records(self) -> Iterator[tuple[str, bytes]]:
         """Every ``(token, record)``, oldest first, each verified.
