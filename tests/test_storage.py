@@ -420,6 +420,38 @@ class LogStoreTests(TempDirMixin):
         self.assertFalse([n for n in os.listdir(again.records_dir) if n.startswith("torn-")])
 
     @defer.inlineCallbacks
+    def test_failure_after_rotation_keeps_synced_part(self):
+        """A batch that rotates and then fails: the records synced into the
+        old segment succeed, the rest fail; nothing is lost or duplicated."""
+        store = self.make(segment_bytes=250)
+        yield store.save("r0", canonical({"pad": "x" * 40}))
+        real = storelog.pwrite
+        calls = []
+
+        def second_fails(fd, data, offset):
+            calls.append(offset)
+            if len(calls) == 3:  # the batch's second segment write
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data, offset)
+        self.patch(storelog, "pwrite", second_fails)
+        hold = store.save("hold", canonical({"pad": "h" * 40}))  # a batch in flight
+        ds = [store.save(f"r{i}", canonical({"pad": "x" * 40})) for i in range(1, 6)]
+        yield hold
+        results = yield defer.DeferredList(ds, consumeErrors=True)
+        ok = [success for success, _ in results]
+        self.assertEqual(len(calls), 3)  # hold; the first segment's part; the next one's (failed)
+        self.assertIn(True, ok)
+        self.assertIn(False, ok)
+        self.assertEqual(ok, sorted(ok, reverse=True))  # a durable prefix, then failures
+        for success, value in results:
+            if not success:
+                self.assertIsInstance(value.value, StoreFailed)
+        stored = [t for t, _ in store.records()]
+        self.assertEqual(stored, ["r0", "hold"] + [f"r{i}" for i in range(1, 6) if ok[i - 1]])
+        yield store.close()
+        self.assertEqual([t for t, _ in self.reopen(store).records()], stored)
+
+    @defer.inlineCallbacks
     def test_failed_fdatasync_fails_batch(self):
         store = self.make()
         real = storelog.fdatasync
@@ -483,6 +515,9 @@ class LogStoreTests(TempDirMixin):
             store.get("d1")
         self.assertIn("d1", str(caught.exception))
         self.assertEqual(store.get("d2"), canonical({"v": "bbbb"}))
+        self.assertFalse(store.integrity("d1"))
+        self.assertTrue(store.integrity("d2"))
+        self.assertFalse(store.integrity("unknown"))
 
     @defer.inlineCallbacks
     def test_callbacks_may_save_and_close(self):
@@ -501,6 +536,33 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual([t for t, _ in self.reopen(store).records()], ["first", "second"])
 
     @defer.inlineCallbacks
+    def test_damaged_last_indexed_record_is_not_a_torn_tail(self):
+        """The newest record was indexed (so it was durable and answered),
+        then damaged: it is reported damaged, never moved aside as torn."""
+        store = self.make()
+        yield self.save_all(store, [("e1", canonical({"v": "aaaa"})), ("e2", canonical({"v": "bbbb"}))])
+        yield store.close()
+        seg = segment_files(store)[0]
+        with open(seg, "r+b") as f:
+            data = bytearray(f.read())
+            off, length = store._index["e2"][1:]
+            data[off + length - 5] ^= 0x01  # inside the record (flat) or gzip trailer
+            f.seek(0)
+            f.write(bytes(data))
+        size = os.path.getsize(seg)
+        for readonly in (True, False):
+            again = self.cls(store.data_dir, reactor=reactor, readonly=readonly)
+            again.open()
+            self.addCleanup(again.close)
+            self.assertRaises(StoreFailed, again.get, "e2")
+            self.assertFalse(again.integrity("e2"))
+            self.assertTrue(again.integrity("e1"))
+        self.assertEqual(os.path.getsize(seg), size)
+        self.assertFalse([n for n in os.listdir(store.records_dir) if n.startswith("torn-")])
+        yield again.save("e3", b"{}")
+        self.assertEqual(again.get("e3"), b"{}")
+
+    @defer.inlineCallbacks
     def test_close_waits_for_pending_saves(self):
         store = self.make()
         fired = []
@@ -509,6 +571,17 @@ class LogStoreTests(TempDirMixin):
         yield store.close()
         self.assertEqual(len(fired), 20)
         yield self.assertFailure(store.save("late", b"{}"), StoreFailed)
+
+    @defer.inlineCallbacks
+    def test_reactor_shutdown_then_close(self):
+        """The shutdown trigger stops the worker; saves are refused after,
+        and a close that comes later still fires (no second stop)."""
+        store = self.make()
+        yield store.save("s1", b"{}")
+        store._stop_pool()  # what the "during shutdown" trigger calls
+        yield self.assertFailure(store.save("s2", b"{}"), StoreFailed)
+        yield store.close()
+        self.assertEqual([t for t, _ in self.reopen(store).records()], ["s1"])
 
     @defer.inlineCallbacks
     def test_usage_tracks_disk(self):
