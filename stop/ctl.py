@@ -151,20 +151,14 @@ def _hash_for(token: str, configured: str) -> str:
 
 def cmd_verify(store, args, out: TextIO, hash_name: str = "sha1") -> int:
     """SV / SV_REC: recompute the hash of the stored bytes (OK / MISMATCH);
-    every type: the store's own integrity check, when the store has one
-    (``integrity(token) -> bool``). Exit 0 sound, 1 not, 2 unknown token."""
+    every type: the store's own integrity check (``integrity(token)``).
+    Exit 0 sound, 1 not, 2 unknown token."""
     data = store.get(args.token)
     if data is None:
         sys.stderr.write(f"stopctl: no record for token {args.token}\n")
         return EXIT_UNKNOWN
-    sound = True
-    check = getattr(store, "integrity", None)
-    if check is None:
-        out.write("store integrity: not checked (this store keeps no checksum)\n")
-    else:
-        ok = bool(check(args.token))
-        out.write(f"store integrity: {'OK' if ok else 'MISMATCH'}\n")
-        sound = sound and ok
+    sound = bool(store.integrity(args.token))
+    out.write(f"store integrity: {'OK' if sound else 'MISMATCH'}\n")
     try:
         rtype = records.load(data).get("type")
     except ValueError:
