@@ -90,9 +90,40 @@ def describe(token: str, record: dict) -> list[tuple[str, str]]:
                     + (f" : {req['sid']}" if req.get("sid") is not None else "")
                     + (f" : {req['address']}" if req.get("address") else "")),
     ]
+    state = record.get("processes")
+    if isinstance(state, dict):
+        rows.extend(_process_rows(state))
+    system = record.get("system")
+    if isinstance(system, dict):
+        os_ = system.get("os") or {}
+        rows.append(("system", f"{system.get('hostname')}: {os_.get('name')} {os_.get('release')} "
+                               f"{os_.get('version')}, booted {system.get('boot_time')}"))
+        for u in system.get("utmp") or []:
+            rows.append(("utmp", json.dumps(u, sort_keys=True, ensure_ascii=False)))
     for key in sorted(set(record) - {"version", "type", "time", "host", "user", "connection",
-                                     "requester", "request", "received_on"}):
+                                     "requester", "request", "received_on", "processes",
+                                     "system"}):
         rows.append((key, json.dumps(record[key], sort_keys=True, ensure_ascii=False)))
+    return rows
+
+
+def _process_rows(state: dict) -> list[tuple[str, str]]:
+    """One row per process reached by the walk (pid, parent, user, how it
+    was reached, command line), then the connections to other hosts."""
+    rows = []
+    for p in state.get("processes", []):
+        users = p.get("users") or {}
+        cmd = " ".join(p.get("cmdline") or []) or f"[{p.get('name')}]"
+        via = (p.get("reached") or {}).get("via", "?")
+        rows.append(("process", f"{p.get('pid')} (parent {p.get('ppid')}) "
+                                f"{users.get('effective', '?')}  via {via}  {cmd}"))
+    for c in state.get("remote_connections", []):
+        rows.append(("connection", f"{_endpoint(c.get('local'))} -> {_endpoint(c.get('remote'))} "
+                                   f"{c.get('direction', '')}".rstrip()))
+    for what, why in sorted((state.get("unavailable") or {}).items()):
+        rows.append(("unavailable", f"{what}: {why}"))
+    if any((state.get("truncated") or {}).values()):
+        rows.append(("truncated", json.dumps(state["truncated"], sort_keys=True)))
     return rows
 
 
