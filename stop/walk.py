@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from stop.model import Connection
-from stop.process import PROCESS_FIELDS, ProcessGone, Unavailable
+from stop.process import PROCESS_FIELDS, ProcessGone, StaleIndex, Unavailable
 
 #: Descriptor-list fields of a process record, and which kind fills each.
 _LISTS = {"socket": "sockets", "pipe": "pipes", "file": "files"}
@@ -69,11 +69,15 @@ def walk(inspector, connection: Connection, budget: Budget = Budget(),
     :return: ``{"backend", "start", "processes": [...], "users": [...],
         "remote_connections": [...], "truncated": {"processes", "descriptors"},
         "budget": {...}}`` plus ``"unavailable"`` when the backend could not
-        give something. Each process carries ``reached``: how the walk got
-        there (``{"via": "socket"}`` for the holders, else ``"parent"``,
-        ``"pipe"``, ``"socket"`` with ``from`` and ``fd``). Processes that
-        exited or could not be read are recorded with ``unavailable``; this
-        function does not raise for them.
+        give something, and ``"index"`` when the backend shares an inode
+        index between walks (procfs): ``{"cached", "age_s", "rebuilt"}``,
+        ``"why"`` it was rebuilt, ``"restarted"`` when the walk started
+        again because the shared index was stale, ``"dropped"``: holders
+        in it that failed validation. Each process carries ``reached``: how
+        the walk got there (``{"via": "socket"}`` for the holders, else
+        ``"parent"``, ``"pipe"``, ``"socket"`` with ``from`` and ``fd``).
+        Processes that exited or could not be read are recorded with
+        ``unavailable``; this function does not raise for them.
     """
     fields = set(fields)
     save_lists = {k: v for k, v in _LISTS.items() if v in fields}
@@ -81,50 +85,67 @@ def walk(inspector, connection: Connection, budget: Budget = Budget(),
         save_lists.pop("file", None)
     scan = inspector.begin(budget.max_fds)
     try:
-        start = scan.holders(connection)
-        queue = deque((pid, {"via": "socket"}) for pid in start)
-        seen: set[int] = set()
-        processes: list[dict] = []
-        users: set[str] = set()
-        remote: list[dict] = []
-        truncated_procs = False
-        while queue:
-            pid, reached = queue.popleft()
-            if pid <= 0 or pid in seen:
-                continue
-            if len(processes) >= budget.max_processes:
-                truncated_procs = True
-                break
-            seen.add(pid)
-            try:
-                proc = scan.process(pid, fields | {"users"})
-            except ProcessGone:
-                processes.append({"pid": pid, "reached": reached,
-                                  "unavailable": {"process": "ESRCH"}})
-                continue
-            except Unavailable as exc:
-                processes.append({"pid": pid, "reached": reached,
-                                  "unavailable": {"process": exc.reason}})
-                continue
-            proc["reached"] = reached
-            names = proc.get("users") if "users" in fields else proc.pop("users", None)
-            users.update(n for n in (names or {}).values() if n)
-            processes.append(proc)
-            if proc["ppid"] > 0:
-                queue.append((proc["ppid"], {"via": "parent", "from": pid}))
-            _descriptors(scan, pid, proc, connection, open_files, save_lists, queue, remote)
-        return {
-            "backend": inspector.name,
-            "start": start,
-            "processes": processes,
-            "users": sorted(users),
-            "remote_connections": remote,
-            "truncated": {"processes": truncated_procs, "descriptors": bool(scan.truncated)},
-            "budget": {"max_processes": budget.max_processes, "max_fds": budget.max_fds},
-            **({"unavailable": dict(scan.unavailable)} if scan.unavailable else {}),
-        }
+        try:
+            result = _walk(scan, connection, budget, fields, open_files, save_lists)
+        except StaleIndex as stale:
+            # The backend's shared index missed a descriptor of a process
+            # walked: what was looked up in it may be incomplete. Walk
+            # again from scratch on a newer index (a rescan never raises
+            # this, so once).
+            scan.close()
+            scan = stale.rescan()
+            result = _walk(scan, connection, budget, fields, open_files, save_lists)
+        result["backend"] = inspector.name
+        return result
     finally:
         scan.close()
+
+
+def _walk(scan, connection, budget, fields, open_files, save_lists) -> dict:
+    """One pass of :func:`walk` over ``scan`` (may raise StaleIndex)."""
+    start = scan.holders(connection)
+    queue = deque((pid, {"via": "socket"}) for pid in start)
+    seen: set[int] = set()
+    processes: list[dict] = []
+    users: set[str] = set()
+    remote: list[dict] = []
+    truncated_procs = False
+    while queue:
+        pid, reached = queue.popleft()
+        if pid <= 0 or pid in seen:
+            continue
+        if len(processes) >= budget.max_processes:
+            truncated_procs = True
+            break
+        seen.add(pid)
+        try:
+            proc = scan.process(pid, fields | {"users"})
+        except ProcessGone:
+            processes.append({"pid": pid, "reached": reached,
+                              "unavailable": {"process": "ESRCH"}})
+            continue
+        except Unavailable as exc:
+            processes.append({"pid": pid, "reached": reached,
+                              "unavailable": {"process": exc.reason}})
+            continue
+        proc["reached"] = reached
+        names = proc.get("users") if "users" in fields else proc.pop("users", None)
+        users.update(n for n in (names or {}).values() if n)
+        processes.append(proc)
+        if proc["ppid"] > 0:
+            queue.append((proc["ppid"], {"via": "parent", "from": pid}))
+        _descriptors(scan, pid, proc, connection, open_files, save_lists, queue, remote)
+    index = getattr(scan, "index", None)
+    return {
+        "start": start,
+        "processes": processes,
+        "users": sorted(users),
+        "remote_connections": remote,
+        "truncated": {"processes": truncated_procs, "descriptors": bool(scan.truncated)},
+        "budget": {"max_processes": budget.max_processes, "max_fds": budget.max_fds},
+        **({"index": dict(index)} if index is not None else {}),
+        **({"unavailable": dict(scan.unavailable)} if scan.unavailable else {}),
+    }
 
 
 def _descriptors(scan, pid, proc, connection, open_files, save_lists, queue, remote) -> None:

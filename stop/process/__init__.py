@@ -48,6 +48,22 @@ class Unavailable(Exception):
         self.reason = reason
 
 
+class StaleIndex(Exception):
+    """A backend's shared index (kept between walks) missed a descriptor of
+    a process the walk read, so lookups already answered from it may be
+    incomplete: the walk must start again on :attr:`rescan` ``()``, a fresh
+    scan that never raises this (so a walk restarts at most once).
+
+    Only a backend that shares an index between walks raises it (procfs).
+    """
+
+    def __init__(self, reason: str, rescan):
+        super().__init__(reason)
+        self.reason = reason
+        #: () -> a new IProcessScan on an index built after this was found.
+        self.rescan = rescan
+
+
 def reason_of(exc: BaseException) -> str:
     """A short, stable reason for ``exc``: its errno name when it has one
     (``EACCES``), otherwise the exception's class name."""
@@ -86,10 +102,12 @@ class UserNames:
         return self._names[uid]
 
 
-def make_inspector(name: str = "auto"):
+def make_inspector(name: str = "auto", index_max_age: float = 10.0):
     """Build the process inspector called ``name``.
 
     ``auto`` is ``procfs`` on Linux and ``psutil`` elsewhere.
+    ``index_max_age``: seconds the procfs backend may reuse its inode index
+    between walks (0: build it for every walk); psutil has no such index.
 
     :return: an object providing :class:`stop.interfaces.IProcessInspector`.
     :raise stop.errors.ConfigError: for an unknown name, or ``procfs`` on a
@@ -101,7 +119,7 @@ def make_inspector(name: str = "auto"):
         if not sys.platform.startswith("linux"):
             raise ConfigError("process_backend = procfs needs Linux; use psutil")
         from stop.process.procfs import ProcfsInspector
-        return ProcfsInspector()
+        return ProcfsInspector(index_max_age=index_max_age)
     if name == "psutil":
         from stop.process.psutil_backend import PsutilInspector
         return PsutilInspector()

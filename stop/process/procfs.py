@@ -1,12 +1,15 @@
 """Linux process inspection: ``/proc`` read directly, sockets via sock_diag.
 
-Costs (why it is shaped this way): every descriptor of every process is
-read at most once per walk. The first call that needs to know who holds a
-pipe or socket inode (:meth:`ProcfsScan.holders`, :meth:`ProcfsScan.peers`)
-reads every ``/proc/PID/fd`` once and builds an inode -> (pid, fd) index;
-the descriptor tables of reached processes come from that same read. TCP
-sockets come from one ``inet_diag`` dump per family per walk; a UNIX
-socket's peer from one exact ``unix_diag`` request per socket met.
+Costs (why it is shaped this way): the question "who holds pipe or socket
+inode X" has no answer in Linux but reading every ``/proc/PID/fd``; that
+inode -> (pid, fd) index (:mod:`stop.process.fdindex`) is built by one walk
+and shared by the walks that follow while it can be trusted (its age, no new
+process, every walked process's descriptors in it; each holder taken from it
+is checked against the live descriptor before use). A walk reads the
+descriptor table of each process it reaches fresh, once. TCP sockets come
+from exact ``inet_diag`` lookups (a full dump only for a socket the shared
+ends cache does not know); a UNIX socket's peer from one exact ``unix_diag``
+request per socket met.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ import glob
 import os
 import socket
 import sys
+import time
 from collections import defaultdict
 
 from zope.interface import implementer
 
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection
-from stop.process import ProcessGone, Unavailable, UserNames, reason_of, text
+from stop.process import ProcessGone, StaleIndex, Unavailable, UserNames, reason_of, text
+from stop.process.fdindex import FdIndex, Holder, IndexCache, Key, link_key
 from stop.process.sockdiag import LISTEN_ONLY, InetSock, SockDiag, format_address
 
 PROC = "/proc"
@@ -61,11 +66,15 @@ def _tty_name(dev: int, ttys: dict[int, str]) -> str | None:
 
 @implementer(IProcessInspector)
 class ProcfsInspector:
-    """Linux backend: see the module docstring."""
+    """Linux backend: see the module docstring.
+
+    :param index_max_age: seconds the inode index may be shared between
+        walks (0: every walk builds its own).
+    """
 
     name = "procfs"
 
-    def __init__(self) -> None:
+    def __init__(self, index_max_age: float = 10.0) -> None:
         self._clk_tck = os.sysconf("SC_CLK_TCK")
         self._boot = boot_time()
         self._ttys: dict[int, str] = {}
@@ -74,9 +83,16 @@ class ProcfsInspector:
         #: Replaced whole (never grown) on refresh, so bounded by the
         #: number of sockets.
         self.tcp_ends: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
+        #: The inode -> (pid, fd) index shared by walks.
+        self.index_cache = IndexCache(index_max_age)
 
     def begin(self, max_fds: int) -> "ProcfsScan":
         return ProcfsScan(self, max_fds)
+
+    def _rescan(self, max_fds: int, not_before: float, why: str) -> "ProcfsScan":
+        """A scan for a restarted walk: its index is built at or after
+        ``not_before``, and it never raises StaleIndex."""
+        return ProcfsScan(self, max_fds, restart=(not_before, why))
 
 
 @implementer(IProcessScan)
@@ -85,8 +101,10 @@ class ProcfsScan:
 
     unavailable: dict = {}
 
-    def __init__(self, inspector: ProcfsInspector, max_fds: int):
+    def __init__(self, inspector: ProcfsInspector, max_fds: int,
+                 restart: tuple[float, str] | None = None):
         self._inspector = inspector
+        self._restart = restart
         self._max_fds = max_fds
         self._clk_tck = inspector._clk_tck
         self._boot = inspector._boot
@@ -95,7 +113,12 @@ class ProcfsScan:
         self.truncated = False
         self.unavailable = {}
         self._links: dict[int, list[tuple[int, str]]] = {}
-        self._index: dict[tuple[str, int], list[tuple[int, int]]] | None = None
+        self._index: FdIndex | None = None
+        #: True while the index in use came from the shared cache (built
+        #: before this walk): its entries are validated before use.
+        self._cached = False
+        self._dropped = 0
+        self.index: dict | None = None  # how the index was obtained (record note)
         self._tcp: dict[int, InetSock | None] = {}
         self._tcp_refreshed = False
         self._listening: set[tuple[str, int]] | None = None
@@ -139,15 +162,12 @@ class ProcfsScan:
         self._links[pid] = links
         return links
 
-    def _build_index(self) -> dict[tuple[str, int], list[tuple[int, int]]]:
-        if self._index is not None:
-            return self._index
-        index: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    def _build_index(self, pids: frozenset, started: float) -> FdIndex:
+        """Read every process in ``pids`` (the index scan, counted against
+        the budget; the tables stay cached for this walk)."""
+        holders: dict[Key, list[Holder]] = defaultdict(list)
         unreadable: dict[str, int] = defaultdict(int)
-        for entry in os.listdir(PROC):
-            if not entry.isdigit():
-                continue
-            pid = int(entry)
+        for pid in sorted(pids):
             try:
                 links = self._read_links(pid)
             except ProcessGone:
@@ -156,16 +176,83 @@ class ProcfsScan:
                 unreadable[exc.reason] += 1
                 continue
             for fd, target in links:
-                if target.startswith("socket:["):
-                    index[("socket", int(target[8:-1]))].append((pid, fd))
-                elif target.startswith("pipe:["):
-                    index[("pipe", int(target[6:-1]))].append((pid, fd))
-        if unreadable:
+                key = link_key(target)
+                if key is not None:
+                    holders[key].append((pid, fd))
+        return FdIndex(dict(holders), pids, started, dict(unreadable), not self.truncated)
+
+    def _take_index(self, not_before: float | None = None, why: str | None = None) -> FdIndex:
+        """Get the index from the shared cache (reused or built) and note how."""
+        index, built_why, age = self._inspector.index_cache.get(self._build_index, not_before)
+        self._index = index
+        self._cached = built_why is None
+        note: dict = {"cached": self._cached, "age_s": round(age, 3),
+                      "rebuilt": not self._cached}
+        if not self._cached:
+            note["why"] = why or built_why
+        if self._restart is not None:
+            note["restarted"] = True
+        self.index = note
+        self.unavailable.pop("descriptors", None)
+        if index.unreadable:
             # Peers among these processes cannot be found: say so.
             self.unavailable["descriptors"] = ", ".join(
-                f"{why} for {n} processes" for why, n in sorted(unreadable.items()))
-        self._index = index
+                f"{why} for {n} processes" for why, n in sorted(index.unreadable.items()))
         return index
+
+    def _get_index(self) -> FdIndex:
+        if self._index is None:
+            if self._restart is not None:
+                return self._take_index(*self._restart)
+            return self._take_index()
+        return self._index
+
+    def _holders(self, key: Key) -> list[Holder]:
+        """Who holds ``key`` now, from the index. Entries of a shared index
+        are checked against the live descriptor first: a closed fd, a
+        reused fd number or an exited process is dropped; when the link
+        changed, the process's table is read in case it moved the
+        descriptor (dup2) and still holds the inode on another fd."""
+        index = self._get_index()
+        listed = index.holders.get(key, [])
+        if not self._cached:
+            return list(listed)
+        want = f"{key[0]}:[{key[1]}]"
+        out: list[Holder] = []
+        for pid, fd in listed:
+            if pid not in self._links:
+                try:
+                    if os.readlink(f"{PROC}/{pid}/fd/{fd}") == want:
+                        out.append((pid, fd))
+                        continue
+                except OSError:
+                    pass
+            try:
+                fds = [f for f, target in self._read_links(pid) if target == want]
+            except (ProcessGone, Unavailable):
+                fds = []
+            if fd not in fds:
+                self._dropped += 1
+            out.extend((pid, f) for f in fds)
+        if self._dropped:
+            self.index["dropped"] = self._dropped
+        return sorted(set(out))
+
+    def _check(self, pid: int, links: list[tuple[int, str]]) -> None:
+        """Raise StaleIndex when a walked process holds a pipe or socket
+        descriptor the shared index lacks: lookups already answered from it
+        may have missed this process."""
+        if not self._cached or self._restart is not None:
+            return
+        index = self._index
+        for fd, target in links:
+            key = link_key(target)
+            if key is not None and not index.has(key, (pid, fd)):
+                self._inspector.index_cache.discard(index)
+                inspector, max_fds, now = self._inspector, self._max_fds, time.monotonic()
+                raise StaleIndex(
+                    f"pid {pid} fd {fd} ({target}) is not in the index",
+                    lambda: inspector._rescan(max_fds, now, "stale descriptor"))
 
     # -- sockets ---------------------------------------------------------
 
@@ -306,7 +393,14 @@ class ProcfsScan:
                                    (connection.local.host, connection.local.port))
         if not inode:
             return []
-        return sorted({pid for pid, _fd in self._build_index().get(("socket", inode), [])})
+        found = self._holders(("socket", inode))
+        if not found and self._cached:
+            # A socket newer than the shared index (the usual case for a
+            # new connection): build one now; nothing was walked yet, so
+            # there is nothing to restart.
+            self._take_index(time.monotonic(), "unknown socket")
+            found = self._holders(("socket", inode))
+        return sorted({pid for pid, _fd in found})
 
     def process(self, pid: int, fields) -> dict:
         fields = set(fields)
@@ -371,8 +465,11 @@ class ProcfsScan:
             out["users"] = {k: self._user(v) for k, v in ids["uid"].items() if k != "saved"}
 
     def descriptors(self, pid: int, open_files: bool) -> list[dict]:
+        links = self._read_links(pid)
+        if self._index is not None:
+            self._check(pid, links)
         out = []
-        for fd, target in self._read_links(pid):
+        for fd, target in links:
             if target.startswith("socket:["):
                 inode = int(target[8:-1])
                 d = {"fd": fd, "kind": "socket", "inode": inode}
@@ -405,7 +502,7 @@ class ProcfsScan:
         else:
             return []
         me = (pid, descriptor["fd"])
-        return sorted(h for h in self._build_index().get(key, []) if h != me)
+        return [h for h in self._holders(key) if h != me]
 
     def close(self) -> None:
         if self._diag is not None:
