@@ -78,6 +78,8 @@ def reason_of(exc: BaseException) -> str:
 def text(value: str) -> str:
     """``value`` (an OS string that may carry surrogate escapes) as text that
     always encodes to UTF-8: undecodable bytes become ``\\xNN``."""
+    if value.isascii():  # the common case, O(1) for str
+        return value
     try:
         value.encode("utf-8")
         return value

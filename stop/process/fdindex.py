@@ -36,9 +36,15 @@ def link_key(target: str) -> Optional[Key]:
     return None
 
 
-def live_pids() -> frozenset[int]:
-    """The PIDs in ``/proc`` now (one ``listdir``)."""
-    return frozenset(int(e) for e in os.listdir(PROC) if e.isdigit())
+def proc_entries() -> frozenset[str]:
+    """The names in ``/proc`` now (one ``listdir``): PIDs and fixed files.
+    Kept as names, so "is there a new process" is one set difference."""
+    return frozenset(os.listdir(PROC))
+
+
+def pids_of(entries: frozenset[str]) -> list[int]:
+    """The PIDs among ``/proc`` entry names, ascending."""
+    return sorted(int(e) for e in entries if e.isdigit())
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,8 @@ class FdIndex:
     """Who held which pipe or socket inode when the index was built.
 
     ``holders``: key -> list of (pid, fd) (never mutated once built);
-    ``pids``: the PIDs the build covered (read or found unreadable);
+    ``entries``: the ``/proc`` names listed for the build; its PIDs are the
+    processes it covered (read, found unreadable, or gone);
     ``built``: ``time.monotonic()`` when the build began; ``unreadable``:
     reason -> number of processes whose descriptors could not be read;
     ``complete``: False when the descriptor budget cut the build short
@@ -54,7 +61,7 @@ class FdIndex:
     """
 
     holders: dict[Key, list[Holder]]
-    pids: frozenset[int]
+    entries: frozenset[str]
     built: float
     unreadable: dict[str, int]
     complete: bool
@@ -96,21 +103,22 @@ class IndexCache:
         process, e.g. a fork that inherited a pipe, forces a rebuild;
         processes that exited are fine: their entries fail validation).
 
-        :param build: ``build(pids, started) -> FdIndex`` reads every
-            process in ``pids``; called with the lock held.
+        :param build: ``build(entries, started) -> FdIndex`` reads every
+            process among ``entries`` (names in ``/proc``); called with the
+            lock held.
         :return: ``(index, why, age)``: ``why`` is None when the shared
             index was reused, else why one was built (``"disabled"``,
             ``"none"``, ``"expired"``, ``"new process"``, ``"stale"``);
             ``age`` is the reused index's age in seconds (0 when built).
         """
         with self._lock:
-            pids = live_pids()
+            entries = proc_entries()
             now = self._clock()
-            why = self._unusable(pids, now, not_before)
+            why = self._unusable(entries, now, not_before)
             if why is None:
                 assert self._index is not None
                 return self._index, None, now - self._index.built
-            index = build(pids, now)
+            index = build(entries, now)
             self.builds += 1
             self._index = index if index.complete and self.max_age > 0 else None
             return index, why, 0.0
@@ -122,7 +130,8 @@ class IndexCache:
             if self._index is index:
                 self._index = None
 
-    def _unusable(self, pids: frozenset, now: float, not_before: Optional[float]) -> Optional[str]:
+    def _unusable(self, entries: frozenset, now: float,
+                  not_before: Optional[float]) -> Optional[str]:
         index = self._index
         if self.max_age <= 0:
             return "disabled"
@@ -132,6 +141,6 @@ class IndexCache:
             return "stale"
         if now - index.built > self.max_age:
             return "expired"
-        if not pids <= index.pids:
+        if any(e.isdigit() for e in entries - index.entries):
             return "new process"
         return None
