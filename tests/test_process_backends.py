@@ -83,3 +83,109 @@ def test_exact_tcp_lookup_and_unix_peer_match_the_kernel():
         diag.close()
         for x in (server, client, accepted, a, b):
             x.close()
+
+
+# -- the shared inode index cache (stop.process.fdindex) ----------------------
+
+class _Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def _builder(calls, complete=True):
+    from stop.process.fdindex import FdIndex
+
+    def build(entries, started):
+        calls.append(started)
+        return FdIndex({("pipe", len(calls)): [(1, 0)]}, entries, started, {}, complete)
+    return build
+
+
+@linux
+def test_index_cache_reuses_until_max_age_then_rebuilds(monkeypatch):
+    from stop.process import fdindex
+    clock, calls = _Clock(), []
+    entries = frozenset(os.listdir("/proc"))
+    monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
+    cache = fdindex.IndexCache(10.0, clock)
+    first, why, age = cache.get(_builder(calls))
+    assert (why, age, cache.builds) == ("none", 0.0, 1)
+    clock.now += 9.5
+    again, why, age = cache.get(_builder(calls))
+    assert again is first and why is None and age == pytest.approx(9.5)
+    clock.now += 1.0
+    third, why, _ = cache.get(_builder(calls))
+    assert third is not first and why == "expired" and cache.builds == 2
+    # A walk that found it stale asks for one built after that moment.
+    clock.now += 1.0
+    fourth, why, _ = cache.get(_builder(calls), not_before=clock.now)
+    assert fourth is not third and why == "stale"
+    cache.discard(third)  # not the current one: no effect
+    assert cache.current is fourth
+    cache.discard(fourth)
+    assert cache.current is None
+
+
+@linux
+def test_index_cache_rebuilds_for_a_new_process_not_for_a_gone_one(monkeypatch):
+    from stop.process import fdindex
+    calls = []
+    live = frozenset(os.listdir("/proc"))
+    pid = max(int(e) for e in live if e.isdigit())
+    shown = {"entries": live - {str(pid)}}
+    monkeypatch.setattr(fdindex, "proc_entries", lambda: shown["entries"])
+    cache = fdindex.IndexCache(10.0, _Clock())
+    first, _, _ = cache.get(_builder(calls))
+    shown["entries"] = live - {str(pid), "1"}  # a process exited: fine
+    assert cache.get(_builder(calls))[1] is None
+    shown["entries"] = live  # one the index did not cover: rebuild
+    assert cache.get(_builder(calls))[1] == "new process"
+    assert cache.builds == 2
+
+
+@linux
+def test_index_cache_disabled_and_incomplete_indexes_are_not_shared(monkeypatch):
+    from stop.process import fdindex
+    calls = []
+    off = fdindex.IndexCache(0, _Clock())
+    assert [off.get(_builder(calls))[1] for _ in range(3)] == ["disabled"] * 3
+    assert off.builds == 3 and off.current is None
+    cut = fdindex.IndexCache(10.0, _Clock())
+    assert [cut.get(_builder(calls, complete=False))[1] for _ in range(2)] == ["none"] * 2
+    with pytest.raises(ValueError):
+        fdindex.IndexCache(-1)
+
+
+@linux
+def test_index_cache_builds_once_for_concurrent_walks(monkeypatch):
+    import threading
+    import time
+    from stop.process import fdindex
+    entries = frozenset(os.listdir("/proc"))
+    monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
+    cache = fdindex.IndexCache(10.0)
+    calls, got = [], []
+    slow = _builder(calls)
+
+    def build(entries, started):
+        time.sleep(0.2)  # others arrive while this one builds
+        return slow(entries, started)
+
+    threads = [threading.Thread(target=lambda: got.append(cache.get(build)[0])) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(got) == 4 and len({id(i) for i in got}) == 1
+    assert cache.builds == 1 == len(calls)
+
+
+def test_link_keys():
+    from stop.process.fdindex import link_key
+    assert link_key("pipe:[12]") == ("pipe", 12)
+    assert link_key("socket:[34]") == ("socket", 34)
+    assert link_key("anon_inode:[eventfd]") is None
+    assert link_key("/dev/null") is None

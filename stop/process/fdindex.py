@@ -123,6 +123,11 @@ class IndexCache:
             self._index = index if index.complete and self.max_age > 0 else None
             return index, why, 0.0
 
+    @property
+    def current(self) -> Optional[FdIndex]:
+        """The index shared now (None when there is none)."""
+        return self._index
+
     def discard(self, index: FdIndex) -> None:
         """Stop sharing ``index`` (a walk found it stale); a newer one that
         another walk put in its place stays."""

@@ -320,3 +320,230 @@ def test_both_backends_agree_on_the_same_live_tree():
             assert wb[pid]["uids"] == wa[pid]["uids"]
     finally:
         tree.stop()
+
+
+# -- the procfs backend's shared inode index ---------------------------------
+#
+# Each test drives real processes (a small Python program taking commands
+# through a FIFO) and checks what a walk on a cached index reports against
+# the live /proc. Where only the descriptor checks must catch a change, the
+# "new process" check is pinned to the index's own /proc listing, so that
+# unrelated processes started elsewhere on the machine cannot trigger a
+# rebuild first.
+
+ACTOR = r'''
+import json, os, socket, sys, time
+ctl, out = sys.argv[1], sys.argv[2]
+conn = socket.create_connection(("127.0.0.1", int(sys.argv[3]))) if len(sys.argv) > 3 else None
+fds, kids = {}, []
+for seq in range(1, 100):
+    with open(ctl) as f:
+        line = f.readline().split()
+    cmd, args = line[0], line[1:]
+    if cmd == "pipe":
+        fds["r"], fds["w"] = os.pipe()
+    elif cmd == "grab":  # open another process's descriptor (a pipe end)
+        fds["g"] = os.open(f"/proc/{args[0]}/fd/{args[1]}", os.O_RDWR)
+    elif cmd == "reuse":  # close it; the same number now names /dev/null
+        os.close(fds["g"])
+        assert os.open("/dev/null", os.O_RDONLY) == fds["g"]
+    elif cmd == "fork":
+        pid = os.fork()
+        if pid == 0:  # keeps the pipe, not the connection
+            if conn is not None:
+                conn.close()
+            time.sleep(600)
+            os._exit(0)
+        kids.append(pid)
+    with open(out + ".tmp", "w") as f:
+        json.dump({"seq": seq, "fds": fds, "kids": kids}, f)
+    os.rename(out + ".tmp", out)
+'''
+
+
+class Actor:
+    """One real process obeying ACTOR commands (own session, parent 1)."""
+
+    def __init__(self, tree: svtrees.Tree, tmp_path, name: str, port: int | None = None):
+        script = tmp_path / "actor.py"
+        script.write_text(ACTOR)
+        self.ctl, self.out = str(tmp_path / f"{name}.ctl"), str(tmp_path / f"{name}.json")
+        os.mkfifo(self.ctl, 0o600)
+        self.seq = 0
+        args = f"{self.ctl} {self.out}" + (f" {port}" if port else "")
+        self.pid = tree.spawn(f"exec {sys.executable} {script} {args}").pid
+
+    def do(self, *words) -> dict:
+        with open(self.ctl, "w") as f:
+            f.write(" ".join(str(w) for w in words) + "\n")
+        self.seq += 1
+
+        def done():
+            try:
+                with open(self.out) as f:
+                    state = json.load(f)
+            except (OSError, ValueError):
+                return None
+            return state if state["seq"] == self.seq else None
+        return svtrees.wait_for(done, what=f"actor {self.pid}: {words}")
+
+
+@pytest.fixture
+def actors(tmp_path):
+    """``holder`` holds the queried connection, ``other`` is not connected."""
+    tree = svtrees.Tree()
+    try:
+        port = svtrees.free_port()
+        svtrees.listen_sink(tree, port)
+        holder = Actor(tree, tmp_path, "holder", port)
+        other = Actor(tree, tmp_path, "other")
+        conn = svtrees.connection_to(port)
+        svtrees.wait_for(lambda: conn.inode in {
+            int(os.readlink(f"/proc/{holder.pid}/fd/{n}")[8:-1])
+            for n in os.listdir(f"/proc/{holder.pid}/fd")
+            if os.readlink(f"/proc/{holder.pid}/fd/{n}").startswith("socket:[")},
+            what="holder's connection")
+        yield holder, other, conn
+    finally:
+        tree.stop()
+
+
+def pin_process_list(monkeypatch, inspector):
+    """Make the index's own /proc listing the "current" one (see above)."""
+    from stop.process import fdindex
+    entries = inspector.index_cache.current.entries
+    monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
+
+
+def pipe_inode(pid: int, fd: int) -> int:
+    return int(os.readlink(f"/proc/{pid}/fd/{fd}")[6:-1])
+
+
+@needs
+def test_a_second_walk_on_an_unchanged_tree_reuses_the_index(fig3):
+    inspector = make_inspector("procfs", index_max_age=3600)
+    first = walk(inspector, fig3.connection)
+    assert first["index"]["cached"] is False and first["index"]["rebuilt"] is True
+    assert inspector.index_cache.builds == 1
+    # Other tests on this machine start processes: each forces a rebuild
+    # ("new process"); within 50 walks one must find the tree unchanged.
+    reused = None
+    for _ in range(50):
+        builds = inspector.index_cache.builds
+        result = walk(inspector, fig3.connection)
+        note = result["index"]
+        if note["cached"]:
+            assert inspector.index_cache.builds == builds
+            reused = result
+            break
+        assert note["why"] == "new process" and inspector.index_cache.builds == builds + 1
+    assert reused is not None, "the index was never reused"
+    assert reused["index"]["age_s"] >= 0 and reused["index"]["rebuilt"] is False
+    # The same processes, reached the same way, as from a fresh index.
+    strip = lambda r: [(p["pid"], p["reached"]) for p in r["processes"]]  # noqa: E731
+    assert strip(reused) == strip(first)
+    assert fig3.info["nc_in"] in by_pid(reused)
+
+
+@needs
+def test_max_age_zero_builds_for_every_walk(fig3):
+    inspector = make_inspector("procfs", index_max_age=0)
+    for n in range(1, 4):
+        result = walk(inspector, fig3.connection)
+        assert result["index"] == {"cached": False, "age_s": 0.0, "rebuilt": True,
+                                   "why": "disabled"}
+        assert inspector.index_cache.builds == n
+        assert fig3.info["nc_in"] in by_pid(result)
+
+
+def test_a_new_process_that_inherited_a_pipe_forces_a_rebuild(actors):
+    holder, _other, conn = actors
+    fds = holder.do("pipe")["fds"]
+    inspector = make_inspector("procfs", index_max_age=3600)
+    first = walk(inspector, conn)
+    assert first["start"] == [holder.pid]
+    (kid,) = holder.do("fork")["kids"]  # after the build; holds both ends
+    assert pipe_inode(kid, fds["r"]) == pipe_inode(holder.pid, fds["r"])
+    result = walk(inspector, conn)
+    assert result["index"]["why"] == "new process"
+    procs = by_pid(result)
+    assert kid in procs and kid not in by_pid(first)
+    assert procs[kid]["reached"]["via"] == "pipe"
+    assert procs[kid]["reached"]["from"] == holder.pid
+    assert procs[kid]["ppid"] == holder.pid == ps(kid)["ppid"]
+
+
+def test_a_new_pipe_of_a_walked_process_restarts_the_walk(actors, monkeypatch):
+    holder, other, conn = actors
+    inspector = make_inspector("procfs", index_max_age=3600)
+    first = walk(inspector, conn)
+    assert other.pid not in by_pid(first)
+    pin_process_list(monkeypatch, inspector)
+    fds = holder.do("pipe")["fds"]  # after the build
+    grabbed = other.do("grab", holder.pid, fds["r"])["fds"]["g"]
+    inode = pipe_inode(holder.pid, fds["r"])
+    assert pipe_inode(other.pid, grabbed) == inode
+    result = walk(inspector, conn)
+    assert result["index"]["restarted"] is True
+    assert result["index"]["why"] == "stale descriptor"
+    assert inspector.index_cache.builds == 2
+    procs = by_pid(result)
+    assert procs[other.pid]["reached"] == {"via": "pipe", "from": holder.pid,
+                                           "fd": min(fds["r"], fds["w"])}
+    assert [d["inode"] for d in procs[other.pid]["pipes"]] == [inode]
+
+
+def test_closed_reused_fds_and_exited_processes_in_the_index_are_not_reported(
+        actors, monkeypatch):
+    holder, other, conn = actors
+    fds = holder.do("pipe")["fds"]
+    grabbed = other.do("grab", holder.pid, fds["w"])["fds"]["g"]
+    inspector = make_inspector("procfs", index_max_age=3600)
+    first = walk(inspector, conn)
+    assert by_pid(first)[other.pid]["reached"]["via"] == "pipe"
+    pin_process_list(monkeypatch, inspector)
+    # The fd number now names another file: the index entry is stale.
+    other.do("reuse")
+    assert os.readlink(f"/proc/{other.pid}/fd/{grabbed}") == "/dev/null"
+    result = walk(inspector, conn)
+    assert result["index"]["cached"] is True
+    assert result["index"]["dropped"] >= 1
+    assert other.pid not in by_pid(result)
+    holder_pipes = [d for d in by_pid(result)[holder.pid]["pipes"]]
+    assert all(other.pid not in [p[0] for p in d.get("peers", [])] for d in holder_pipes)
+    # A process in the index that exited since.
+    fresh = make_inspector("procfs", index_max_age=3600)
+    monkeypatch.undo()
+    other.do("grab", holder.pid, fds["w"])
+    before = walk(fresh, conn)
+    assert other.pid in by_pid(before)
+    pin_process_list(monkeypatch, fresh)
+    os.kill(other.pid, signal.SIGKILL)
+    svtrees.wait_for(lambda: not os.path.exists(f"/proc/{other.pid}"), what="exit")
+    after = walk(fresh, conn)
+    assert after["index"]["cached"] is True and after["index"]["dropped"] >= 1
+    assert other.pid not in by_pid(after)
+
+
+@needs
+def test_parallel_walks_share_one_index(fig3):
+    import threading
+    inspector = make_inspector("procfs", index_max_age=3600)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(5):
+                results.append(walk(inspector, fig3.connection))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 20
+    want = {fig3.info["nc_out"], fig3.info["shell"], fig3.info["nc_in"]}
+    assert all(want <= set(by_pid(r)) for r in results)
+    # One build per distinct index: never more builds than walks that did not reuse.
+    assert inspector.index_cache.builds == sum(not r["index"]["cached"] for r in results)
