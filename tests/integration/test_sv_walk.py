@@ -6,6 +6,7 @@ Every asserted field is read from the live system (``ps``, ``/proc``,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -332,13 +333,17 @@ def test_both_backends_agree_on_the_same_live_tree():
 # rebuild first.
 
 ACTOR = r'''
-import json, os, socket, sys, time
+import json, os, socket, sys, time, traceback
 ctl, out = sys.argv[1], sys.argv[2]
+sys.stderr = open(out + ".err", "w", buffering=1)
 conn = socket.create_connection(("127.0.0.1", int(sys.argv[3]))) if len(sys.argv) > 3 else None
-fds, kids = {}, []
-for seq in range(1, 100):
+fds, kids, seq = {}, [], 0
+for _ in range(200):
     with open(ctl) as f:
         line = f.readline().split()
+    if not line:  # a writer that came and went without a command
+        continue
+    seq += 1
     cmd, args = line[0], line[1:]
     if cmd == "pipe":
         fds["r"], fds["w"] = os.pipe()
@@ -374,8 +379,18 @@ class Actor:
         self.pid = tree.spawn(f"exec {sys.executable} {script} {args}").pid
 
     def do(self, *words) -> dict:
-        with open(self.ctl, "w") as f:
-            f.write(" ".join(str(w) for w in words) + "\n")
+        def reader_ready():  # never block on a FIFO nobody reads (bounded)
+            try:
+                return os.open(self.ctl, os.O_WRONLY | os.O_NONBLOCK) + 1
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                return None
+        fd = svtrees.wait_for(reader_ready, what=f"actor {self.pid} to listen") - 1
+        try:
+            os.write(fd, (" ".join(str(w) for w in words) + "\n").encode())
+        finally:
+            os.close(fd)
         self.seq += 1
 
         def done():
