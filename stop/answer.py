@@ -1,0 +1,191 @@
+"""From a parsed query to the reply line: policy, lookup, record, store.
+
+This is the one place where spec 2.3, 3 and 4 are decided: which
+connection is meant, NO-USER for strangers' and accepted sockets, the error
+policy, the address form's tokens-only rule, the ~/.ident opt-in, the
+quota, and "the reply only after the record is durable".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import pwd
+import socket
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from stop import records, wire
+from stop.config import Config, address_networks
+from stop.errors import NoUser, StopError
+from stop.interfaces import IRecordStore, ISocketLookup
+from stop.limits import Gate
+from stop.model import Connection, Endpoint
+from stop.optin import OptIn
+from stop.tokens import Tokens
+
+#: Seconds between two "quota reached" warnings.
+QUOTA_WARN_INTERVAL = 300.0
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request with where it came from.
+
+    ``requester`` is the ident client's end of the query connection;
+    ``server`` is this host's end of it (the address the query arrived on).
+    """
+
+    request: wire.Request
+    requester: Endpoint
+    server: Endpoint
+
+
+def user_name(uid: int) -> Optional[str]:
+    """The login name of ``uid``, or None when it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None
+
+
+class Answerer:
+    """Answers queries; see the module docstring.
+
+    :param clock: an IReactorTime (the reactor, or a Clock in tests).
+    """
+
+    def __init__(self, config: Config, lookup: ISocketLookup, store: IRecordStore, clock,
+                 optin: Optional[OptIn] = None,
+                 name_of: Callable[[int], Optional[str]] = user_name,
+                 host_name: Optional[str] = None):
+        self._config = config
+        self._lookup = ISocketLookup(lookup)
+        self._store = IRecordStore(store)
+        self._clock = clock
+        self._optin = optin if optin is not None else OptIn()
+        self._name_of = name_of
+        self._host = host_name or socket.gethostname()
+        self._tokens = Tokens(config.hash)
+        self._gate = Gate(config.max_lookups, config.lookup_queue)
+        self._address_form_nets = address_networks(config.address_form)
+        self._last_quota_warning: Optional[float] = None
+        self.log = Logger()
+
+    @property
+    def tokens(self) -> Tokens:
+        return self._tokens
+
+    # -- the public entry points -------------------------------------------
+
+    def answer(self, query: Query) -> "defer.Deferred[bytes]":
+        """The reply line for ``query``. Never fails: every error, expected
+        or not, becomes a reply per the error policy, and is logged."""
+        if query.request.address is not None and not self._address_form_allowed(query.requester):
+            token = self._tokens.random()
+            self._log(query, f"address form not allowed for this requester: random token {token}")
+            return defer.succeed(wire.format_token(query.request.ports, token))
+        d = self._gate.run(self._answer, query)
+        d.addErrback(self._failed, query)
+        return d
+
+    def error_reply(self, ports: tuple[int, int], error: StopError,
+                    address_form: bool = False) -> bytes:
+        """The reply for an error under the configured policy (spec 2.3, 3.3)."""
+        if address_form or self._config.errors == "token":
+            return wire.format_token(ports, self._tokens.random())
+        word = error.word if self._config.errors == "normal" else "UNKNOWN-ERROR"
+        return wire.format_error(ports, word)
+
+    # -- internals ------------------------------------------------------------
+
+    def _address_form_allowed(self, requester: Endpoint) -> bool:
+        nets = self._address_form_nets
+        if nets is None:
+            return True
+        addr = ipaddress.ip_address(requester.host.split("%", 1)[0])
+        return any(addr in net for net in nets)
+
+    def _connection(self, query: Query) -> Connection:
+        p1, p2 = query.request.ports
+        if query.request.address is not None:
+            local = Endpoint("", p1)
+            remote = Endpoint(query.request.address, p2)
+        else:
+            local = Endpoint(query.server.host, p1)
+            remote = Endpoint(query.requester.host, p2)
+        conn = self._lookup.find(local, remote)
+        if conn is None:
+            raise NoUser("no such connection")
+        if conn.accepted:
+            raise NoUser("accepted connection (a service), not opened by this host")
+        return conn
+
+    @defer.inlineCallbacks
+    def _answer(self, query: Query):
+        request = query.request
+        conn = self._connection(query)
+        name = self._name_of(conn.uid)
+        now = self._clock.seconds()
+        record = records.base_record(
+            request=self._request_fields(request), requester=query.requester,
+            server=query.server, connection=conn, user_name=name, now=now, host=self._host)
+        if request.recursive:
+            # Recursion (spec 6) is not built yet: say so in the record
+            # rather than pretend it was tried.
+            record["recursion"] = {"status": "not-implemented"}
+        if self._over_quota(now):
+            record["quota"] = "reached"
+        data = records.canonical(record)
+        token = self._tokens.random()
+        yield self._store.save(token, data)
+        who = f"uid {conn.uid}" + (f" ({name})" if name and self._config.log_users else "")
+        if (request.type == wire.ID and request.address is None and name
+                and self._config.user_optin):
+            allowed = yield self._optin.allows(conn.uid, query.requester.host)
+            if allowed:
+                try:
+                    reply = wire.format_user(request.ports, "UNIX", name)
+                except ValueError:
+                    pass  # a name that cannot go on the wire gets a token
+                else:
+                    self._log(query, f"{conn} {who}: user name sent (~/.ident), record {token}")
+                    return reply
+        self._log(query, f"{conn.local}->{conn.remote} {who}: token {token}")
+        return wire.format_token(request.ports, token)
+
+    @staticmethod
+    def _request_fields(request: wire.Request) -> dict:
+        return {"type": request.type, "sid": request.sid, "ports": list(request.ports),
+                "address": request.address}
+
+    def _over_quota(self, now: float) -> bool:
+        quota = self._config.quota_bytes
+        if not quota or self._store.usage() < quota:
+            return False
+        if self._last_quota_warning is None or now - self._last_quota_warning >= QUOTA_WARN_INTERVAL:
+            self._last_quota_warning = now
+            self.log.warn("storage quota of {mb} MiB reached ({used} bytes used): SV records "
+                          "are saved at ID size; nothing is deleted",
+                          mb=self._config.quota_mb, used=self._store.usage())
+        return True
+
+    def _failed(self, failure: Failure, query: Query) -> bytes:
+        if failure.check(StopError):
+            error = failure.value
+            self._log(query, f"{error.word} ({error})")
+        else:
+            self.log.failure("unexpected error answering {query}", failure, query=query)
+            error = StopError("internal error")
+        return self.error_reply(query.request.ports, error, query.request.address is not None)
+
+    def _log(self, query: Query, outcome: str) -> None:
+        r = query.request
+        kind = r.type + (f":{r.sid}" if r.sid is not None else "") + (
+            f" for {r.address}" if r.address else "")
+        self.log.info("{requester} asked {p1}, {p2} {kind}: {outcome}",
+                      requester=str(query.requester), p1=r.ports[0], p2=r.ports[1],
+                      kind=kind, outcome=outcome)

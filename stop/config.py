@@ -1,0 +1,187 @@
+"""stop.conf -> one frozen :class:`Config`; the command line overrides the file.
+
+The file is INI, one section ``[stop]``. Every setting has a default here,
+and ``etc/stop.conf`` documents every one with that same default (a test
+compares the two). Unknown settings are an error, so a typo never silently
+leaves a default in force.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from stop.errors import ConfigError
+
+SECTION = "stop"
+
+ERROR_POLICIES = ("normal", "unknown", "token")
+FSYNC_MODES = ("batch", "always", "never")
+HASHES = ("sha1", "sha256")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of the daemon. Units are in the names' docs in
+    etc/stop.conf; durations are seconds, sizes as named (``_mb``)."""
+
+    # Where and how to listen: Twisted endpoint strings.
+    listen: tuple[str, ...] = ("tcp6:113:interface=\\:\\:",)
+    # Records.
+    data_dir: str = "/var/lib/stop"
+    storage: str = "flat"
+    fsync: str = "batch"
+    quota_mb: int = 1024
+    hash: str = "sha1"
+    # Answering.
+    lookup: str = "auto"
+    errors: str = "normal"
+    address_form: tuple[str, ...] = ("any",)
+    user_optin: bool = True
+    log_users: bool = True
+    # Limits.
+    max_connections: int = 256
+    max_connections_per_host: int = 16
+    idle_timeout: float = 120.0
+    max_requests_per_connection: int = 64
+    max_pipeline: int = 16
+    max_line_length: int = 1000
+    max_lookups: int = 32
+    lookup_queue: int = 256
+
+    def __post_init__(self) -> None:
+        _check_choice("storage", self.storage, None)
+        _check_choice("fsync", self.fsync, FSYNC_MODES)
+        _check_choice("hash", self.hash, HASHES)
+        _check_choice("errors", self.errors, ERROR_POLICIES)
+        if not self.listen:
+            raise ConfigError("listen: at least one endpoint is needed")
+        for name in ("max_connections", "max_connections_per_host", "max_requests_per_connection",
+                     "max_pipeline", "max_lookups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, not {getattr(self, name)}")
+        for name in ("quota_mb", "lookup_queue"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
+        if not 1 <= self.max_line_length <= 65536:
+            raise ConfigError("max_line_length: must be 1..65536")
+        if self.idle_timeout <= 0:
+            raise ConfigError("idle_timeout: must be more than 0 seconds")
+        address_networks(self.address_form)  # raises ConfigError when malformed
+
+    @property
+    def quota_bytes(self) -> int:
+        """The storage quota in bytes; 0 means no quota."""
+        return self.quota_mb * 2**20
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_choice(name: str, value: str, choices: Optional[tuple[str, ...]]) -> None:
+    if not value:
+        raise ConfigError(f"{name}: must not be empty")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def address_networks(entries: tuple[str, ...]) -> Optional[tuple]:
+    """The ``address_form`` setting as networks: None means anyone may use
+    the address form; an empty tuple means no one (``none``).
+
+    :raise ConfigError: an entry is neither ``any``, ``none`` nor a CIDR.
+    """
+    if entries == ("any",):
+        return None
+    if entries == ("none",):
+        return ()
+    nets = []
+    for entry in entries:
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"address_form: {entry!r} is not 'any', 'none' or an address/CIDR") from None
+    return tuple(nets)
+
+
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,
+             "no": False, "false": False, "off": False, "0": False}
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type
+    text = raw.strip()
+    try:
+        if kind == "bool":
+            return _BOOLEANS[text.lower()]
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind == "tuple[str, ...]":
+            # One item per line or separated by spaces; endpoint strings
+            # contain no spaces.
+            return tuple(text.split())
+        return text
+    except (KeyError, ValueError):
+        raise ConfigError(f"{f.name}: cannot read {raw!r} as {kind}") from None
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def parse(text: str, source: str = "<string>") -> dict[str, Any]:
+    """The settings present in config ``text`` as a dict of typed values.
+
+    :raise ConfigError: bad syntax, an unknown section or setting, or a value
+        of the wrong type; the message names ``source`` and the setting.
+    """
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=None)
+    parser.optionxform = str  # setting names are case-sensitive
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(f"{source}: {e}") from None
+    extra = [s for s in parser.sections() if s != SECTION]
+    if extra:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(extra)}; only [{SECTION}]")
+    values: dict[str, Any] = {}
+    if parser.has_section(SECTION):
+        for name, raw in parser.items(SECTION):
+            f = _FIELDS.get(name)
+            if f is None:
+                raise ConfigError(f"{source}: unknown setting {name!r}")
+            try:
+                values[name] = _convert(f, raw)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return values
+
+
+def load(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = None) -> Config:
+    """Build the Config: defaults, then the file at ``path`` (if given), then
+    ``overrides`` (command-line options; None values are ignored).
+
+    :raise ConfigError: the file cannot be read or holds a bad setting.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8") from None
+        values.update(parse(text, path))
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = value
+    try:
+        return Config(**values)
+    except TypeError as e:  # an override with an unknown name: a bug of ours
+        raise ConfigError(str(e)) from None

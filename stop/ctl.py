@@ -1,0 +1,165 @@
+"""``stopctl``: the administrator's view of the record store.
+
+    stopctl [--config PATH] [--data-dir DIR] show [--json] TOKEN
+    stopctl [--config PATH] [--data-dir DIR] list [--json] [--user U] [--remote ADDR]
+                                                  [--since ISO] [--until ISO]
+
+It opens the store read-only, so it is safe while the daemon runs. Exit
+status: 0 done, 1 a failure (store unreadable), 2 usage error or unknown
+token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable, Optional, TextIO
+
+from stop import config as config_mod
+from stop import records
+from stop.errors import ConfigError, StopError
+from stop.storage import make_store
+
+DEFAULT_CONFIG = "/etc/stop/stop.conf"
+
+EXIT_OK, EXIT_FAIL, EXIT_UNKNOWN = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stopctl", description="Read the records of a stop daemon.")
+    p.add_argument("--config", "-c", help=f"the daemon's config file (default {DEFAULT_CONFIG} "
+                   "when it exists)")
+    p.add_argument("--data-dir", "-d", help="the record directory (default: the config's data_dir)")
+    p.add_argument("--storage", help="store backend (default: the config's storage)")
+    sub = p.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="print the record of a token")
+    show.add_argument("token")
+    show.add_argument("--json", action="store_true", help="the exact stored JSON")
+    lst = sub.add_parser("list", help="list records, oldest first")
+    lst.add_argument("--json", action="store_true", help="one JSON object per line")
+    lst.add_argument("--user", help="only records of this user name or uid")
+    lst.add_argument("--remote", help="only records whose remote end has this address")
+    lst.add_argument("--since", help="only records at or after this time (ISO 8601, UTC)")
+    lst.add_argument("--until", help="only records before this time (ISO 8601, UTC)")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> config_mod.Config:
+    path = args.config
+    if path is None and os.path.exists(DEFAULT_CONFIG):
+        path = DEFAULT_CONFIG
+    return config_mod.load(path, {"data_dir": args.data_dir, "storage": args.storage})
+
+
+def _field(rows: list[tuple[str, str]], out: TextIO) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out.write(f"{k.ljust(width)}  {v}\n")
+
+
+def _endpoint(d: Optional[dict]) -> str:
+    if not d:
+        return "-"
+    host = d.get("address") or "*"
+    return f"[{host}]:{d.get('port')}" if ":" in host else f"{host}:{d.get('port')}"
+
+
+def describe(token: str, record: dict) -> list[tuple[str, str]]:
+    """The human-readable rows of a record (what ``show`` prints)."""
+    req = record.get("request", {})
+    user = record.get("user", {})
+    conn = record.get("connection", {})
+    ports = req.get("ports") or ["?", "?"]
+    rows = [
+        ("token", token),
+        ("type", str(record.get("type"))),
+        ("time", str(record.get("time"))),
+        ("host", str(record.get("host"))),
+        ("user", f"{user.get('name') or '?'} (uid {user.get('uid')})"),
+        ("local", _endpoint(conn.get("local"))),
+        ("remote", _endpoint(conn.get("remote"))),
+        ("requester", _endpoint(record.get("requester"))),
+        ("request", f"{ports[0]}, {ports[1]} : {req.get('type')}"
+                    + (f" : {req['sid']}" if req.get("sid") is not None else "")
+                    + (f" : {req['address']}" if req.get("address") else "")),
+    ]
+    for key in sorted(set(record) - {"version", "type", "time", "host", "user", "connection",
+                                     "requester", "request", "received_on"}):
+        rows.append((key, json.dumps(record[key], sort_keys=True, ensure_ascii=False)))
+    return rows
+
+
+def _matches(record: dict, args: argparse.Namespace) -> bool:
+    user = record.get("user", {})
+    if args.user is not None and args.user not in (str(user.get("uid")), user.get("name")):
+        return False
+    remote = record.get("connection", {}).get("remote", {})
+    if args.remote is not None and remote.get("address") != args.remote:
+        return False
+    t = str(record.get("time", ""))
+    # ISO 8601 UTC strings of one format compare in time order.
+    if args.since is not None and t < args.since:
+        return False
+    if args.until is not None and t >= args.until:
+        return False
+    return True
+
+
+def cmd_show(store, args, out: TextIO) -> int:
+    data = store.get(args.token)
+    if data is None:
+        sys.stderr.write(f"stopctl: no record for token {args.token}\n")
+        return EXIT_UNKNOWN
+    if args.json:
+        out.write(data.decode("utf-8") + "\n")
+    else:
+        _field(describe(args.token, records.load(data)), out)
+    return EXIT_OK
+
+
+def cmd_list(store, args, out: TextIO) -> int:
+    entries: Iterable = store.records()
+    for token, data in entries:
+        record = records.load(data)
+        if not _matches(record, args):
+            continue
+        if args.json:
+            out.write(json.dumps({"token": token, "record": record}, sort_keys=True,
+                                 ensure_ascii=False) + "\n")
+        else:
+            user = record.get("user", {})
+            conn = record.get("connection", {})
+            out.write(f"{record.get('time')}  {token}  {record.get('type', '?'):6}  "
+                      f"{user.get('name') or user.get('uid')}  {_endpoint(conn.get('local'))} -> "
+                      f"{_endpoint(conn.get('remote'))}\n")
+    return EXIT_OK
+
+
+COMMANDS = {"show": cmd_show, "list": cmd_list}
+
+
+def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+        store = make_store(settings.storage, settings.data_dir, readonly=True)
+        store.open()
+    except ConfigError as e:
+        sys.stderr.write(f"stopctl: {e}\n")
+        return EXIT_UNKNOWN
+    except StopError as e:
+        sys.stderr.write(f"stopctl: {e}\n")
+        return EXIT_FAIL
+    try:
+        return COMMANDS[args.command](store, args, out)
+    except (StopError, ValueError) as e:
+        sys.stderr.write(f"stopctl: {e}\n")
+        return EXIT_FAIL
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

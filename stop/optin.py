@@ -1,0 +1,121 @@
+"""The ``~/.ident`` opt-in (spec 3.4): may this user's name be sent to that host?
+
+The file lists hosts, one or more per line, separated by white space:
+IPv4/IPv6 addresses, CIDR blocks, or host names (resolved forward, in a
+thread, only when the file names one). ``#`` starts a comment. It is read
+only if it is a regular file (not a symlink: it is opened with O_NOFOLLOW),
+owned by the user, not writable by group or others, and at most 64 KiB.
+Anything else is ignored, silently for a missing file and with a log line
+otherwise, so a user cannot make the daemon read another user's file.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import pwd
+import socket
+import stat
+from typing import Callable, Optional
+
+from twisted.internet import defer, threads
+from twisted.logger import Logger
+
+from stop.model import canonical_host
+
+MAX_BYTES = 65536
+FILENAME = ".ident"
+
+log = Logger()
+
+
+def read_entries(home: str, uid: int) -> list[str]:
+    """The entries of ``home/.ident`` for ``uid``, or [] when it is absent or unsafe."""
+    path = os.path.join(home, FILENAME)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            log.info("ignoring {path}: {err}", path=path, err=os.strerror(e.errno))
+        return []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
+            log.warn("ignoring {path}: not a regular file owned by uid {uid} and "
+                     "writable only by it", path=path, uid=uid)
+            return []
+        data = os.read(fd, MAX_BYTES + 1)
+    except OSError as e:
+        log.info("ignoring {path}: {err}", path=path, err=os.strerror(e.errno))
+        return []
+    finally:
+        os.close(fd)
+    if len(data) > MAX_BYTES:
+        log.warn("ignoring {path}: larger than {max} bytes", path=path, max=MAX_BYTES)
+        return []
+    entries = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        entries.extend(line.split("#", 1)[0].split())
+    return entries
+
+
+def _resolve(names: list[str]) -> list[str]:
+    """Forward-resolve host names (blocking; runs in a thread)."""
+    found = []
+    for name in names:
+        try:
+            for info in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP):
+                found.append(info[4][0])
+        except (OSError, UnicodeError):
+            continue
+    return found
+
+
+def _matches(host: str, entries: list[str]) -> tuple[bool, list[str]]:
+    """(matched by an address or CIDR entry, the entries that are names)."""
+    addr = ipaddress.ip_address(host)
+    names = []
+    for entry in entries:
+        try:
+            if addr in ipaddress.ip_network(entry, strict=False):
+                return True, []
+        except ValueError:
+            names.append(entry)
+    return False, names
+
+
+class OptIn:
+    """Answers whether a user opted in to send their name to a host."""
+
+    def __init__(self, home_of: Optional[Callable[[int], Optional[str]]] = None,
+                 resolve: Callable[[list[str]], "defer.Deferred"] = None):
+        self._home_of = home_of or _home_from_passwd
+        self._resolve = resolve or (lambda names: threads.deferToThread(_resolve, names))
+
+    def allows(self, uid: int, host: str) -> "defer.Deferred[bool]":
+        """Fires True when ``uid``'s ~/.ident lists ``host`` (an address literal)."""
+        home = self._home_of(uid)
+        if not home:
+            return defer.succeed(False)
+        matched, names = _matches(host, read_entries(home, uid))
+        if matched or not names:
+            return defer.succeed(matched)
+        canonical = canonical_host(host)
+        d = self._resolve(names)
+        d.addCallback(lambda addrs: canonical in {_canon(a) for a in addrs})
+        return d
+
+
+def _canon(text: str) -> str:
+    try:
+        return canonical_host(text.split("%", 1)[0])
+    except ValueError:
+        return ""
+
+
+def _home_from_passwd(uid: int) -> Optional[str]:
+    try:
+        return pwd.getpwuid(uid).pw_dir
+    except KeyError:
+        return None

@@ -1,0 +1,162 @@
+"""The ident listener: a LineReceiver per client, and a factory that keeps
+every per-peer budget (spec 7).
+
+Budgets, each from the config: total connections and connections per
+source address (refused at accept), an idle timeout, requests per
+connection, replies outstanding per connection (the pipeline: reading stops
+while it is full), and the line length (a longer line closes the
+connection). Replies go out in the order the requests came.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Optional
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+
+from stop import wire
+from stop.answer import Answerer, Query
+from stop.config import Config
+from stop.errors import RequestError
+from stop.model import Endpoint, canonical_host
+
+
+def endpoint_of(address) -> Endpoint:
+    """An Endpoint from a Twisted IPv4Address/IPv6Address."""
+    host = address.host
+    scope = getattr(address, "scopeID", 0)
+    if scope and "%" not in host:
+        host = f"{host}%{scope}"
+    return Endpoint(canonical_host(host), address.port)
+
+
+class IdentProtocol(LineReceiver, TimeoutMixin):
+    """One ident client connection."""
+
+    delimiter = b"\n"  # a bare LF ends a line too; the CR is stripped
+    log = Logger()
+
+    def __init__(self):
+        self._replies: deque = deque()  # [Deferred, reply bytes or None]
+        self._requests = 0
+        self._finishing = False
+
+    # MAX_LENGTH (LineReceiver's own cap) is set per instance from config,
+    # one more than the line limit to leave room for the CR.
+
+    def connectionMade(self) -> None:
+        self.requester = endpoint_of(self.transport.getPeer())
+        self.server = endpoint_of(self.transport.getHost())
+        config: Config = self.factory.config
+        self.MAX_LENGTH = config.max_line_length + 1
+        self.setTimeout(config.idle_timeout)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        if self._finishing:
+            return
+        config: Config = self.factory.config
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > config.max_line_length:
+            self.lineLengthExceeded(line)
+            return
+        self._requests += 1
+        answerer: Answerer = self.factory.answerer
+        try:
+            request = wire.parse_request(line)
+        except RequestError as e:
+            self.log.info("{requester} sent an unreadable request ({why}): {word}",
+                          requester=str(self.requester), why=str(e), word=e.word)
+            d = defer.succeed(answerer.error_reply(e.ports, e))
+        else:
+            d = answerer.answer(Query(request, self.requester, self.server))
+        slot = [d, None]
+        self._replies.append(slot)
+        d.addCallback(self._replied, slot)
+        if self._requests >= config.max_requests_per_connection:
+            self.log.info("{requester}: {n} requests on one connection, the most allowed; "
+                          "closing after the replies", requester=str(self.requester),
+                          n=self._requests)
+            self._finish()
+        elif len(self._replies) >= config.max_pipeline:
+            self.pauseProducing()
+
+    def _replied(self, reply: bytes, slot: list) -> None:
+        slot[1] = reply
+        while self._replies and self._replies[0][1] is not None:
+            out = self._replies.popleft()[1]
+            if self.transport is not None and self.connected:
+                self.transport.write(out)
+                self.resetTimeout()
+        if self.paused and not self._finishing and len(self._replies) < self.factory.config.max_pipeline:
+            self.resumeProducing()
+        if self._finishing and not self._replies:
+            self.transport.loseConnection()
+
+    def _finish(self) -> None:
+        """Read no more; close once every reply is written."""
+        self._finishing = True
+        self.pauseProducing()
+        if not self._replies:
+            self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.log.warn("{requester}: line longer than {max} bytes; closing",
+                      requester=str(self.requester), max=self.factory.config.max_line_length)
+        self._finishing = True
+        self.transport.abortConnection()
+
+    def timeoutConnection(self) -> None:
+        self.log.info("{requester}: idle for {t} s; closing", requester=str(self.requester),
+                      t=self.factory.config.idle_timeout)
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        self._finishing = True
+        self.factory.connection_closed(self)
+
+
+class IdentFactory(protocol.ServerFactory):
+    """Makes IdentProtocols within the connection budgets."""
+
+    protocol = IdentProtocol
+    log = Logger()
+
+    def __init__(self, config: Config, answerer: Answerer, clock):
+        self.config = config
+        self.answerer = answerer
+        self.clock = clock
+        self.connections = 0
+        self.per_host: dict[str, int] = {}
+
+    def buildProtocol(self, addr) -> Optional[IdentProtocol]:
+        host = endpoint_of(addr).host
+        if self.connections >= self.config.max_connections:
+            self.log.warn("refusing {host}: {n} connections open, the most allowed "
+                          "(max_connections)", host=host, n=self.connections)
+            return None
+        if self.per_host.get(host, 0) >= self.config.max_connections_per_host:
+            self.log.warn("refusing {host}: {n} connections open from it, the most allowed "
+                          "(max_connections_per_host)", host=host, n=self.per_host[host])
+            return None
+        p = protocol.ServerFactory.buildProtocol(self, addr)
+        p.callLater = self.clock.callLater  # TimeoutMixin's clock
+        p._host_key = host
+        self.connections += 1
+        self.per_host[host] = self.per_host.get(host, 0) + 1
+        return p
+
+    def connection_closed(self, p: IdentProtocol) -> None:
+        host = p._host_key
+        self.connections -= 1
+        left = self.per_host[host] - 1
+        if left:
+            self.per_host[host] = left
+        else:
+            del self.per_host[host]

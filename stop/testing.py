@@ -1,0 +1,87 @@
+"""Test doubles shipped with the package, for our tests and for plugin
+authors: a socket lookup answering from a table, and a store whose saves
+complete when the test says so.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from stop.errors import StoreFailed
+from stop.interfaces import IRecordStore, ISocketLookup
+from stop.model import Connection, Endpoint
+
+
+@implementer(ISocketLookup)
+class FakeLookup:
+    """Answers from ``connections``; ``calls`` records every question."""
+
+    name = "fake"
+
+    def __init__(self, *connections: Connection):
+        self.connections = list(connections)
+        self.calls: list[tuple[Endpoint, Endpoint]] = []
+        self.error: Optional[Exception] = None
+
+    def find(self, local: Endpoint, remote: Endpoint) -> Optional[Connection]:
+        self.calls.append((local, remote))
+        if self.error is not None:
+            raise self.error
+        for c in self.connections:
+            if c.remote == remote and c.local.port == local.port and local.host in ("", c.local.host):
+                return c
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@implementer(IRecordStore)
+class HeldStore:
+    """A store whose ``save`` Deferreds fire only when the test calls
+    :meth:`complete` (or :meth:`fail`), to observe "reply after durable"."""
+
+    name = "held"
+
+    def __init__(self):
+        self.saved: dict[str, bytes] = {}
+        self.pending: list[tuple[str, bytes, defer.Deferred]] = []
+        self.bytes_used = 0
+        self.auto = False  # True: complete every save at once
+
+    def open(self) -> None:
+        pass
+
+    def save(self, token: str, record: bytes) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((token, record, d))
+        if self.auto:
+            self.complete()
+        return d
+
+    def complete(self) -> None:
+        pending, self.pending = self.pending, []
+        for token, record, d in pending:
+            self.saved[token] = record
+            self.bytes_used += len(record)
+            d.callback(None)
+
+    def fail(self, why: str = "disk full") -> None:
+        pending, self.pending = self.pending, []
+        for _, _, d in pending:
+            d.errback(StoreFailed(why))
+
+    def get(self, token: str) -> Optional[bytes]:
+        return self.saved.get(token)
+
+    def records(self):
+        return iter(list(self.saved.items()))
+
+    def usage(self) -> int:
+        return self.bytes_used
+
+    def close(self) -> defer.Deferred:
+        return defer.succeed(None)

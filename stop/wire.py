@@ -1,0 +1,151 @@
+"""Bytes in, bytes out: parse one STOP / RFC 1413 request line, format one
+reply line. No I/O, no state.
+
+The grammar is spec 2.1; every decision the spec leaves to us is written
+next to the code that makes it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from stop.errors import InvalidPort, RequestError
+from stop.model import canonical_host
+
+#: Request types, as sent on the wire (upper case).
+ID, SV, ID_REC, SV_REC = "ID", "SV", "ID_REC", "SV_REC"
+TYPES = (ID, SV, ID_REC, SV_REC)
+RECURSIVE = frozenset((ID_REC, SV_REC))
+
+MAX_SID = 2**32 - 1
+MAX_PORT = 65535
+
+_WS = r"[ \t]*"
+_PORTS = re.compile(_WS + r"([0-9]+)" + _WS + "," + _WS + r"([0-9]+)" + _WS)
+_TYPE = re.compile(":" + _WS + r"([A-Za-z_]+)" + _WS)
+_SID = re.compile(":" + _WS + r"([0-9]{1,10})" + _WS)
+_ADDRESS = re.compile(":" + _WS + r"(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3})|\[([0-9A-Fa-f:.]+)\])" + _WS + r"\Z")
+_TOKEN_CHARS = re.compile(r"[\x21-\x39\x3b-\x7e]{1,512}\Z")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed request.
+
+    ``ports`` is (port on this host, port on the requester's host), as sent.
+    ``sid`` is set for ID_REC and SV_REC only. ``address`` is the named
+    remote address of the address form (canonical text), else None.
+    """
+
+    ports: tuple[int, int]
+    type: str = ID
+    sid: Optional[int] = None
+    address: Optional[str] = None
+
+    @property
+    def recursive(self) -> bool:
+        return self.type in RECURSIVE
+
+
+def _port_value(digits: str) -> int:
+    # Echo what was read; a number too long to be a port at all is echoed 0.
+    return int(digits) if len(digits) <= 10 else 0
+
+
+def parse_request(line: bytes) -> Request:
+    """Parse one request line (without its LF; a trailing CR is allowed).
+
+    :raise InvalidPort: the line is well formed but a port is not 1..65535
+        (its ``ports`` are the numbers read).
+    :raise RequestError: anything else that does not parse (``ports`` are
+        the numbers read, or (0, 0) when no port pair could be read).
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    # latin-1 maps every byte to one character, so 8-bit and NUL bytes
+    # simply fail the grammar below instead of failing to decode.
+    text = line.decode("latin-1")
+    m = _PORTS.match(text)
+    if m is None:
+        raise RequestError("no port pair")
+    ports = (_port_value(m.group(1)), _port_value(m.group(2)))
+    rest = text[m.end():]
+    request = _parse_rest(rest, ports)
+    if not all(1 <= p <= MAX_PORT and len(d) <= 5 for p, d in zip(ports, m.groups())):
+        raise InvalidPort("port out of range", ports)
+    return request
+
+
+def _parse_rest(rest: str, ports: tuple[int, int]) -> Request:
+    if rest == "":
+        return Request(ports)  # plain RFC 1413: an ID request
+    m = _TYPE.match(rest)
+    if m is None:
+        raise RequestError("no request type", ports)
+    kind = m.group(1).upper()
+    if kind not in TYPES:
+        raise RequestError("unknown request type", ports)
+    rest = rest[m.end():]
+    sid = None
+    if kind in RECURSIVE:
+        m = _SID.match(rest)
+        if m is None:
+            raise RequestError("missing or malformed session id", ports)
+        sid = int(m.group(1))
+        if sid > MAX_SID:
+            raise RequestError("session id out of range", ports)
+        rest = rest[m.end():]
+    if rest == "":
+        return Request(ports, kind, sid)
+    return Request(ports, kind, sid, _parse_address(rest, ports))
+
+
+def _parse_address(rest: str, ports: tuple[int, int]) -> str:
+    m = _ADDRESS.match(rest)
+    if m is None:
+        raise RequestError("malformed address", ports)
+    try:
+        if m.group(1) is not None:
+            if any(len(b) > 1 and b[0] == "0" for b in m.group(1).split(".")):
+                # ipaddress rejects leading zeros (octal ambiguity); so do we,
+                # but as the parse error the spec asks for.
+                raise ValueError("leading zero")
+            return str(ipaddress.IPv4Address(m.group(1)))
+        return canonical_host(str(ipaddress.IPv6Address(m.group(2))))
+    except ValueError:
+        raise RequestError("malformed address", ports) from None
+
+
+def _ports_text(ports: tuple[int, int]) -> str:
+    return f"{ports[0]}, {ports[1]}"
+
+
+def format_token(ports: tuple[int, int], token: str) -> bytes:
+    """``P1, P2 : USERID : OTHER : token`` CR LF.
+
+    :raise ValueError: the token is not 1..512 printable characters without ':'.
+    """
+    if not _TOKEN_CHARS.match(token):
+        raise ValueError("token must be 1..512 printable ASCII characters except ':'")
+    return f"{_ports_text(ports)} : USERID : OTHER : {token}\r\n".encode("ascii")
+
+
+def format_user(ports: tuple[int, int], opsys: str, user: str) -> bytes:
+    """``P1, P2 : USERID : opsys : user`` CR LF (the ~/.ident opt-in case).
+
+    :raise ValueError: the user name cannot be sent safely (not printable
+        ASCII, or contains ':').
+    """
+    if not _TOKEN_CHARS.match(user) or not _TOKEN_CHARS.match(opsys):
+        raise ValueError("user name not sendable")
+    return f"{_ports_text(ports)} : USERID : {opsys} : {user}\r\n".encode("ascii")
+
+
+def format_error(ports: tuple[int, int], word: str) -> bytes:
+    """``P1, P2 : ERROR : word`` CR LF. ``HIDDEN-USER`` is never sent."""
+    if word == "HIDDEN-USER":
+        raise ValueError("HIDDEN-USER is never sent")
+    return f"{_ports_text(ports)} : ERROR : {word}\r\n".encode("ascii")

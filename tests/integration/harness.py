@@ -1,0 +1,167 @@
+"""Real daemons for integration tests: start ``twistd stop`` as a process
+on loopback, talk to it over real sockets, stop it by PID.
+
+Loopback aliases stand for hosts: 127.0.0.11 is "this host" (where the
+daemon answers), 127.0.0.12 the requester, 127.0.0.13 a gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HOST, PEER, GATEWAY = "127.0.0.11", "127.0.0.12", "127.0.0.13"
+START_TIMEOUT = 20.0
+IO_TIMEOUT = 10.0
+
+
+def free_port(hosts=(HOST, PEER, "::1")) -> int:
+    """A TCP port that is free on every one of ``hosts`` just now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            for h in hosts:
+                fam = socket.AF_INET6 if ":" in h else socket.AF_INET
+                with socket.socket(fam) as s:
+                    s.bind((h, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port found")
+
+
+class Daemon:
+    """One ``twistd stop`` process with its own config and data dir."""
+
+    def __init__(self, tmp_path, settings: Optional[dict] = None, args=(),
+                 interfaces=(HOST, PEER, "::1"), port: Optional[int] = None):
+        self.dir = tmp_path
+        self.data_dir = str(tmp_path / "data")
+        self.port = port or free_port(interfaces)
+        listen = [("tcp6:%d:interface=%s" if ":" in i else "tcp:%d:interface=%s")
+                  % (self.port, i.replace(":", "\\:")) for i in interfaces]
+        lines = ["[stop]", "listen = " + "\n  ".join(listen), f"data_dir = {self.data_dir}"]
+        for k, v in (settings or {}).items():
+            lines.append(f"{k} = {v}")
+        self.config = str(tmp_path / "stop.conf")
+        with open(self.config, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self.log = str(tmp_path / "twistd.log")
+        self.args = list(args)
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Daemon":
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        cmd = [sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=",
+               f"--logfile={self.log}", "stop", "--config", self.config] + self.args
+        self.proc = subprocess.Popen(cmd, cwd=str(self.dir), env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"twistd exited {self.proc.returncode}: "
+                                   f"{self.proc.stderr.read().decode()}\n{self.read_log()}")
+            if self.read_log().count("starting on %d" % self.port) >= 1 and self._answers():
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("twistd did not start listening:\n" + self.read_log())
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection((self.listen_host, self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    @property
+    def listen_host(self) -> str:
+        return HOST
+
+    def read_log(self) -> str:
+        try:
+            with open(self.log, encoding="utf-8", errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stderr:
+            self.proc.stderr.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- talking to it -------------------------------------------------------
+
+    def connect(self, source: str = PEER, dest: Optional[str] = None) -> socket.socket:
+        dest = dest or (HOST if ":" not in source else "::1")
+        fam = socket.AF_INET6 if ":" in dest else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(IO_TIMEOUT)
+        s.bind((source, 0))
+        s.connect((dest, self.port))
+        return s
+
+    def ask(self, *lines: bytes, source: str = PEER, dest: Optional[str] = None) -> list[bytes]:
+        """Send ``lines`` (each gets CR LF) on one connection; the reply lines."""
+        with self.connect(source, dest) as s:
+            s.sendall(b"".join(line + b"\r\n" for line in lines))
+            return read_lines(s, len(lines))
+
+    def stopctl(self, *args: str) -> subprocess.CompletedProcess:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        return subprocess.run([sys.executable, "-m", "stop.ctl", "--config", self.config] + list(args),
+                              capture_output=True, text=True, env=env, timeout=60)
+
+
+def read_lines(s: socket.socket, n: int) -> list[bytes]:
+    """Read ``n`` CR LF lines (fewer if the peer closes)."""
+    buf = b""
+    deadline = time.monotonic() + IO_TIMEOUT
+    while buf.count(b"\r\n") < n and time.monotonic() < deadline:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.split(b"\r\n")[:-1] if buf.endswith(b"\r\n") else buf.split(b"\r\n")
+
+
+class Pair:
+    """A real TCP connection: ``client`` (opened by "this host") from
+    ``local`` to a listener on ``remote``; ``server`` is the accepted end."""
+
+    def __init__(self, local: str = HOST, remote: str = PEER):
+        fam = socket.AF_INET6 if ":" in remote else socket.AF_INET
+        self.listener = socket.socket(fam)
+        self.listener.bind((remote, 0))
+        self.listener.listen(8)
+        self.client = socket.socket(fam)
+        self.client.bind((local, 0))
+        self.client.connect(self.listener.getsockname()[:2])
+        self.server, _ = self.listener.accept()
+        self.local_port = self.client.getsockname()[1]
+        self.remote_port = self.listener.getsockname()[1]
+
+    def query(self) -> bytes:
+        """The request the remote end would send: ``local_port, remote_port``."""
+        return b"%d, %d" % (self.local_port, self.remote_port)
+
+    def close(self) -> None:
+        for s in (self.client, self.server, self.listener):
+            s.close()

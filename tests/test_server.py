@@ -1,0 +1,145 @@
+"""stop.server: the protocol and factory, in memory (StringTransport + Clock)."""
+
+import re
+
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from stop.answer import Answerer
+from stop.config import Config
+from stop.model import Connection, Endpoint
+from stop.server import IdentFactory
+from stop.testing import FakeLookup, HeldStore
+
+OUT = Connection(Endpoint("127.0.0.1", 40000), Endpoint("127.0.0.2", 6667), 1000, 5, False)
+TOKEN = rb"[0-9a-f]{40}"
+
+
+class NoOptIn:
+    def allows(self, uid, host):
+        from twisted.internet import defer
+        return defer.succeed(False)
+
+
+def factory(**settings):
+    config = Config(**settings)
+    clock = Clock()
+    store = HeldStore()
+    store.auto = True
+    a = Answerer(config, FakeLookup(OUT), store, clock, optin=NoOptIn(), host_name="h")
+    return IdentFactory(config, a, clock), clock, store
+
+
+def connect(f, peer="127.0.0.2", port=51000):
+    addr = IPv4Address("TCP", peer, port)
+    p = f.buildProtocol(addr)
+    if p is None:
+        return None, None
+    t = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 113), peerAddress=addr)
+    p.makeConnection(t)
+    return p, t
+
+
+def test_replies_in_order_even_when_saves_finish_out_of_order():
+    f, clock, store = factory()
+    store.auto = False
+    p, t = connect(f)
+    p.dataReceived(b"40000, 6667\r\n99, 98\r\n40000,6667 : sv\n")
+    # the NO-USER reply is ready first but must wait for the first one
+    assert t.value() == b""
+    store.complete()
+    lines = t.value().split(b"\r\n")
+    assert re.fullmatch(rb"40000, 6667 : USERID : OTHER : " + TOKEN, lines[0])
+    assert lines[1] == b"99, 98 : ERROR : NO-USER"
+    assert re.fullmatch(rb"40000, 6667 : USERID : OTHER : " + TOKEN, lines[2])
+    assert not t.disconnecting
+
+
+def test_parse_errors_answer_and_keep_the_connection():
+    f, clock, store = factory()
+    p, t = connect(f)
+    p.dataReceived(b"hello\r\n0, 5\r\n5, 6 : ZZ\r\n\x00\xff\r\n40000, 6667\r\n")
+    lines = t.value().split(b"\r\n")
+    assert lines[:4] == [b"0, 0 : ERROR : UNKNOWN-ERROR", b"0, 5 : ERROR : INVALID-PORT",
+                         b"5, 6 : ERROR : UNKNOWN-ERROR", b"0, 0 : ERROR : UNKNOWN-ERROR"]
+    assert b"USERID" in lines[4]
+    assert not t.disconnecting
+
+
+def test_line_of_max_length_is_answered_longer_closes():
+    f, clock, store = factory()
+    p, t = connect(f)
+    line = b"40000, 6667" + b" " * (1000 - 11)
+    assert len(line) == 1000
+    p.dataReceived(line + b"\r\n")
+    assert b"USERID" in t.value()
+    p.dataReceived(line + b" \n")  # 1,001 bytes
+    assert t.disconnecting or t.disconnected
+
+
+def test_long_data_without_newline_closes():
+    f, clock, store = factory()
+    p, t = connect(f)
+    p.dataReceived(b"1" * 65536)
+    assert t.value() == b""
+    assert t.disconnecting or t.disconnected
+
+
+def test_idle_timeout():
+    f, clock, store = factory(idle_timeout=60)
+    p, t = connect(f)
+    clock.advance(59)
+    assert not (t.disconnecting or t.disconnected)
+    p.dataReceived(b"40000, 6667\r\n")
+    clock.advance(59)
+    assert not (t.disconnecting or t.disconnected)
+    clock.advance(2)
+    assert t.disconnecting or t.disconnected
+
+
+def test_requests_per_connection():
+    f, clock, store = factory(max_requests_per_connection=3)
+    p, t = connect(f)
+    p.dataReceived(b"40000, 6667\r\n" * 5)
+    assert t.value().count(b"\r\n") == 3
+    assert t.disconnecting
+
+
+def test_pipeline_pauses_reading_until_replies_drain():
+    f, clock, store = factory(max_pipeline=2)
+    store.auto = False
+    p, t = connect(f)
+    p.dataReceived(b"40000, 6667\r\n" * 5)
+    assert len(store.pending) == 2 and t.producerState == "paused"
+    store.complete()
+    # reading resumed: the buffered lines are processed, two at a time
+    assert t.value().count(b"\r\n") == 2
+    while store.pending:
+        store.complete()
+    assert t.value().count(b"\r\n") == 5
+    assert t.producerState == "producing"
+
+
+def test_connection_limits():
+    f, clock, store = factory(max_connections=3, max_connections_per_host=2)
+    a1, _ = connect(f, "127.0.0.2")
+    a2, _ = connect(f, "127.0.0.2")
+    assert connect(f, "127.0.0.2")[0] is None  # per host
+    b1, tb = connect(f, "127.0.0.3")
+    assert connect(f, "127.0.0.4")[0] is None  # total
+    tb.loseConnection()
+    b1.connectionLost(None)
+    assert connect(f, "127.0.0.4")[0] is not None
+    assert f.per_host == {"127.0.0.2": 2, "127.0.0.4": 1}
+
+
+def test_ipv4_mapped_peer_is_the_ipv4_host():
+    f, clock, store = factory()
+    addr = IPv6Address("TCP", "::ffff:127.0.0.2", 51000)
+    p = f.buildProtocol(addr)
+    t = StringTransport(hostAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 113), peerAddress=addr)
+    p.makeConnection(t)
+    p.dataReceived(b"40000, 6667\r\n")
+    assert b"USERID : OTHER" in t.value()
+    assert f.per_host == {"127.0.0.2": 1}
