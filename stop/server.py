@@ -114,7 +114,7 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
     def timeoutConnection(self) -> None:
         self.log.info("{requester}: idle for {t} s; closing", requester=str(self.requester),
                       t=self.factory.config.idle_timeout)
-        self.transport.abortConnection()
+        self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.setTimeout(None)

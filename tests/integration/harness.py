@@ -60,7 +60,8 @@ class Daemon:
 
     def start(self) -> "Daemon":
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "twisted", "--nodaemon", "--pidfile=",
+        cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+               "--nodaemon", "--pidfile=",
                f"--logfile={self.log}", "stop", "--config", self.config] + self.args
         self.proc = subprocess.Popen(cmd, cwd=str(self.dir), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -135,10 +136,15 @@ def read_lines(s: socket.socket, n: int) -> list[bytes]:
     buf = b""
     deadline = time.monotonic() + IO_TIMEOUT
     while buf.count(b"\r\n") < n and time.monotonic() < deadline:
-        chunk = s.recv(65536)
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:  # closed with our data unread: a reset
+            break
         if not chunk:
             break
         buf += chunk
+    if not buf:
+        return []
     return buf.split(b"\r\n")[:-1] if buf.endswith(b"\r\n") else buf.split(b"\r\n")
 
 

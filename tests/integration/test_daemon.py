@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -181,7 +182,9 @@ def test_connection_owned_by_a_normal_user(daemon):
     listener.listen(1)
     code = ("import socket,sys,time;s=socket.socket();s.bind(('%s',0));s.connect(('%s',%d));"
             "print(s.getsockname()[1],flush=True);sys.stdin.read()") % (HOST, PEER, listener.getsockname()[1])
-    child = subprocess.Popen([sys.executable, "-c", code], user=nobody.pw_uid, group=nobody.pw_gid,
+    # The venv's interpreter may live under /root, which nobody cannot read.
+    python = shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+    child = subprocess.Popen([python, "-c", code], user=nobody.pw_uid, group=nobody.pw_gid,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         port = int(child.stdout.readline())
