@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from stop import records, wire
 from stop.config import Config, address_networks
 from stop.errors import NoUser, StopError
+from stop.hooks import Hooks
 from stop.interfaces import IRecordStore, ISocketLookup
 from stop.limits import Gate
 from stop.model import Connection, Endpoint
@@ -61,8 +62,9 @@ class Answerer:
     def __init__(self, config: Config, lookup: ISocketLookup, store: IRecordStore, clock,
                  optin: Optional[OptIn] = None,
                  name_of: Callable[[int], Optional[str]] = user_name,
-                 host_name: Optional[str] = None):
+                 host_name: Optional[str] = None, hooks: Optional[Hooks] = None):
         self._config = config
+        self._hooks = hooks if hooks is not None else Hooks()
         self._lookup = ISocketLookup(lookup)
         self._store = IRecordStore(store)
         self._clock = clock
@@ -142,6 +144,7 @@ class Answerer:
         data = records.canonical(record)
         token = self._tokens.random()
         yield self._store.save(token, data)
+        self._hooks.saved(token, data)  # returns at once; failures are logged
         who = f"uid {conn.uid}" + (f" ({name})" if name and self._config.log_users else "")
         if (request.type == wire.ID and request.address is None and name
                 and self._config.user_optin):

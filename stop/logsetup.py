@@ -169,10 +169,7 @@ def syslog_service(config) -> Optional[SyslogService]:
 
     :raise ConfigError: an unknown facility.
     """
-    if not getattr(config, "syslog", False):
+    if not config.syslog:
         return None
-    observer = SyslogObserver(
-        path=getattr(config, "syslog_socket", DEFAULT_SOCKET),
-        facility=getattr(config, "syslog_facility", "daemon"),
-    )
+    observer = SyslogObserver(path=config.syslog_socket, facility=config.syslog_facility)
     return SyslogService(observer)

@@ -13,8 +13,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from stop import config as config_mod
+from stop import logsetup, plugins
 from stop.answer import Answerer
 from stop.errors import ConfigError, StopError
+from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
 from stop.lookup import make_lookup
 from stop.server import IdentFactory
@@ -101,9 +103,14 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     """
     lookup = make_lookup(settings.lookup)
     store = make_store(settings.storage, settings.data_dir, reactor=reactor, fsync=settings.fsync)
-    answerer = Answerer(settings, lookup, store, reactor)
+    hooks = Hooks(plugins.build_hooks(settings, reactor))
+    answerer = Answerer(settings, lookup, store, reactor, hooks=hooks)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
+    syslog = logsetup.syslog_service(settings)
+    if syslog is not None:  # first started, last stopped: it sees every event
+        syslog.setServiceParent(top)
+    HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
     for endpoint in settings.listen:

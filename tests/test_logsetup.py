@@ -14,7 +14,7 @@ from stop.errors import ConfigError
 from stop.logsetup import (MAX_DATAGRAM, SyslogObserver, SyslogService, facility_number,
                            format_datagram)
 
-import rsyslogd
+from tests import rsyslogd
 
 needs_rsyslog = pytest.mark.skipif(not rsyslogd.available(), reason="rsyslogd not installed")
 
