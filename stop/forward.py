@@ -66,7 +66,7 @@ def format_message(token: str, record: bytes, when: float, facility: int = 3,
         facility * 8 + SEVERITY_INFO, stamp, _header_field(hostname, 255),
         _header_field(app_name, 48), _header_field(procid, 128), MSGID,
         sd_id, _sd_escape(token))
-    return header.encode("ascii") + BOM + record
+    return header.encode("utf-8") + BOM + record  # PARAM-VALUE is UTF-8
 
 
 def frame(message: bytes) -> bytes:

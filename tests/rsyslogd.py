@@ -44,7 +44,7 @@ class Rsyslogd:
     to ``output`` in :data:`TEMPLATE` form."""
 
     def __init__(self, workdir: Path, unix: bool = True, tcp: bool = False) -> None:
-        self.dir = Path(workdir)
+        self.dir = Path(workdir).absolute()  # rsyslogd changes to /
         self.dir.mkdir(parents=True, exist_ok=True)
         self.socket_path = str(self.dir / "log.sock") if unix else None
         self.output = self.dir / "messages.log"
@@ -79,8 +79,8 @@ class Rsyslogd:
         self.proc = subprocess.Popen(
             [RSYSLOGD, "-n", "-f", str(conf), "-i", str(self.dir / "rsyslogd.pid")],
             stdout=subprocess.DEVNULL, stderr=open(self.dir / "rsyslogd.stderr", "wb"))
-        ready = wait_for(self._ready, timeout=20)
-        if not ready:
+        wait_for(self._ready, timeout=20)
+        if self.proc.poll() is not None or not self._ready():
             err = (self.dir / "rsyslogd.stderr").read_text(errors="replace")
             self.stop()
             raise RuntimeError(f"rsyslogd did not start: {err}")
