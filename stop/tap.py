@@ -18,9 +18,9 @@ from stop.answer import Answerer
 from stop.errors import ConfigError, StopError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
-from stop.lookup import make_lookup
+from stop.lookup import BACKENDS, make_lookup
 from stop.server import IdentFactory
-from stop.storage import make_store
+from stop.storage import STORES, make_store
 
 log = Logger()
 
@@ -101,8 +101,16 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
 
     :raise ConfigError: a backend named in the settings does not exist.
     """
-    lookup = make_lookup(settings.lookup)
-    store = make_store(settings.storage, settings.data_dir, reactor=reactor, fsync=settings.fsync)
+    # A name that is not built in is a site plugin's (stop-plugins(7)).
+    if settings.lookup == "auto" or settings.lookup in BACKENDS:
+        lookup = make_lookup(settings.lookup)
+    else:
+        lookup = plugins.build_lookup(settings, reactor)
+    if settings.storage in STORES:
+        store = make_store(settings.storage, settings.data_dir, reactor=reactor,
+                           fsync=settings.fsync)
+    else:
+        store = plugins.build_store(settings, reactor)
     hooks = Hooks(plugins.build_hooks(settings, reactor))
     answerer = Answerer(settings, lookup, store, reactor, hooks=hooks)
     factory = IdentFactory(settings, answerer, reactor)
