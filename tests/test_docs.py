@@ -61,7 +61,7 @@ def test_every_setting_documented_with_its_default():
         assert name in paragraphs, f"stop.conf(5) does not document {name}"
         text = paragraphs[name]
         if default:
-            assert re.search(r"Default:\n\.BR? " + re.escape(default) + r"( \.)?\n", text), \
+            assert re.search(r"Default:\n\.BR? " + re.escape(default) + r"( \.)?(\n|$)", text), \
                 f"stop.conf(5): {name} does not say its default is {default!r}"
         else:
             assert "Default: none" in text, f"stop.conf(5): {name} has no 'Default: none'"
