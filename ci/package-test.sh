@@ -74,7 +74,7 @@ if dpkg-query -W -f='${Status}' stopd 2>/dev/null | grep -q "installed"; then
     apt-get purge -y -q stopd > /dev/null
 fi
 step "apt-get install $(basename "$DEB")"
-timeout 900 apt-get install -y -q --no-install-recommends "$DEB" 2>&1 | tail -15
+timeout 900 apt-get install -y -q --no-install-recommends "$DEB" 2>&1 | grep -v "Reading database" | tail -12
 dpkg-query -W -f='${Status}\n' stopd | grep -q "install ok installed" || fail "stopd not installed"
 
 step "check the installed files"
@@ -242,7 +242,7 @@ echo "record forwarded to the collector, logged to syslog, and kept in /var/lib/
 
 # -- purge -------------------------------------------------------------------
 step "apt-get purge stopd"
-apt-get purge -y -q stopd 2>&1 | tail -8
+apt-get purge -y -q stopd 2>&1 | grep -v "Reading database" | tail -8
 ! dpkg-query -W -f='${Status}' stopd 2>/dev/null | grep -q "installed" || fail "still installed"
 for gone in /etc/stop "$UNIT" "$SITE/stop" "$SITE/twisted/plugins/stop_plugin.py" \
         /usr/bin/stopctl /usr/share/stopd /usr/share/man/man8/stop.8.gz; do
