@@ -120,6 +120,27 @@ echo "ExecStart=$EXEC; User=$USER_ Group=$GROUP_; capabilities $CAPS"
 ip netns add "$NS"
 ip -n "$NS" link set lo up
 in_ns() { ip netns exec "$NS" "$@"; }
+chmod 0755 "$WORK"  # the daemon's user reads files made here
+
+# MemoryDenyWriteExecute=yes: systemd refuses W+X mappings with seccomp; the
+# kernel's own PR_SET_MDWE (Linux 6.3+, kept across execve) refuses the same,
+# so the daemon runs under it here too where the kernel has it.
+MDWE=""
+if [ "$(unit_value MemoryDenyWriteExecute)" = yes ]; then
+    printf '%s\n' \
+        'import ctypes, os, sys' \
+        '# PR_SET_MDWE (65), PR_MDWE_REFUSE_EXEC_GAIN (1)' \
+        'if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:' \
+        '    sys.exit("PR_SET_MDWE: " + os.strerror(ctypes.get_errno()))' \
+        'os.execv(sys.argv[1], sys.argv[1:])' > "$WORK/mdwe-exec.py"
+    chmod 0644 "$WORK/mdwe-exec.py"
+    if python3 "$WORK/mdwe-exec.py" /bin/true 2>/dev/null; then
+        MDWE="/usr/bin/python3 $WORK/mdwe-exec.py"
+        echo "MemoryDenyWriteExecute: emulated with PR_SET_MDWE"
+    else
+        echo "MemoryDenyWriteExecute: this kernel has no PR_SET_MDWE; not emulated"
+    fi
+fi
 
 # start_daemon EXTRA_ARGS...: start ExecStart (plus the extra arguments) as
 # the unit's user with exactly its capabilities; sets DAEMON.
@@ -128,7 +149,7 @@ start_daemon() {
     # shellcheck disable=SC2086 # ExecStart is split into words as systemd does
     (umask 0077 && exec ip netns exec "$NS" setpriv --reuid="$USER_" --regid="$GROUP_" \
         --init-groups --no-new-privs --bounding-set="-all,$CAPS" --inh-caps="-all,$CAPS" \
-        --ambient-caps="$CAPS" $EXEC "$@") > "$log" 2>&1 &
+        --ambient-caps="$CAPS" $MDWE $EXEC "$@") > "$log" 2>&1 &
     DAEMON=$!
     PIDS="$PIDS $DAEMON"
     n=0
@@ -188,7 +209,6 @@ echo "record saved in /var/lib/stop, owned by stop, 0600/0700"
 
 # -- the example plugin --------------------------------------------------------
 step "the example plugin syslog-forward, to a real rsyslogd"
-chmod 0755 "$WORK"
 mkdir -m 0755 "$WORK/plugins" "$WORK/rsyslog"
 cp /usr/share/stopd/plugins/syslog_forward.py "$WORK/plugins/"
 cat > "$WORK/rsyslog/rsyslog.conf" <<EOF

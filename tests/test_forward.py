@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 
 import pytest
 from hypothesis import given, strategies as st
@@ -116,7 +118,9 @@ class ForwardToRsyslog(unittest.TestCase):
     def setUp(self):
         if not rsyslogd.available():
             raise unittest.SkipTest("rsyslogd not installed")
-        self.syslogd = rsyslogd.Rsyslogd(self.mktemp(), unix=False, tcp=True).start()
+        workdir = tempfile.mkdtemp(prefix="stop-rsyslogd-")
+        self.addCleanup(shutil.rmtree, workdir, True)
+        self.syslogd = rsyslogd.Rsyslogd(workdir, unix=False, tcp=True).start()
         self.addCleanup(self.syslogd.stop)
         self.collector = f"tcp:host=127.0.0.1:port={self.syslogd.tcp_port}"
 
