@@ -5,7 +5,8 @@ A plugin directory is searched as a package path for
 submodule of a private package named after the directory) and every
 module-level object providing ``IPlugin`` and the asked interface is a
 candidate; its ``name`` attribute is what stop.conf selects. Directories are
-searched in order; a missing one is skipped; the first plugin of a name wins.
+searched in order; a missing one is skipped, and so is one that group or
+others may write to (logged); the first plugin of a name wins.
 
 twisted.plugin keeps a ``dropin.cache`` next to the modules when it can
 write there (a run as root); the daemon's user normally cannot, and then
@@ -60,6 +61,11 @@ def available(interface: InterfaceClass, dirs: Iterable[str]) -> dict[str, objec
     found: dict[str, object] = {}
     for directory in dirs:
         if not os.path.isdir(directory):
+            continue
+        if os.stat(directory).st_mode & 0o022:
+            # Whoever can write there could run code as the daemon.
+            log.warn("plugin directory {dir} is writable by group or others: ignored",
+                     dir=directory)
             continue
         for plugin in getPlugins(interface, plugin_package(directory)):
             name = getattr(plugin, "name", None)

@@ -3,6 +3,7 @@ twisted.plugin, building them, and record hooks (stop.plugins, stop.hooks)."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -166,6 +167,15 @@ def test_finds_plugins_by_name_first_directory_wins(tmp_path, logged):
     verifyObject(IRecordStore, store)
     assert store.label == "one" and store.built_with[1] is clock
     assert any("found first" in str(e.get("log_format", "")) for e in logged)
+
+
+def test_directory_writable_by_others_is_ignored(tmp_path, logged):
+    d = write(tmp_path / "p", "s.py", STORE_PLUGIN.format(name="site", label="x"))
+    os.chmod(d, 0o777)
+    assert plugins.available(IStorePlugin, [d]) == {}
+    assert any("writable by group or others" in str(e.get("log_format", "")) for e in logged)
+    os.chmod(d, 0o755)
+    assert list(plugins.available(IStorePlugin, [d])) == ["site"]
 
 
 def test_broken_module_is_logged_and_others_still_load(tmp_path, logged):
