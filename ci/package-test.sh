@@ -6,7 +6,9 @@
 #   not PID 1 here: the unit's ExecStart, as its User, with its capabilities,
 #   through setpriv) in a private network namespace, query it on
 #   127.0.0.1:113, check the record, run it again with the example plugin
-#   (syslog-forward) forwarding to a real rsyslogd, then purge and check
+#   (syslog-forward) forwarding to a real rsyslogd, boot a container with
+#   systemd as PID 1 to run the unit for real (ci/systemd-test.sh), then
+#   purge and check
 #   that only what policy keeps is left (the records and the user "stop").
 # Re-runnable: an installed stopd is purged first. Every wait is bounded.
 set -eu
@@ -259,6 +261,11 @@ grep "$TOKEN2" "$WORK/rsyslog/messages" | cut -c1-160
 stopctl --config "$WORK/plugin.conf" --storage flat show "$TOKEN2" > /dev/null \
     || fail "the plugin store did not keep the record locally"
 echo "record forwarded to the collector, logged to syslog, and kept in /var/lib/stop"
+
+# -- under a real systemd --------------------------------------------------------
+step "the unit under a real systemd (systemd-nspawn boot of this host, throw-away overlay)"
+apt_install systemd-container
+timeout 300 "$ROOT/ci/systemd-test.sh"
 
 # -- purge -------------------------------------------------------------------
 step "apt-get purge stopd"
