@@ -8,8 +8,8 @@
 #   127.0.0.1:113, check the record, run it again with the example plugin
 #   (syslog-forward) forwarding to a real rsyslogd, boot a container with
 #   systemd as PID 1 to run the unit for real (ci/systemd-test.sh), then
-#   purge and check
-#   that only what policy keeps is left (the records and the user "stop").
+#   purge and check that only what policy keeps is left (the records and
+#   the user "stop").
 # Re-runnable: an installed stopd is purged first. Every wait is bounded.
 set -eu
 

@@ -4,7 +4,8 @@
 # overlay and no network but its loopback), so that every hardening line of
 # the unit (SystemCallFilter, MemoryDenyWriteExecute, ProtectHome, the
 # capability sets...) is in force, and check that:
-#   - the daemon answers on 127.0.0.1:113 and saves its record;
+#   - the daemon answers on 127.0.0.1:113, saves its record, logs to the
+#     journal;
 #   - the ~/.ident opt-in works with ProtectHome=read-only and a 0700 home;
 #   - a service with the unit's [Service] lines and only its capabilities can
 #     read another user's /proc/PID/fd targets (what the SV walk needs), and
@@ -123,6 +124,9 @@ fi
 cat "$T/out/result.txt"
 grep -q "^root asks:  [0-9]*, 113 : USERID : OTHER : [0-9a-f]\{40\}$" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: no token for root" >&2; exit 1; }
+TOKEN=$(sed -n 's/^root asks:  [0-9]*, 113 : USERID : OTHER : \([0-9a-f]*\)$/\1/p' "$T/out/result.txt")
+grep -q "\[stop.answer#info\] .* token $TOKEN\$" "$T/out/result.txt" \
+    || { echo "systemd-test: FAILED: the query is not in the journal" >&2; exit 1; }
 grep -q "^user asks:  [0-9]*, 113 : USERID : UNIX : stoptestuser$" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: ~/.ident opt-in under ProtectHome" >&2; exit 1; }
 grep -q "^stop-probe-all read another user's fds: True" "$T/out/result.txt" \
