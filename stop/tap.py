@@ -15,6 +15,8 @@ from twisted.python import usage
 from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
+from stop.process import make_inspector
+from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
@@ -111,8 +113,11 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
                            fsync=settings.fsync)
     else:
         store = plugins.build_store(settings, reactor)
+    process_state = ProcessState(settings, make_inspector(settings.process_backend),
+                                 in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
-    answerer = Answerer(settings, lookup, store, reactor, hooks=hooks)
+    answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
+                        hooks=hooks)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
     syslog = logsetup.syslog_service(settings)
