@@ -202,6 +202,7 @@ TOKEN=$(token_of "$REPLY")
 stop_daemon
 step "the record"
 stopctl show "$TOKEN" || fail "stopctl show $TOKEN"
+stopctl verify "$TOKEN" || fail "stopctl verify $TOKEN"
 if [ -n "$(find /var/lib/stop ! -user stop)" ] || [ -n "$(find /var/lib/stop -type f -perm /077)" ] \
         || [ -n "$(find /var/lib/stop -type d -perm /077)" ]; then
     ls -laR /var/lib/stop
