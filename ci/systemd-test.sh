@@ -59,6 +59,17 @@ except OSError as e:
     print(sys.argv[1], "cannot read another user's fds:", e)
 EOF
 
+cat > "$T/units/ask.py" <<'EOF'
+# Ask stopd about the connection this query travels on; argv[1]: request
+# type suffix (e.g. " : SV"). Prints the reply line.
+import socket, sys
+kind = sys.argv[1] if len(sys.argv) > 1 else ""
+s = socket.create_connection(("127.0.0.1", 113), 5)
+s.settimeout(30)
+s.sendall(b"%d, 113%s\r\n" % (s.getsockname()[1], kind.encode()))
+print(s.recv(1024).decode().strip())
+EOF
+
 cat > "$T/units/test.sh" <<'EOF'
 #!/bin/sh
 # Inside the container, as root, once stopd.service runs.
@@ -80,9 +91,16 @@ done
 systemctl show stopd -p ActiveState -p SubState -p MainPID -p ExecMainStatus
 pid=$(systemctl show stopd -p MainPID --value)
 grep -E '^(Uid|CapAmb|CapBnd|NoNewPrivs|Seccomp):' /proc/$pid/status
-ASK='import socket; s = socket.create_connection(("127.0.0.1", 113), 5); s.settimeout(10); s.sendall(b"%d, 113\r\n" % s.getsockname()[1]); print(s.recv(1024).decode().strip())'
-echo "root asks:  $(python3 -c "$ASK")"
-echo "user asks:  $(setpriv --reuid=stoptestuser --regid=stoptestuser --clear-groups python3 -c "$ASK")"
+AS_USER="setpriv --reuid=stoptestuser --regid=stoptestuser --clear-groups"
+echo "root asks:  $(python3 /stoptest/ask.py)"
+echo "user asks:  $($AS_USER python3 /stoptest/ask.py)"
+# SV about another user's pipeline: the walk must read that user's fds.
+reply=$($AS_USER sh -c 'python3 /stoptest/ask.py " : SV" | cat')
+echo "user SV:    $reply"
+token=${reply##* : }
+stopctl show --json "$token" > /stoptest-out/sv.json
+verified=$(stopctl verify "$token"); status=$?
+echo "verify SV:  $(echo "$verified" | tr '\n' ' ')(exit $status)"
 ls -la /var/lib/stop | head -5
 systemctl start stop-probe-all.service stop-probe-bind.service
 journalctl -u stopd --no-pager -o cat | tail -8
@@ -129,6 +147,18 @@ grep -q "\[stop.answer#info\] .* token $TOKEN\$" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: the query is not in the journal" >&2; exit 1; }
 grep -q "^user asks:  [0-9]*, 113 : USERID : UNIX : stoptestuser$" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: ~/.ident opt-in under ProtectHome" >&2; exit 1; }
+grep -q "^user SV:    [0-9]*, 113 : USERID : OTHER : [0-9a-f]\{40\}$" "$T/out/result.txt" \
+    || { echo "systemd-test: FAILED: no SV token" >&2; exit 1; }
+grep -q "^verify SV:  store integrity: OK OK (exit 0)" "$T/out/result.txt" \
+    || { echo "systemd-test: FAILED: stopctl verify of the SV record" >&2; exit 1; }
+python3 - "$T/out/sv.json" <<'EOF' || { echo "systemd-test: FAILED: the SV walk did not reach the user's pipeline" >&2; exit 1; }
+import json, sys
+record = json.load(open(sys.argv[1]))
+text = json.dumps(record)
+names = sorted({p.get("name") for p in record["sv"]["processes"]["processes"]})
+print("SV walk reached:", names, "| EACCES in record:", "EACCES" in text)
+assert "cat" in names and "python3" in names and "EACCES" not in text
+EOF
 grep -q "^stop-probe-all read another user's fds: True" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: the unit's capabilities do not reach other users' fds" >&2; exit 1; }
 grep -q "^stop-probe-bind cannot read another user's fds" "$T/out/result.txt" \
