@@ -23,9 +23,10 @@ T=$(mktemp -d /tmp/stop-systemd.XXXXXX)
 NSPAWN=""
 cleanup() {
     [ -z "$NSPAWN" ] || kill "$NSPAWN" 2>/dev/null || true
-    rm -rf "$T"
+    [ -n "$KEEP" ] && echo "kept $T" || rm -rf "$T"
 }
 trap cleanup EXIT
+KEEP=${KEEP:-}
 mkdir -p "$T/units" "$T/out"
 chmod 0755 "$T" "$T/units"
 chmod 0777 "$T/out"
@@ -155,7 +156,7 @@ python3 - "$T/out/sv.json" <<'EOF' || { echo "systemd-test: FAILED: the SV walk 
 import json, sys
 record = json.load(open(sys.argv[1]))
 text = json.dumps(record)
-names = sorted({p.get("name") for p in record["sv"]["processes"]["processes"]})
+names = sorted({p.get("name") for p in record["processes"]["processes"]})
 print("SV walk reached:", names, "| EACCES in record:", "EACCES" in text)
 assert "cat" in names and "python3" in names and "EACCES" not in text
 EOF
