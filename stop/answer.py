@@ -69,7 +69,7 @@ class Answerer:
         self._lookup = ISocketLookup(lookup)
         self._store = IRecordStore(store)
         self._clock = clock
-        self._optin = optin if optin is not None else OptIn()
+        self._optin = optin if optin is not None else OptIn(log_paths=config.log_users)
         self._name_of = name_of
         self._host = host_name or socket.gethostname()
         self._tokens = Tokens(config.hash)

@@ -90,9 +90,40 @@ def describe(token: str, record: dict) -> list[tuple[str, str]]:
                     + (f" : {req['sid']}" if req.get("sid") is not None else "")
                     + (f" : {req['address']}" if req.get("address") else "")),
     ]
+    state = record.get("processes")
+    if isinstance(state, dict):
+        rows.extend(_process_rows(state))
+    system = record.get("system")
+    if isinstance(system, dict):
+        os_ = system.get("os") or {}
+        rows.append(("system", f"{system.get('hostname')}: {os_.get('name')} {os_.get('release')} "
+                               f"{os_.get('version')}, booted {system.get('boot_time')}"))
+        for u in system.get("utmp") or []:
+            rows.append(("utmp", json.dumps(u, sort_keys=True, ensure_ascii=False)))
     for key in sorted(set(record) - {"version", "type", "time", "host", "user", "connection",
-                                     "requester", "request", "received_on"}):
+                                     "requester", "request", "received_on", "processes",
+                                     "system"}):
         rows.append((key, json.dumps(record[key], sort_keys=True, ensure_ascii=False)))
+    return rows
+
+
+def _process_rows(state: dict) -> list[tuple[str, str]]:
+    """One row per process reached by the walk (pid, parent, user, how it
+    was reached, command line), then the connections to other hosts."""
+    rows = []
+    for p in state.get("processes", []):
+        users = p.get("users") or {}
+        cmd = " ".join(p.get("cmdline") or []) or f"[{p.get('name')}]"
+        via = (p.get("reached") or {}).get("via", "?")
+        rows.append(("process", f"{p.get('pid')} (parent {p.get('ppid')}) "
+                                f"{users.get('effective', '?')}  via {via}  {cmd}"))
+    for c in state.get("remote_connections", []):
+        rows.append(("connection", f"{_endpoint(c.get('local'))} -> {_endpoint(c.get('remote'))} "
+                                   f"{c.get('direction', '')}".rstrip()))
+    for what, why in sorted((state.get("unavailable") or {}).items()):
+        rows.append(("unavailable", f"{what}: {why}"))
+    if any((state.get("truncated") or {}).values()):
+        rows.append(("truncated", json.dumps(state["truncated"], sort_keys=True)))
     return rows
 
 
@@ -151,20 +182,14 @@ def _hash_for(token: str, configured: str) -> str:
 
 def cmd_verify(store, args, out: TextIO, hash_name: str = "sha1") -> int:
     """SV / SV_REC: recompute the hash of the stored bytes (OK / MISMATCH);
-    every type: the store's own integrity check, when the store has one
-    (``integrity(token) -> bool``). Exit 0 sound, 1 not, 2 unknown token."""
+    every type: the store's own integrity check (``integrity(token)``).
+    Exit 0 sound, 1 not, 2 unknown token."""
     data = store.get(args.token)
     if data is None:
         sys.stderr.write(f"stopctl: no record for token {args.token}\n")
         return EXIT_UNKNOWN
-    sound = True
-    check = getattr(store, "integrity", None)
-    if check is None:
-        out.write("store integrity: not checked (this store keeps no checksum)\n")
-    else:
-        ok = bool(check(args.token))
-        out.write(f"store integrity: {'OK' if ok else 'MISMATCH'}\n")
-        sound = sound and ok
+    sound = bool(store.integrity(args.token))
+    out.write(f"store integrity: {'OK' if sound else 'MISMATCH'}\n")
     try:
         rtype = records.load(data).get("type")
     except ValueError:

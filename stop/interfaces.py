@@ -74,6 +74,12 @@ class IRecordStore(Interface):
         what is durable on disk (usable from ``stopctl`` while the daemon
         runs)."""
 
+    def integrity(token):
+        """Whether the stored entry of ``token`` is intact as written (the
+        store's own checksum: framing, CRC, SHA-256 of the record bytes);
+        False for an unknown token. Synchronous; ``stopctl verify`` uses it
+        for every record type."""
+
     def records():
         """Iterate ``(token, record_bytes)`` over every stored record,
         oldest first. Synchronous."""

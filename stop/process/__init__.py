@@ -15,6 +15,7 @@ with either.
 from __future__ import annotations
 
 import errno
+import pwd
 import sys
 
 from stop.errors import ConfigError
@@ -67,6 +68,22 @@ def text(value: str) -> str:
     except UnicodeEncodeError:
         raw = value.encode("utf-8", "surrogateescape")
         return raw.decode("utf-8", "backslashreplace")
+
+
+class UserNames:
+    """uid -> login name (None when it has none), each looked up once:
+    a walk meets the same few uids many times."""
+
+    def __init__(self):
+        self._names: dict[int, str | None] = {}
+
+    def __call__(self, uid: int) -> str | None:
+        if uid not in self._names:
+            try:
+                self._names[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._names[uid] = None
+        return self._names[uid]
 
 
 def make_inspector(name: str = "auto"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import pwd
 import socket
 import sys
 from collections import defaultdict
@@ -23,7 +22,7 @@ from zope.interface import implementer
 
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection
-from stop.process import ProcessGone, Unavailable, reason_of, text
+from stop.process import ProcessGone, Unavailable, UserNames, reason_of, text
 from stop.process.sockdiag import LISTEN_ONLY, InetSock, SockDiag, format_address
 
 PROC = "/proc"
@@ -103,7 +102,7 @@ class ProcfsScan:
         self._unix: dict[int, dict] = {}
         self._udp: dict[int, dict] | None = None
         self._diag: SockDiag | None = None
-        self._users: dict[int, str | None] = {}
+        self._user = UserNames()
 
     # -- descriptor tables and the index -----------------------------------
 
@@ -370,14 +369,6 @@ class ProcfsScan:
             out["gids"] = ids["gid"]
         if "users" in fields:
             out["users"] = {k: self._user(v) for k, v in ids["uid"].items() if k != "saved"}
-
-    def _user(self, uid: int) -> str | None:
-        if uid not in self._users:
-            try:
-                self._users[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self._users[uid] = None
-        return self._users[uid]
 
     def descriptors(self, pid: int, open_files: bool) -> list[dict]:
         out = []

@@ -12,7 +12,6 @@ to this host are matched by their two ends. It has no scheduling priority
 from __future__ import annotations
 
 import os
-import pwd
 import socket
 from collections import defaultdict
 
@@ -21,7 +20,7 @@ from zope.interface import implementer
 
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection, canonical_host
-from stop.process import ProcessGone, Unavailable, reason_of, text
+from stop.process import ProcessGone, Unavailable, UserNames, reason_of, text
 
 #: What this backend cannot give, on every platform.
 GAPS = {
@@ -78,7 +77,7 @@ class PsutilScan:
         self.unavailable = dict(GAPS)
         self._tcp: dict[tuple, list[tuple[int, int]]] | None = None
         self._listening: set[tuple[str, int]] = set()
-        self._users: dict[int, str | None] = {}
+        self._user = UserNames()
 
     def _index(self) -> dict[tuple, list[tuple[int, int]]]:
         """(local, remote) -> [(pid, fd)] for every TCP socket, read once."""
@@ -138,14 +137,6 @@ class PsutilScan:
         if missing:
             out["unavailable"] = missing
         return out
-
-    def _user(self, uid: int) -> str | None:
-        if uid not in self._users:
-            try:
-                self._users[uid] = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                self._users[uid] = None
-        return self._users[uid]
 
     def descriptors(self, pid: int, open_files: bool) -> list[dict]:
         try:
