@@ -233,6 +233,9 @@ class ForwardingStore:
     def get(self, token: str) -> Optional[bytes]:
         return self.inner.get(token)
 
+    def integrity(self, token: str) -> bool:
+        return self.inner.integrity(token)
+
     def records(self):
         return self.inner.records()
 

@@ -147,6 +147,8 @@ class ForwardToRsyslog(unittest.TestCase):
         inner.complete()
         yield defer.gatherResults(saves)
         self.assertEqual([store.get(t) for t, _ in records], [r for _, r in records])
+        self.assertEqual([store.integrity(t) for t, _ in records] + [store.integrity("x")],
+                         [True, True, True, False])
         self.assertTrue((yield wait_until(lambda: len(self.received()) == 3)))
         got = self.received()
         self.assertEqual([(m[0], m[1], m[2], m[3]) for m in got],
