@@ -1,0 +1,70 @@
+"""The ``memory`` store: a dict, for tests (re-exported by stop.testing).
+
+It accepts and refuses exactly what the disk stores do (same token and
+record checks, no reused token), so tests written against it hold for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from stop.errors import StoreFailed
+from stop.interfaces import IRecordStore
+from stop.storage.log import check_entry
+
+
+@implementer(IRecordStore)
+class MemoryStore:
+    """Records in a dict; nothing survives the process. ``save`` returns an
+    already-fired Deferred. The constructor takes (and ignores) the disk
+    stores' arguments so the factory can make any store the same way."""
+
+    name = "memory"
+
+    def __init__(self, data_dir: str | None = None, reactor=None, fsync: str = "batch",
+                 segment_bytes: int = 0, readonly: bool = False):
+        self._records: dict[str, bytes] = {}
+        self._usage = 0
+        self.closed = False
+
+    def open(self) -> None:
+        """Nothing to open."""
+
+    def save(self, token: str, record: bytes) -> defer.Deferred:
+        """Keep ``record`` under ``token``.
+
+        :return: a fired Deferred: ``None``, or a StoreFailed failure for a
+            bad or reused token, a bad record, or a closed store.
+        """
+        try:
+            if self.closed:
+                raise StoreFailed("memory store is closed")
+            check_entry(token, record)
+            if token in self._records:
+                raise StoreFailed(f"token {token} is already stored; a token is never reused")
+        except StoreFailed:
+            return defer.fail()
+        self._records[token] = record
+        self._usage += len(token) + len(record)
+        return defer.succeed(None)
+
+    def get(self, token: str) -> bytes | None:
+        """The bytes saved under ``token``, or ``None``."""
+        return self._records.get(token)
+
+    def records(self) -> Iterator[tuple[str, bytes]]:
+        """``(token, record)`` in the order they were saved."""
+        return iter(list(self._records.items()))
+
+    def usage(self) -> int:
+        """Bytes of tokens and records held (what a disk store would count,
+        less its framing)."""
+        return self._usage
+
+    def close(self) -> defer.Deferred:
+        """Refuse later saves; the records stay readable."""
+        self.closed = True
+        return defer.succeed(None)
