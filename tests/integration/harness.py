@@ -46,7 +46,7 @@ class Daemon:
                  netns=None):
         self.dir = tmp_path
         self.interfaces = tuple(interfaces)
-        self.netns = netns  # a tests.integration.netns.NetNS to run it in, or None
+        self.netns = netns  # a tests.integration.netns.Netns to run it in, or None
         self.data_dir = str(tmp_path / "data")
         self.port = port or free_port(interfaces)
         listen = [("tcp6:%d:interface=%s" if ":" in i else "tcp:%d:interface=%s")
@@ -67,7 +67,7 @@ class Daemon:
                "--nodaemon", "--pidfile=",
                f"--logfile={self.log}", "stop", "--config", self.config] + self.args
         if self.netns is not None:
-            cmd = self.netns.prefix() + cmd
+            cmd = self.netns.command(cmd)
         self.proc = subprocess.Popen(cmd, cwd=str(self.dir), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT

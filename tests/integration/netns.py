@@ -1,12 +1,13 @@
-"""Network namespaces for tests that need port 113 (real ident clients
-always ask port 113 on the client's address): created here, removed by
-:meth:`NetNS.delete`. Needs root and iproute2's ``ip``.
+"""A private network namespace for tests that need port 113 (as root):
+only its own loopback, made by the test and removed afterwards.
+
+Real ident clients always ask port 113 on the client's address, so tests
+with them run the daemon and the clients in such a namespace.
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
 import selectors
 import shutil
@@ -16,36 +17,40 @@ import threading
 import time
 
 CLONE_NEWNET = 0x40000000
-_counter = itertools.count()
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def netns_unavailable() -> str | None:
-    """Why a namespace cannot be made here, or None if it can."""
-    if os.geteuid() != 0:
-        return "needs root (network namespace, port 113)"
-    if shutil.which("ip") is None:
-        return "iproute2 'ip' is not installed"
-    return None
+def available() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
 
 
-class NetNS:
-    """One network namespace with only ``lo`` (up): 127.0.0.0/8 and ::1."""
+class Netns:
+    def __init__(self, tag: str):
+        self.name = f"stoptest-{tag}-{os.getpid()}"
 
-    def __init__(self) -> None:
-        self.name = f"stoptest-{os.getpid()}-{next(_counter)}"
-        subprocess.run(["ip", "netns", "add", self.name], check=True, timeout=30)
+    def __enter__(self) -> "Netns":
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
         try:
-            subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"],
-                           check=True, timeout=30)
+            self.run(["ip", "link", "set", "lo", "up"], check=True)
         except BaseException:
-            self.delete()
+            self.__exit__()
             raise
+        return self
 
-    def prefix(self) -> list[str]:
-        """Command prefix that runs a program inside the namespace (``ip netns
-        exec`` execs it: the PID of the Popen is the program's)."""
-        return ["ip", "netns", "exec", self.name]
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def command(self, argv: list[str]) -> list[str]:
+        """``argv`` run inside the namespace (``ip netns exec`` execs it: the
+        PID of the Popen is the program's)."""
+        return ["ip", "netns", "exec", self.name] + list(argv)
+
+    def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("timeout", 60)
+        return subprocess.run(self.command(argv), **kw)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.command(argv), **kw)
 
     def socket(self, family: int = socket.AF_INET) -> socket.socket:
         """A TCP socket created inside the namespace (a socket keeps the
@@ -73,14 +78,10 @@ class NetNS:
             raise out["err"]
         return out["sock"]
 
-    def delete(self) -> None:
-        subprocess.run(["ip", "netns", "delete", self.name], timeout=30,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The next line of ``proc``'s stdout (text mode, unbuffered writer),
-    '' on EOF or after ``timeout`` seconds."""
+    """The next line of ``proc``'s stdout (a binary pipe), stripped; '' on
+    EOF or after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     buf = b""
     fd = proc.stdout.fileno()
@@ -107,5 +108,5 @@ def stop_process(proc: subprocess.Popen) -> None:
             proc.kill()
             proc.wait(5)
     for f in (proc.stdout, proc.stderr, proc.stdin):
-        if f:
+        if f and not f.closed:
             f.close()

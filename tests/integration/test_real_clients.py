@@ -20,7 +20,8 @@ import subprocess
 import pytest
 
 from tests.integration.harness import Daemon
-from tests.integration.netns import NetNS, netns_unavailable, read_line, stop_process
+from tests.integration import netns as netns_mod
+from tests.integration.netns import read_line, stop_process
 
 pytestmark = pytest.mark.root
 
@@ -85,12 +86,10 @@ os.execv("/usr/sbin/tcpd", ["/bin/true"])
 
 @pytest.fixture
 def netns():
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    ns = NetNS()
-    yield ns
-    ns.delete()
+    if not netns_mod.available():
+        pytest.skip("needs root and iproute2 (a network namespace, port 113)")
+    with netns_mod.Netns("clients") as ns:
+        yield ns
 
 
 @pytest.fixture
@@ -165,10 +164,10 @@ def test_net_ident_perl_client_gets_the_token(netns, daemon113, processes):
     if subprocess.run(["perl", "-MNet::Ident", "-e", "1"], capture_output=True,
                       timeout=30).returncode != 0:
         pytest.skip("Net::Ident (libnet-ident-perl) is not installed")
-    server = processes(netns.prefix() + ["perl", "-e", NET_IDENT_SERVER])
+    server = processes(netns.command(["perl", "-e", NET_IDENT_SERVER]))
     server_port = read_port(server, "the Net::Ident server")
-    client = processes(netns.prefix() + as_nobody() + [SYSTEM_PYTHON, "-c", CLIENT,
-                                                       str(server_port)])
+    client = processes(netns.command(as_nobody() + [SYSTEM_PYTHON, "-c", CLIENT,
+                                                    str(server_port)]))
     client_port = read_port(client, "the client")
 
     result = read_line(server, STEP_TIMEOUT)
@@ -197,11 +196,11 @@ def test_tcpd_rfc931_gets_the_token(netns, daemon113, processes, tmp_path):
     # system's own files are never touched.
     inetd_cmd = (f"mount --bind {allow} /etc/hosts.allow && mount --bind {deny} /etc/hosts.deny"
                  f' && exec {SYSTEM_PYTHON} -c "$1"')
-    inetd = processes(netns.prefix() + ["unshare", "--mount", "--propagation", "private",
-                                        "sh", "-c", inetd_cmd, "sh", INETD])
+    inetd = processes(netns.command(["unshare", "--mount", "--propagation", "private",
+                                     "sh", "-c", inetd_cmd, "sh", INETD]))
     server_port = read_port(inetd, "the inetd wrapper")
-    client = processes(netns.prefix() + as_nobody() + [SYSTEM_PYTHON, "-c", CLIENT,
-                                                       str(server_port)])
+    client = processes(netns.command(as_nobody() + [SYSTEM_PYTHON, "-c", CLIENT,
+                                                    str(server_port)]))
     client_port = read_port(client, "the client")
 
     reply = read_line(client, STEP_TIMEOUT)
