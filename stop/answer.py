@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from stop import records, wire
 from stop.config import Config, address_networks
-from stop.errors import NoUser, StopError
+from stop.errors import NoUser, Overloaded, StopError
 from stop.interfaces import IRecordStore, ISocketLookup
 from stop.limits import Gate
 from stop.model import Connection, Endpoint
@@ -176,16 +176,18 @@ class Answerer:
     def _failed(self, failure: Failure, query: Query) -> bytes:
         if failure.check(StopError):
             error = failure.value
-            self._log(query, f"{error.word} ({error})")
+            # A budget hit is worth a warning: the admin may need to raise it.
+            self._log(query, f"{error.word} ({error})", warn=bool(failure.check(Overloaded)))
         else:
             self.log.failure("unexpected error answering {query}", failure, query=query)
             error = StopError("internal error")
         return self.error_reply(query.request.ports, error, query.request.address is not None)
 
-    def _log(self, query: Query, outcome: str) -> None:
+    def _log(self, query: Query, outcome: str, warn: bool = False) -> None:
         r = query.request
         kind = r.type + (f":{r.sid}" if r.sid is not None else "") + (
             f" for {r.address}" if r.address else "")
-        self.log.info("{requester} asked {p1}, {p2} {kind}: {outcome}",
+        emit = self.log.warn if warn else self.log.info
+        emit("{requester} asked {p1}, {p2} {kind}: {outcome}",
                       requester=str(query.requester), p1=r.ports[0], p2=r.ports[1],
                       kind=kind, outcome=outcome)

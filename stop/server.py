@@ -79,7 +79,8 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         self._replies.append(slot)
         d.addCallback(self._replied, slot)
         if self._requests >= config.max_requests_per_connection:
-            self.log.info("{requester}: {n} requests on one connection, the most allowed; "
+            self.log.warn("{requester}: {n} requests on one connection, the most allowed "
+                          "(max_requests_per_connection); "
                           "closing after the replies", requester=str(self.requester),
                           n=self._requests)
             self._finish()
