@@ -43,7 +43,7 @@ class Daemon:
 
     def __init__(self, tmp_path, settings: Optional[dict] = None, args=(),
                  interfaces=(HOST, PEER, "::1"), port: Optional[int] = None,
-                 netns=None):
+                 netns=None, twistd_args=()):
         self.dir = tmp_path
         self.interfaces = tuple(interfaces)
         self.netns = netns  # a tests.integration.netns.Netns to run it in, or None
@@ -59,13 +59,15 @@ class Daemon:
             fh.write("\n".join(lines) + "\n")
         self.log = str(tmp_path / "twistd.log")
         self.args = list(args)
+        self.twistd_args = list(twistd_args)  # twistd's own options, e.g. --profile
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Daemon":
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                "--nodaemon", "--pidfile=",
-               f"--logfile={self.log}", "stop", "--config", self.config] + self.args
+               f"--logfile={self.log}"] + self.twistd_args
+        cmd += ["stop", "--config", self.config] + self.args
         if self.netns is not None:
             cmd = self.netns.command(cmd)
         self.proc = subprocess.Popen(cmd, cwd=str(self.dir), env=env,
