@@ -30,6 +30,7 @@ import resource
 import select
 import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -277,6 +278,27 @@ def measure(server, pairs_file: str, count: int, concurrency: int, time_limit: f
     return res
 
 
+def median_of(runs: list[dict]) -> dict:
+    """One point from repeated runs: the median of each figure, the replies
+    summed, and the range of CPU per 1,000 (to show the noise)."""
+    def med(key):
+        return statistics.median(r[key] for r in runs)
+    out = dict(runs[-1])
+    for key in ("rate", "p50_ms", "p99_ms", "cpu_ms_per_1k"):
+        out[key] = med(key)
+    out["rss_mb"] = runs[-1]["rss_mb"]
+    out["userid"] = sum(r["userid"] for r in runs)
+    out["errors"], out["failures"] = {}, {}
+    for r in runs:
+        for field in ("errors", "failures"):
+            for k, v in r[field].items():
+                out[field][k] = out[field].get(k, 0) + v
+    cpus = [r["cpu_ms_per_1k"] for r in runs]
+    out["cpu_range"] = f"{min(cpus):.0f}-{max(cpus):.0f}"
+    out["runs"] = runs
+    return out
+
+
 def outcome(res: dict) -> str:
     parts = []
     if res["userid"]:
@@ -286,20 +308,20 @@ def outcome(res: dict) -> str:
     return ", ".join(parts) or "none"
 
 
-ROW = "{:>6} {:>3}  {:<8} {:>8} {:>7} {:>7} {:>9} {:>7}  {}"
+ROW = "{:>6} {:>3}  {:<8} {:>8} {:>7} {:>7} {:>9} {:>13} {:>7}  {}"
 
 
 def row(n, c, res: dict) -> str:
     return ROW.format(n, c, res["name"], f"{res['rate']:.0f}", f"{res['p50_ms']:.2f}",
                       f"{res['p99_ms']:.2f}", f"{res['cpu_ms_per_1k']:.0f}",
-                      f"{res['rss_mb']:.1f}", outcome(res))
+                      res.get("cpu_range", ""), f"{res['rss_mb']:.1f}", outcome(res))
 
 
 def ratio_row(n, c, ours: dict, theirs: dict) -> str:
     def r(key):
         return f"{ours[key] / theirs[key]:.2f}x" if theirs[key] else "-"
     return ROW.format("", "", "ratio", r("rate"), r("p50_ms"), r("p99_ms"), r("cpu_ms_per_1k"),
-                      r("rss_mb"), "stop / oidentd")
+                      "", r("rss_mb"), "stop / oidentd")
 
 
 def verdict(ok: bool) -> str:
@@ -311,7 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run: small matrix (~1 min)")
     ap.add_argument("--sockets", type=int, nargs="+", help="N: established connections")
     ap.add_argument("--clients", type=int, nargs="+", help="C: concurrent clients")
-    ap.add_argument("--queries", type=int, help="M: queries per point")
+    ap.add_argument("--queries", type=int, help="M: queries per point and run")
+    ap.add_argument("--runs", type=int, help="runs per point (medians are printed)")
     ap.add_argument("--no-user-sockets", type=int, help="established connections for NO-USER")
     ap.add_argument("--no-user-seconds", type=float, default=30.0,
                     help="time bound of each NO-USER run")
@@ -330,7 +353,8 @@ def main(argv=None) -> int:
         return 2
     sockets = a.sockets or ([100, 1000] if a.quick else [100, 1000, 10000])
     clients = a.clients or ([1, 50] if a.quick else [1, 10, 50])
-    queries = a.queries or (500 if a.quick else 4000)
+    queries = a.queries or (500 if a.quick else 3000)
+    runs = a.runs or (1 if a.quick else 3)
     no_user_sockets = a.no_user_sockets or (5000 if a.quick else 20000)
     no_user_seconds = min(a.no_user_seconds, 10.0) if a.quick else a.no_user_seconds
 
@@ -354,11 +378,13 @@ def main(argv=None) -> int:
               f"connection, runs as nobody, logs each query to a file")
         print(f"load: bench/loadgen.py in its own process, one query per connection, clients "
               f"from {REQUESTER} to {THIS}, closed with RST after the reply (no TIME_WAIT); "
-              f"M = {queries} queries per point; {os.cpu_count()} CPUs")
+              f"M = {queries} queries per run, {runs} runs per point (servers alternate), "
+              f"medians shown; {os.cpu_count()} CPUs")
         print(f"connections asked about: held by a process running as nobody")
         print()
-        print(ROW.format("N", "C", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/1k", "RSS MB",
-                         "replies"))
+        header = ROW.format("N", "C", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/1k",
+                            "CPU range", "RSS MB", "replies")
+        print(header)
         warm = True
         flip = False
         for n in sockets:
@@ -370,13 +396,17 @@ def main(argv=None) -> int:
                     measure(s, pairs, 300, 10, 30)
                 warm = False
             for c in clients:
+                by_server: dict[str, list] = {s.name: [] for s in servers}
+                for _ in range(runs):
+                    for s in (servers[::-1] if flip else servers):
+                        by_server[s.name].append(measure(s, pairs, queries, c, 120))
+                    flip = not flip
                 point = {}
-                for s in (reversed(servers) if flip else servers):
-                    res = measure(s, pairs, queries, c, 120)
-                    res.update(name=s.name, n=n, c=c, kind="ID")
-                    point[s.name] = res
+                for name, rs in by_server.items():
+                    res = median_of(rs)
+                    res.update(name=name, n=n, c=c, kind="ID")
+                    point[name] = res
                     results.append(res)
-                flip = not flip
                 print(row(n, c, point["stop"]))
                 print(row(n, c, point["oidentd"]))
                 print(ratio_row(n, c, point["stop"], point["oidentd"]))
@@ -388,11 +418,10 @@ def main(argv=None) -> int:
         print()
         print(f"NO-USER flood: {no_user_sockets} established connections, queries for pairs that "
               f"do not exist, C = 10, at most {queries} queries or {no_user_seconds:.0f} s each")
-        print(ROW.format("N", "C", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/1k", "RSS MB",
-                         "replies"))
+        print(header)
         nouser = {}
         for s in servers:
-            res = measure(s, pairs, queries, 10, no_user_seconds)
+            res = median_of([measure(s, pairs, queries, 10, no_user_seconds)])
             res.update(name=s.name, n=no_user_sockets, c=10, kind="NO-USER")
             nouser[s.name] = res
             results.append(res)
