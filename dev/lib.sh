@@ -63,13 +63,16 @@ make_venv() {
         if [ "$STOP_DEPS" = debian ]; then
             # Only our own code from the checkout: every dependency must
             # come from Debian's packages (pytest and hypothesis too).
-            "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation \
-                --config-settings editable_mode=compat -e .
+            "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
         else
             "$VENV/bin/python" -m pip install -q --upgrade pip
-            "$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager \
-                --config-settings editable_mode=compat -e "$spec"
+            "$VENV/bin/python" -m pip install -q --upgrade --upgrade-strategy eager -e "$spec"
         fi
+        # twistd finds plugins in twisted/plugins/ of each sys.path entry;
+        # an editable install maps only the stop package, so put the
+        # checkout itself on sys.path too.
+        site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        echo "$ROOT" > "$site/stop-checkout.pth"
         echo "$want" > "$stamp"
     fi
     PATH="$VENV/bin:$PATH"

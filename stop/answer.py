@@ -61,7 +61,7 @@ class Answerer:
     def __init__(self, config: Config, lookup: ISocketLookup, store: IRecordStore, clock,
                  optin: Optional[OptIn] = None,
                  name_of: Callable[[int], Optional[str]] = user_name,
-                 host_name: Optional[str] = None):
+                 host_name: Optional[str] = None, process_state=None):
         self._config = config
         self._lookup = ISocketLookup(lookup)
         self._store = IRecordStore(store)
@@ -73,6 +73,8 @@ class Answerer:
         self._gate = Gate(config.max_lookups, config.lookup_queue)
         self._address_form_nets = address_networks(config.address_form)
         self._last_quota_warning: Optional[float] = None
+        #: stop.sv.ProcessState for SV/SV_REC; None: they save ID records.
+        self._process_state = process_state
         self.log = Logger()
 
     @property
@@ -137,10 +139,16 @@ class Answerer:
             # Recursion (spec 6) is not built yet: say so in the record
             # rather than pretend it was tried.
             record["recursion"] = {"status": "not-implemented"}
-        if self._over_quota(now):
+        over_quota = self._over_quota(now)
+        if over_quota:
             record["quota"] = "reached"
+        sv = (request.type in (wire.SV, wire.SV_REC) and not over_quota
+              and self._process_state is not None)
+        if sv:
+            record.update((yield self._process_state.collect(conn)))
         data = records.canonical(record)
-        token = self._tokens.random()
+        # An SV token is the hash of the exact stored bytes (spec 4).
+        token = self._tokens.of_record(data) if sv else self._tokens.random()
         yield self._store.save(token, data)
         who = f"uid {conn.uid}" + (f" ({name})" if name and self._config.log_users else "")
         if (request.type == wire.ID and request.address is None and name

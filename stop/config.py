@@ -51,6 +51,12 @@ class Config:
     max_line_length: int = 1000
     max_lookups: int = 32
     lookup_queue: int = 256
+    # SV process walk (spec 5).
+    process_backend: str = "auto"
+    sv_fields: tuple[str, ...] = ("all",)
+    open_files: bool = True
+    walk_max_processes: int = 512
+    walk_max_fds: int = 65536
 
     def __post_init__(self) -> None:
         _check_choice("storage", self.storage, None)
@@ -71,6 +77,7 @@ class Config:
         if self.idle_timeout <= 0:
             raise ConfigError("idle_timeout: must be more than 0 seconds")
         address_networks(self.address_form)  # raises ConfigError when malformed
+        _check_sv(self)
 
     @property
     def quota_bytes(self) -> int:
@@ -86,6 +93,19 @@ def _check_choice(name: str, value: str, choices: Optional[tuple[str, ...]]) -> 
         raise ConfigError(f"{name}: must not be empty")
     if choices is not None and value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_sv(config: "Config") -> None:
+    from stop.process import BACKENDS, PROCESS_FIELDS, SYSTEM_FIELDS
+    _check_choice("process_backend", config.process_backend, BACKENDS)
+    known = set(PROCESS_FIELDS + SYSTEM_FIELDS + ("all",))
+    unknown = [f for f in config.sv_fields if f not in known]
+    if unknown:
+        raise ConfigError(f"sv_fields: unknown field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(known))}")
+    for name in ("walk_max_processes", "walk_max_fds"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, not {getattr(config, name)}")
 
 
 def address_networks(entries: tuple[str, ...]) -> Optional[tuple]:

@@ -74,6 +74,12 @@ class IRecordStore(Interface):
         what is durable on disk (usable from ``stopctl`` while the daemon
         runs)."""
 
+    def integrity(token):
+        """Whether the stored entry of ``token`` is intact as written (the
+        store's own checksum: framing, CRC, SHA-256 of the record bytes);
+        False for an unknown token. Synchronous; ``stopctl verify`` uses it
+        for every record type."""
+
     def records():
         """Iterate ``(token, record_bytes)`` over every stored record,
         oldest first. Synchronous."""
@@ -87,3 +93,83 @@ class IRecordStore(Interface):
         :return: a Deferred that fires when every pending ``save`` has
             completed.
         """
+
+
+class IProcessInspector(Interface):
+    """Reads the processes of this host for the SV process walk (spec 5).
+
+    Implementations: ``stop.process.procfs`` (Linux ``/proc`` + sock_diag)
+    and ``stop.process.psutil_backend`` (portable). The walk itself
+    (``stop.walk``) is backend-independent: it asks for one
+    :class:`IProcessScan` per walk, so per-walk caches (the inode index)
+    never leak between walks and concurrent walks in threads do not share
+    state.
+    """
+
+    name = Attribute("Short name of the backend: 'procfs' or 'psutil'.")
+
+    def begin(max_fds):
+        """Start one walk.
+
+        :param max_fds: at most this many descriptors are read in the walk,
+            counting the index scan of every process (int > 0).
+        :return: a fresh :class:`IProcessScan`. Blocking I/O happens only in
+            its methods; call them off the reactor thread.
+        """
+
+
+class IProcessScan(Interface):
+    """One walk's view of the processes; made by ``IProcessInspector.begin``.
+
+    Descriptors are JSON-able dicts with ``fd`` and ``kind``: ``"socket"``
+    (``inode`` when known, ``family`` as ``"AF_INET"``/``"AF_INET6"``/
+    ``"AF_UNIX"``/``"unknown"``, ``type`` ``"SOCK_STREAM"``...,
+    ``local``/``remote`` as ``{"address", "port"}`` for IP sockets, ``state``,
+    ``direction`` ``"inbound"``/``"outbound"`` for established TCP, ``path``
+    and ``peer_inode`` for UNIX sockets), ``"pipe"`` (``inode``) or ``"file"``
+    (``path``). A backend that cannot tell something leaves the key out and
+    names it under ``unavailable``; it never guesses.
+    """
+
+    truncated = Attribute(
+        "True once the descriptor budget (begin's max_fds) was exhausted: "
+        "the walk may have missed peers.")
+    unavailable = Attribute(
+        "Dict of what this backend cannot give on this platform for any "
+        "process, e.g. {'pipes': 'psutil does not list pipes'}.")
+
+    def holders(connection):
+        """PIDs of the processes holding the socket of ``connection``
+        (a :class:`stop.model.Connection`: by its ``inode`` when not 0,
+        else by its two ends). Sorted list of int; empty when none."""
+
+    def process(pid, fields):
+        """The fields of process ``pid`` named in ``fields`` (an iterable of
+        names from ``stop.process.PROCESS_FIELDS``), as a dict; ``pid`` and
+        ``ppid`` are always included. What could not be read is left out and
+        named in ``result["unavailable"]`` with a reason (``"EACCES"``).
+
+        :raise stop.process.ProcessGone: the process does not exist (any
+            more).
+        """
+
+    def descriptors(pid, open_files):
+        """The descriptors of ``pid`` as a list of dicts (see above),
+        sockets resolved, ordered by fd; regular files only when
+        ``open_files``.
+
+        :raise stop.process.ProcessGone: the process exited.
+        :raise stop.process.Unavailable: the table cannot be read (the
+            reason says why, e.g. ``EACCES``).
+        """
+
+    def peers(pid, descriptor):
+        """The processes at the other end of a pipe, UNIX-domain socket or
+        TCP connection to this same host that ``pid`` holds as
+        ``descriptor`` (one of :meth:`descriptors`' dicts): a sorted list of
+        ``(pid, fd)`` not including ``(pid, descriptor["fd"])`` itself.
+        Built from an index of every process's descriptors, made once per
+        scan. Empty for anything else (files, TCP to other hosts)."""
+
+    def close():
+        """Release kernel handles (netlink sockets). Idempotent."""

@@ -14,6 +14,8 @@ from twisted.python import usage
 
 from stop import config as config_mod
 from stop.answer import Answerer
+from stop.process import make_inspector
+from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
 from stop.interfaces import IRecordStore, ISocketLookup
 from stop.lookup import make_lookup
@@ -101,7 +103,9 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     """
     lookup = make_lookup(settings.lookup)
     store = make_store(settings.storage, settings.data_dir, reactor=reactor, fsync=settings.fsync)
-    answerer = Answerer(settings, lookup, store, reactor)
+    process_state = ProcessState(settings, make_inspector(settings.process_backend),
+                                 in_thread_pool(reactor))
+    answerer = Answerer(settings, lookup, store, reactor, process_state=process_state)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
     # The store starts before the listeners, so no query meets a closed store.

@@ -77,6 +77,9 @@ class HeldStore:
     def get(self, token: str) -> Optional[bytes]:
         return self.saved.get(token)
 
+    def integrity(self, token: str) -> bool:
+        return token in self.saved
+
     def records(self):
         return iter(list(self.saved.items()))
 

@@ -368,13 +368,21 @@ class LogStore:
             entries.append((token, (seg, off, length)))
             prev = (seg, off, length)
         if entries:
-            # The newest entry is the one a crash may have hit: verify it fully.
+            # Does the index describe these segments? Its newest entry must
+            # be there. An entry it lists was durable (index lines are
+            # written after the fdatasync), so one that no longer parses is
+            # damage, reported by get(), not a crash tail to move aside.
             token, loc = entries[-1]
             try:
-                if self._read_entry(token, loc) is None:
-                    return [], False
-            except StoreFailed:
+                found, _ = self._entry_at(loc)
+            except BadEntry as exc:
+                log.error("{path}: indexed record {token} at offset {off} is damaged ({why})",
+                          path=self._seg_path(loc[0]), token=token, off=loc[1], why=str(exc))
+            except OSError:
                 return [], False
+            else:
+                if found != token:
+                    return [], False
         return entries, True
 
     def _scan(self, segments: list[int], repair: bool) -> list:
@@ -491,7 +499,7 @@ class LogStore:
             self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"stop-{self.name}-store")
         self._pool.start()
-        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._pool.stop)
+        self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
 
     # -- write -------------------------------------------------------------
 
@@ -503,7 +511,8 @@ class LogStore:
             reused token, closed or read-only store, an OS error).
         """
         try:
-            if not self._opened or self._closed or self.readonly:
+            if not self._opened or self._closed or self.readonly or not self._pool.started:
+                # (the pool stops early when the reactor shuts down)
                 raise StoreFailed(f"{self.name} store {self.data_dir} is not open for writing")
             check_entry(token, record)
             if token in self._index or token in self._reserved:
@@ -529,8 +538,8 @@ class LogStore:
 
     def _committed(self, result, batch) -> None:
         """Reactor thread: record where the batch went, fire its Deferreds,
-        start the next batch."""
-        self._flushing = False
+        start the next batch. ``_flushing`` stays set while the Deferreds
+        fire, so a callback's ``save`` queues and its ``close`` waits."""
         if isinstance(result, tuple):
             done, added, error = result
         else:  # not an OSError: a bug; fail the batch, keep the store going
@@ -549,6 +558,7 @@ class LogStore:
                 d.callback(None)
             else:
                 d.errback(error)
+        self._flushing = False
         if self._pending:
             self._flush()
         elif self._closed:
@@ -657,20 +667,28 @@ class LogStore:
 
     # -- read --------------------------------------------------------------
 
+    def _entry_at(self, loc: tuple[int, int, int]) -> tuple[str, bytes]:
+        """The verified ``(token, record)`` stored at ``loc``.
+
+        :raise BadEntry: the bytes there are not one sound entry.
+        :raise OSError: it cannot be read.
+        """
+        seg, off, length = loc
+        raw = os.pread(_open_read(self._seg_path(seg), self._read_fds, seg), length, off)
+        return parse_line(self.codec.decode(raw))
+
     def _read_entry(self, token: str, loc: tuple[int, int, int]) -> bytes | None:
         """The verified record at ``loc``; ``None`` when the bytes there are
-        not the entry of ``token``."""
-        seg, off, length = loc
-        path = self._seg_path(seg)
+        not the entry of ``token``.
+
+        :raise StoreFailed: an OS error.
+        """
         try:
-            fd = _open_read(path, self._read_fds, seg)
-            raw = os.pread(fd, length, off)
-        except OSError as exc:
-            raise _oserror("cannot read", path, exc) from exc
-        try:
-            found, record = parse_line(self.codec.decode(raw))
+            found, record = self._entry_at(loc)
         except BadEntry:
             return None
+        except OSError as exc:
+            raise _oserror("cannot read", self._seg_path(loc[0]), exc) from exc
         return record if found == token else None
 
     def _get_known(self, token: str) -> bytes | None:
@@ -701,6 +719,19 @@ class LogStore:
         if token not in self._index and self.readonly:
             self._refresh()
         return self._get_known(token)
+
+    def integrity(self, token: str) -> bool:
+        """Whether the stored entry of ``token`` checks out (framing, gzip
+        CRC, SHA-256 of the record); ``False`` for an unknown token. Used
+        by ``stopctl verify``.
+
+        :raise StoreFailed: an OS error.
+        """
+        self._check_open()
+        if token not in self._index and self.readonly:
+            self._refresh()
+        loc = self._index.get(token)
+        return loc is not None and self._read_entry(token, loc) is not None
 
     def records(self) -> Iterator[tuple[str, bytes]]:
         """Every ``(token, record)``, oldest first, each verified.
@@ -742,10 +773,14 @@ class LogStore:
             self._finish_close()
         return d
 
-    def _finish_close(self) -> None:
-        if self._pool is not None:
+    def _stop_pool(self) -> None:
+        """Stop the worker (once: a second ThreadPool.stop raises)."""
+        if self._pool is not None and self._pool.started:
             self._pool.stop()
-            self._pool = None
+
+    def _finish_close(self) -> None:
+        self._stop_pool()
+        self._pool = None
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None

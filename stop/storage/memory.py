@@ -55,6 +55,10 @@ class MemoryStore:
         """The bytes saved under ``token``, or ``None``."""
         return self._records.get(token)
 
+    def integrity(self, token: str) -> bool:
+        """Memory cannot rot: true for every stored token."""
+        return token in self._records
+
     def records(self) -> Iterator[tuple[str, bytes]]:
         """``(token, record)`` in the order they were saved."""
         return iter(list(self._records.items()))

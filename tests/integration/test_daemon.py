@@ -208,3 +208,46 @@ def test_log_has_one_line_per_query(daemon, pair):
     lines = [ln for ln in daemon.read_log().splitlines() if token in ln]
     assert len(lines) == 1
     assert f"{PEER}" in lines[0] and f"{pair.local_port}, {pair.remote_port}" in lines[0]
+
+
+def test_sv_token_verifies_and_one_flipped_byte_on_disk_fails(start_daemon, pair):
+    import glob
+    import hashlib
+    d = start_daemon()
+    (reply,) = d.ask(pair.query() + b" : SV")
+    token = token_of(reply, pair)
+    (id_reply,) = d.ask(pair.query())
+    id_token = token_of(id_reply, pair)
+    raw = d.stopctl("show", "--json", token).stdout.rstrip("\n").encode()
+    assert hashlib.sha1(raw).hexdigest() == token
+    ok = d.stopctl("verify", token)
+    assert ok.returncode == 0 and ok.stdout.endswith("OK\n"), ok.stdout + ok.stderr
+    assert d.stopctl("verify", id_token).returncode == 0
+    assert d.stopctl("verify", "f" * 40).returncode == 2
+    d.stop()
+    (segment,) = glob.glob(d.data_dir + "/records/seg-*")
+    with open(segment, "r+b") as fh:
+        data = fh.read()
+        at = data.index(token.encode()) + len(token) + 1 + 64 + 1 + 10  # inside the record
+        fh.seek(at)
+        fh.write(bytes([data[at] ^ 0x01]))
+    bad = d.stopctl("verify", token)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "MISMATCH" in bad.stdout or "damaged" in bad.stderr
+    assert d.stopctl("verify", id_token).returncode == 0  # the other record is untouched
+
+
+def test_list_filters(daemon, pair):
+    (reply,) = daemon.ask(pair.query())
+    token = token_of(reply, pair)
+    import pwd
+    me = pwd.getpwuid(__import__("os").geteuid()).pw_name
+    assert token in daemon.stopctl("list", "--user", me).stdout
+    assert token not in daemon.stopctl("list", "--user", "no-such-user").stdout
+    assert token in daemon.stopctl("list", "--remote", PEER).stdout
+    assert token not in daemon.stopctl("list", "--remote", "192.0.2.1").stdout
+    assert token not in daemon.stopctl("list", "--since", "2999-01-01").stdout
+    assert token in daemon.stopctl("list", "--since", "2000-01-01").stdout
+    lines = [json.loads(x) for x in daemon.stopctl("list", "--json").stdout.splitlines()]
+    assert any(x["token"] == token and x["record"]["connection"]["local"]["port"] == pair.local_port
+               for x in lines)

@@ -61,6 +61,8 @@ def test_binds_113_dual_stack_then_runs_as_nobody():
     os.mkdir(data, 0o700)
     os.chown(data, nobody.pw_uid, nobody.pw_gid)
     log = os.path.join(work, "twistd.log")
+    empty_config = os.path.join(work, "empty.conf")  # not the machine's /etc/stop/stop.conf
+    open(empty_config, "w").close()
     with netns.Netns("priv") as ns:
         env = dict(os.environ, PYTHONPATH=ROOT)
         daemon = ns.popen([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -77,7 +79,8 @@ def test_binds_113_dual_stack_then_runs_as_nobody():
             for reply in replies[:2]:
                 assert " : USERID : OTHER : " in reply, reply
                 token = reply.rsplit(" ", 1)[1]
-                show = subprocess.run([sys.executable, "-m", "stop.ctl", "--data-dir", data, "show",
+                show = subprocess.run([sys.executable, "-m", "stop.ctl", "--config", empty_config,
+                                       "--data-dir", data, "show",
                                        "--json", token], capture_output=True, text=True, env=env,
                                       timeout=60)
                 assert show.returncode == 0, show.stderr

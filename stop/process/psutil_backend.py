@@ -1,0 +1,229 @@
+"""Portable process inspection through psutil (FreeBSD, OpenBSD, macOS,
+Solaris; also runs on Linux, where ``procfs`` is the faster default).
+
+What psutil cannot give is named in :attr:`PsutilScan.unavailable` and
+never guessed: it lists no pipes and no socket inodes, so pipes cannot be
+followed and UNIX-domain socket peers cannot be resolved; TCP connections
+to this host are matched by their two ends. It has no scheduling priority
+(only nice). Works with psutil 5.9 (Debian 12) and newer, where
+``Process.connections`` became ``net_connections``.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+from collections import defaultdict
+
+import psutil
+from zope.interface import implementer
+
+from stop.interfaces import IProcessInspector, IProcessScan
+from stop.model import Connection, canonical_host
+from stop.process import ProcessGone, Unavailable, reason_of, text
+
+#: What this backend cannot give, on every platform.
+GAPS = {
+    "pipes": "psutil does not list pipes",
+    "peer_inode": "psutil does not give UNIX-domain socket peers",
+    "priority": "psutil gives nice, not priority",
+}
+
+
+def _connections(proc: psutil.Process, kind: str):
+    # psutil 6 renamed Process.connections to net_connections.
+    method = getattr(proc, "net_connections", None) or proc.connections
+    return method(kind=kind)
+
+
+def _host(address: str) -> str:
+    try:
+        return canonical_host(address)
+    except ValueError:
+        return address
+
+
+def _ends(conn) -> tuple[tuple[str, int], tuple[str, int]] | None:
+    if not conn.laddr or not conn.raddr or isinstance(conn.laddr, str):
+        return None
+    return (_host(conn.laddr[0]), conn.laddr[1]), (_host(conn.raddr[0]), conn.raddr[1])
+
+
+def _enum_name(enum, value) -> str:
+    try:
+        return enum(value).name
+    except ValueError:
+        return str(int(value))
+
+
+@implementer(IProcessInspector)
+class PsutilInspector:
+    """Portable backend: see the module docstring."""
+
+    name = "psutil"
+
+    def begin(self, max_fds: int) -> "PsutilScan":
+        return PsutilScan(max_fds)
+
+
+@implementer(IProcessScan)
+class PsutilScan:
+    """One walk through psutil (see :class:`stop.interfaces.IProcessScan`)."""
+
+    def __init__(self, max_fds: int):
+        self._max_fds = max_fds
+        self._fds_read = 0
+        self.truncated = False
+        self.unavailable = dict(GAPS)
+        self._tcp: dict[tuple, list[tuple[int, int]]] | None = None
+        self._listening: set[tuple[str, int]] = set()
+        self._users: dict[int, str | None] = {}
+
+    def _index(self) -> dict[tuple, list[tuple[int, int]]]:
+        """(local, remote) -> [(pid, fd)] for every TCP socket, read once."""
+        if self._tcp is None:
+            index: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+            try:
+                conns = psutil.net_connections(kind="tcp")
+            except psutil.AccessDenied:
+                self.unavailable["tcp"] = "EACCES"
+                conns = []
+            for c in conns:
+                if self._fds_read >= self._max_fds:
+                    self.truncated = True
+                    break
+                self._fds_read += 1
+                if c.status == psutil.CONN_LISTEN and c.laddr:
+                    self._listening.add((_host(c.laddr[0]), c.laddr[1]))
+                    continue
+                ends = _ends(c)
+                if ends is not None and c.pid is not None:
+                    index[ends].append((c.pid, c.fd))
+            self._tcp = index
+        return self._tcp
+
+    def holders(self, connection: Connection) -> list[int]:
+        remote = (connection.remote.host, connection.remote.port)
+        found = set()
+        for (local, rem), holders in self._index().items():
+            if rem == remote and local[1] == connection.local.port and \
+                    connection.local.host in ("", local[0]):
+                found.update(pid for pid, _fd in holders)
+        return sorted(found)
+
+    def process(self, pid: int, fields) -> dict:
+        fields = set(fields)
+        try:
+            proc = psutil.Process(pid)
+            with proc.oneshot():
+                out = {"pid": pid, "ppid": proc.ppid()}
+                missing: dict[str, str] = {}
+                for field in sorted(fields):
+                    getter = _GETTERS.get(field)
+                    if getter is None:
+                        if field in GAPS:
+                            missing[field] = GAPS[field]
+                        continue
+                    try:
+                        out[field] = getter(self, proc)
+                    except psutil.ZombieProcess:
+                        missing[field] = "zombie"
+                    except psutil.AccessDenied:
+                        missing[field] = "EACCES"
+                    except (OSError, Unavailable) as exc:
+                        missing[field] = reason_of(exc)
+        except psutil.NoSuchProcess:
+            raise ProcessGone(pid) from None
+        if missing:
+            out["unavailable"] = missing
+        return out
+
+    def _user(self, uid: int) -> str | None:
+        if uid not in self._users:
+            try:
+                self._users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                self._users[uid] = None
+        return self._users[uid]
+
+    def descriptors(self, pid: int, open_files: bool) -> list[dict]:
+        try:
+            proc = psutil.Process(pid)
+            conns = _connections(proc, "all")
+            files = proc.open_files() if open_files else []
+        except psutil.NoSuchProcess:
+            raise ProcessGone(pid) from None
+        except psutil.AccessDenied:
+            raise Unavailable("EACCES") from None
+        self._index()  # the listening set, for direction
+        out = []
+        for c in conns:
+            if self._fds_read >= self._max_fds:
+                self.truncated = True
+                break
+            self._fds_read += 1
+            out.append(self._socket(c))
+        for f in files:
+            out.append({"fd": f.fd, "kind": "file", "path": text(f.path)})
+        return sorted(out, key=lambda d: (d["fd"] is None, d["fd"] or 0))
+
+    def _socket(self, c) -> dict:
+        d = {"fd": c.fd if c.fd is not None and c.fd >= 0 else None, "kind": "socket",
+             "family": _enum_name(socket.AddressFamily, c.family),
+             "type": _enum_name(socket.SocketKind, c.type)}
+        if c.family == socket.AF_UNIX:
+            d["path"] = text(c.laddr or "")
+            if c.raddr:
+                d["peer_path"] = text(c.raddr)
+            return d
+        if c.laddr:
+            d["local"] = {"address": _host(c.laddr[0]), "port": c.laddr[1]}
+        if c.raddr:
+            d["remote"] = {"address": _host(c.raddr[0]), "port": c.raddr[1]}
+        if c.status and c.status != psutil.CONN_NONE:
+            d["state"] = c.status
+            if c.status != psutil.CONN_LISTEN and "local" in d and "remote" in d:
+                loc = d["local"]
+                listening = any((a, loc["port"]) in self._listening
+                                for a in (loc["address"], "0.0.0.0", "::"))
+                d["direction"] = "inbound" if listening else "outbound"
+        return d
+
+    def peers(self, pid: int, descriptor: dict) -> list[tuple[int, int]]:
+        if descriptor.get("type") != "SOCK_STREAM" or "remote" not in descriptor \
+                or descriptor.get("state") == psutil.CONN_LISTEN:
+            return []
+        loc, rem = descriptor["local"], descriptor["remote"]
+        key = ((rem["address"], rem["port"]), (loc["address"], loc["port"]))
+        me = (pid, descriptor["fd"])
+        return sorted(h for h in self._index().get(key, []) if h != me)
+
+    def close(self) -> None:
+        pass
+
+
+def _ids(pair) -> dict:
+    return {"real": pair.real, "effective": pair.effective, "saved": pair.saved}
+
+
+def _terminal(scan, proc):
+    get = getattr(proc, "terminal", None)
+    if get is None:
+        raise Unavailable("psutil gives no terminal on this platform")
+    return get()
+
+
+_GETTERS = {
+    "name": lambda s, p: text(p.name()),
+    "cmdline": lambda s, p: [text(a) for a in p.cmdline()],
+    "pgid": lambda s, p: os.getpgid(p.pid),
+    "uids": lambda s, p: _ids(p.uids()),
+    "gids": lambda s, p: _ids(p.gids()),
+    "users": lambda s, p: {k: s._user(v) for k, v in _ids(p.uids()).items() if k != "saved"},
+    "start_time": lambda s, p: round(p.create_time(), 2),
+    "nice": lambda s, p: p.nice(),
+    "tty": _terminal,
+    "cwd": lambda s, p: text(p.cwd()),
+    "exe": lambda s, p: text(p.exe()),
+}

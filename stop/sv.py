@@ -1,0 +1,70 @@
+"""The SV part of a record: the process walk and the system facts, run off
+the reactor thread.
+
+:class:`ProcessState` is what the answerer calls for SV and SV_REC; it
+turns the settings (``sv_fields``, ``open_files``, ``walk_max_*``) into one
+:func:`stop.walk.walk` and one :func:`stop.sysinfo.system_info` call, in a
+worker thread so the reactor keeps answering while ``/proc`` is read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.internet import defer
+
+from stop.interfaces import IProcessInspector
+from stop.model import Connection
+from stop.process import PROCESS_FIELDS, SYSTEM_FIELDS
+from stop.sysinfo import system_info
+from stop.walk import Budget, walk
+
+
+def selected_fields(names: tuple[str, ...]) -> tuple[frozenset, frozenset]:
+    """``sv_fields`` -> (process fields, system fields); ``all`` selects
+    every one. Names are checked by the config."""
+    chosen = set(PROCESS_FIELDS + SYSTEM_FIELDS) if "all" in names else set(names)
+    return frozenset(chosen & set(PROCESS_FIELDS)), frozenset(chosen & set(SYSTEM_FIELDS))
+
+
+def in_thread_pool(reactor) -> Callable[..., defer.Deferred]:
+    """Run a blocking call in the reactor's (bounded) thread pool."""
+    from twisted.internet import threads
+    return lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+
+def synchronously(f, *args) -> defer.Deferred:
+    """Run a call now, in this thread (tests, tools)."""
+    return defer.maybeDeferred(f, *args)
+
+
+class ProcessState:
+    """Collects the process state of spec 5 for one connection.
+
+    :param config: a :class:`stop.config.Config`.
+    :param inspector: an :class:`stop.interfaces.IProcessInspector`.
+    :param run: ``run(f, *args) -> Deferred``: where blocking work runs
+        (:func:`in_thread_pool` in the daemon).
+    """
+
+    def __init__(self, config, inspector, run: Callable[..., defer.Deferred] = synchronously):
+        self._inspector = IProcessInspector(inspector)
+        self._run = run
+        self._process_fields, self._system_fields = selected_fields(config.sv_fields)
+        self._open_files = config.open_files
+        self._budget = Budget(config.walk_max_processes, config.walk_max_fds)
+
+    @property
+    def backend(self) -> str:
+        return self._inspector.name
+
+    def collect(self, connection: Connection) -> defer.Deferred:
+        """Fire with ``{"processes": <walk result>, "system": <system info>}``
+        (JSON-able). Unreadable processes are noted inside, not raised."""
+        return self._run(self._collect, connection)
+
+    def _collect(self, connection: Connection) -> dict:
+        state = walk(self._inspector, connection, self._budget,
+                     self._process_fields, self._open_files)
+        return {"processes": state,
+                "system": system_info(self._system_fields, state["users"])}

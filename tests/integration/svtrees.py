@@ -1,0 +1,250 @@
+"""Real process trees for the SV walk tests and bench (loopback only).
+
+Each builder starts real programs (sh, nc from netcat-openbsd, socat) in a
+new session, waits (bounded) until their sockets are up, and returns a
+:class:`Tree` that knows the queried connection and how to stop exactly the
+processes it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from stop.model import Connection, Endpoint
+from stop.process.sockdiag import SockDiag
+
+DEVNULL = subprocess.DEVNULL
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc (the live system)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    for _ in range(100000):
+        if not todo:
+            break
+        p = todo.pop()
+        kids = children(p)
+        out.extend(kids)
+        todo.extend(kids)
+    return sorted(out)
+
+
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def tcp_sockets(state: str = "ESTABLISHED"):
+    diag = SockDiag()
+    try:
+        return [s for fam in (socket.AF_INET, socket.AF_INET6)
+                for s in diag.inet_dump(fam) if s.state == state]
+    finally:
+        diag.close()
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy (bounded)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(int(timeout / 0.02) + 1):
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def connection_to(port: int) -> Connection:
+    """The established outbound connection to 127.0.0.1:``port`` (wait)."""
+    def find():
+        for s in tcp_sockets():
+            if s.remote == ("127.0.0.1", port):
+                return s
+        return None
+    s = wait_for(find, what=f"connection to port {port}")
+    return Connection(Endpoint(*s.local), Endpoint(*s.remote), s.uid, s.inode, False)
+
+
+@dataclass
+class Process:
+    """A started process; its pid is also its process group (own session)."""
+
+    pid: int
+
+
+@dataclass
+class Tree:
+    """Processes a test started, detached (their parent is PID 1, as in the
+    paper's figures, so the walk ends there); ``stop()`` ends them by id."""
+
+    procs: list[Process] = field(default_factory=list)
+    connection: Connection | None = None
+    info: dict = field(default_factory=dict)
+
+    def spawn(self, cmd: str) -> Process:
+        # setsid (not a group leader here, so it execs without forking) gives
+        # the shell its own session and process group; the intermediate sh
+        # exits, so the shell is reparented to PID 1.
+        out = subprocess.run(
+            ["sh", "-c", 'setsid sh -c "$0" </dev/null >/dev/null 2>&1 & echo $!', cmd],
+            stdin=DEVNULL, capture_output=True, text=True, timeout=10, check=True)
+        p = Process(int(out.stdout))
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                wait_for(lambda: not os.path.exists(f"/proc/{p.pid}"), timeout=5)
+            except AssertionError:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def listen_sink(tree: Tree, port: int) -> subprocess.Popen:
+    """``nc -l`` on 127.0.0.1:port, the "next host" of a relay."""
+    p = tree.spawn(f"exec nc -l 127.0.0.1 {port}")
+    wait_for(lambda: any(s.local == ("127.0.0.1", port) for s in tcp_sockets("LISTEN")),
+             what=f"listener on {port}")
+    return p
+
+
+def figure3() -> Tree:
+    """The paper's Figure 3: a shell running ``nc -l P1 | nc 127.0.0.1 P2``,
+    fed by a client on P1. ``info``: shell, nc_in, nc_out, client pids, ports."""
+    tree = Tree()
+    try:
+        p1, p2 = free_port(), free_port()
+        listen_sink(tree, p2)
+        shell = tree.spawn(f"nc -l 127.0.0.1 {p1} | nc 127.0.0.1 {p2}; true")
+        wait_for(lambda: any(s.local == ("127.0.0.1", p1) for s in tcp_sockets("LISTEN")),
+                 what="relay listener")
+        client = tree.spawn(f"sleep 600 | nc 127.0.0.1 {p1}")
+        tree.connection = connection_to(p2)
+        kids = wait_for(lambda: len(children(shell.pid)) == 2 and children(shell.pid))
+        cmdlines = {k: open(f"/proc/{k}/cmdline", "rb").read().split(b"\0") for k in kids}
+        nc_in = next(k for k, c in cmdlines.items() if b"-l" in c)
+        nc_out = next(k for k in kids if k != nc_in)
+        connection_to(p1)
+        tree.info = {"shell": shell.pid, "nc_in": nc_in, "nc_out": nc_out,
+                     "client": client.pid, "p1": p1, "p2": p2}
+        return tree
+    except BaseException:
+        tree.stop()
+        raise
+
+
+def figure4() -> Tree:
+    """The paper's Figure 4 (14 processes, 3 process groups): two relays
+    joined through a pipe and a local TCP connection, fed by a login-like
+    shell, walked from the outbound socket of the last ``nc`` (P4).
+
+    Group A (session 1): ``sh`` -> ``sleep | nc 127.0.0.1 PA`` (the
+    attacker's source), group B: ``sh`` -> ``nc -l PA | cat | nc 127.0.0.1 PB``
+    (relay through a pipe and a local TCP connection), group C: ``sh`` ->
+    ``nc -l PB | cat | cat | nc 127.0.0.1 PC`` -> sink on PC.
+    """
+    tree = Tree()
+    try:
+        pa, pb, pc = free_port(), free_port(), free_port()
+        listen_sink(tree, pc)
+        c = tree.spawn(f"nc -l 127.0.0.1 {pb} | cat | cat | nc 127.0.0.1 {pc}; true")
+        wait_for(lambda: any(s.local == ("127.0.0.1", pb) for s in tcp_sockets("LISTEN")))
+        b = tree.spawn(f"nc -l 127.0.0.1 {pa} | cat | nc 127.0.0.1 {pb}; true")
+        wait_for(lambda: any(s.local == ("127.0.0.1", pa) for s in tcp_sockets("LISTEN")))
+        a = tree.spawn(f"sleep 600 | nc 127.0.0.1 {pa}; true")
+        tree.connection = connection_to(pc)
+        connection_to(pb)
+        connection_to(pa)
+        tree.info = {"shells": [a.pid, b.pid, c.pid], "ports": [pa, pb, pc]}
+        return tree
+    except BaseException:
+        tree.stop()
+        raise
+
+
+def socat_unix() -> Tree:
+    """A relay through a UNIX-domain socket: ``socat`` listening on a UNIX
+    socket and forwarding to 127.0.0.1:P, fed by a second ``socat`` that
+    reads a pipe. Walked from the TCP side, the UNIX peer must be found.
+    ``info``: server, client pids, path."""
+    import tempfile
+    tree = Tree()
+    try:
+        port = free_port()
+        listen_sink(tree, port)
+        path = os.path.join(tempfile.mkdtemp(prefix="stop-sv-"), "relay.sock")
+        server = tree.spawn(f"exec socat UNIX-LISTEN:{path} TCP:127.0.0.1:{port}")
+        wait_for(lambda: os.path.exists(path), what="unix socket")
+        client = tree.spawn(f"sleep 600 | socat - UNIX-CONNECT:{path}")
+        tree.connection = connection_to(port)
+        tree.info = {"server": server.pid, "client_shell": client.pid, "path": path}
+        return tree
+    except BaseException:
+        tree.stop()
+        raise
+
+
+def big_tree(n: int = 200) -> Tree:
+    """One shell running a pipeline of ``n`` ``cat`` processes ending in an
+    ``nc`` to a local sink: n+2 processes under one shell, all joined by
+    pipes. ``info``: shell pid, n."""
+    tree = Tree()
+    try:
+        port = free_port()
+        listen_sink(tree, port)
+        pipeline = " | ".join(["sleep 600"] + ["cat"] * n + [f"nc 127.0.0.1 {port}"])
+        shell = tree.spawn(pipeline + "; true")
+        tree.connection = connection_to(port)
+        wait_for(lambda: len(children(shell.pid)) >= n + 2, timeout=30, what="pipeline")
+        tree.info = {"shell": shell.pid, "n": n}
+        return tree
+    except BaseException:
+        tree.stop()
+        raise
+
+
+def idle_processes(n: int) -> Tree:
+    """``n`` extra processes, each with 3 std fds, 2 pipe fds and 1 file fd
+    (the paper's Table II load), not connected to anything walked."""
+    tree = Tree()
+    for _ in range(n):
+        # stdin/stdout/stderr: /dev/null; fds 3,4: a pipe; fd 5: a file.
+        tree.spawn(f"exec {sys.executable} -c '"
+                   "import os,time; r,w=os.pipe(); f=open(\"/etc/hostname\"); time.sleep(600)'")
+    return tree

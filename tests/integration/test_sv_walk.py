@@ -1,0 +1,322 @@
+"""The SV walk on real process trees (loopback only), both backends.
+
+Every asserted field is read from the live system (``ps``, ``/proc``,
+``os.getpgid``), never written down as a constant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from stop.interfaces import IProcessInspector, IProcessScan
+from stop.process import PROCESS_FIELDS, make_inspector
+from stop.walk import Budget, walk
+from tests.integration import svtrees
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux trees")
+needs = pytest.mark.skipif(not (shutil.which("nc") and shutil.which("socat")),
+                           reason="needs netcat-openbsd and socat")
+root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+BACKENDS = ("procfs", "psutil")
+
+
+def by_pid(result: dict) -> dict[int, dict]:
+    return {p["pid"]: p for p in result["processes"]}
+
+
+def ps(pid: int) -> dict:
+    """The process as ``ps`` reports it."""
+    out = subprocess.run(
+        ["ps", "-o", "ppid=,pgid=,ruid=,euid=,rgid=,egid=,ni=,comm=", "-p", str(pid)],
+        capture_output=True, text=True, timeout=10, check=True).stdout.split()
+    keys = ("ppid", "pgid", "ruid", "euid", "rgid", "egid", "ni")
+    d = {k: int(v) for k, v in zip(keys, out)}
+    d["comm"] = out[7]
+    return d
+
+
+def assert_live(p: dict) -> None:
+    """``p`` (a saved process) matches the live process."""
+    pid = p["pid"]
+    live = ps(pid)
+    assert p["ppid"] == live["ppid"]
+    assert p["pgid"] == live["pgid"] == os.getpgid(pid)
+    assert (p["uids"]["real"], p["uids"]["effective"]) == (live["ruid"], live["euid"])
+    assert (p["gids"]["real"], p["gids"]["effective"]) == (live["rgid"], live["egid"])
+    assert p["users"]["real"] == pwd.getpwuid(live["ruid"]).pw_name
+    assert p["nice"] == live["ni"]
+    assert p["name"] == live["comm"]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert p["cmdline"] == [a.decode() for a in f.read().split(b"\0")[:-1]]
+    assert p["cwd"] == os.readlink(f"/proc/{pid}/cwd")
+    assert p["exe"] == os.readlink(f"/proc/{pid}/exe")
+    st = os.stat(f"/proc/{pid}")
+    assert abs(p["start_time"] - st.st_mtime) < 5  # /proc/PID appears at fork
+
+
+@pytest.fixture
+def fig3():
+    tree = svtrees.figure3()
+    yield tree
+    tree.stop()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_backends_provide_the_interfaces(backend):
+    inspector = make_inspector(backend)
+    assert verifyObject(IProcessInspector, inspector)
+    scan = inspector.begin(100)
+    try:
+        assert verifyObject(IProcessScan, scan)
+    finally:
+        scan.close()
+
+
+@needs
+def test_figure3_pipe_leads_to_the_listening_nc_and_its_inbound_connection(fig3):
+    info = fig3.info
+    result = walk(make_inspector("procfs"), fig3.connection)
+    procs = by_pid(result)
+    assert result["start"] == [info["nc_out"]]
+    assert procs[info["nc_out"]]["reached"] == {"via": "socket"}
+    assert procs[info["shell"]]["reached"] == {"via": "parent", "from": info["nc_out"]}
+    assert procs[info["nc_in"]]["reached"]["via"] == "pipe"
+    assert procs[info["nc_in"]]["reached"]["from"] == info["nc_out"]
+    for pid in (info["nc_out"], info["shell"], info["nc_in"]):
+        assert_live(procs[pid])
+    # The first nc's inbound connection is saved with its direction.
+    inbound = [s for s in procs[info["nc_in"]]["sockets"] if s.get("state") == "ESTABLISHED"]
+    assert [(s["local"]["port"], s["direction"]) for s in inbound] == [(info["p1"], "inbound")]
+    # The pipe between them is the same inode on both ends.
+    out_pipe = {d["inode"] for d in procs[info["nc_out"]]["pipes"] if d["fd"] == 0}
+    in_pipe = {d["inode"] for d in procs[info["nc_in"]]["pipes"] if d["fd"] == 1}
+    assert out_pipe == in_pipe == {int(os.readlink(f"/proc/{info['nc_in']}/fd/1")[6:-1])}
+    # The queried socket is saved but not followed to the requester.
+    queried = [s for s in procs[info["nc_out"]]["sockets"] if s["inode"] == fig3.connection.inode]
+    assert queried and "peers" not in queried[0]
+    assert result["truncated"] == {"processes": False, "descriptors": False}
+
+
+@needs
+def test_figure3_psutil_says_it_cannot_follow_pipes(fig3):
+    info = fig3.info
+    result = walk(make_inspector("psutil"), fig3.connection)
+    procs = by_pid(result)
+    assert {info["nc_out"], info["shell"]} <= set(procs)
+    assert info["nc_in"] not in procs
+    assert "pipes" in result["unavailable"]
+    assert "pipes" in procs[info["nc_out"]]["unavailable"]
+    for pid in (info["nc_out"], info["shell"]):
+        assert_live(procs[pid])
+
+
+@needs
+def test_figure4_two_relays_through_a_pipe_and_a_local_tcp_connection():
+    tree = svtrees.figure4()
+    try:
+        result = walk(make_inspector("procfs"), tree.connection)
+        procs = by_pid(result)
+        expected = set(tree.info["shells"])
+        for shell in tree.info["shells"]:
+            expected.update(svtrees.descendants(shell))
+        assert expected <= set(procs)
+        groups = {procs[p]["pgid"] for p in expected}
+        assert groups == {os.getpgid(s) for s in tree.info["shells"]} == set(tree.info["shells"])
+        for pid in expected:
+            assert_live(procs[pid])
+        # Both hops between the relays were local TCP: no connection to
+        # another host was met.
+        assert result["remote_connections"] == []
+    finally:
+        tree.stop()
+
+
+@needs
+def test_socat_relay_through_a_unix_domain_socket():
+    tree = svtrees.socat_unix()
+    try:
+        result = walk(make_inspector("procfs"), tree.connection)
+        procs = by_pid(result)
+        server = tree.info["server"]
+        assert result["start"] == [server]
+        # socat also holds socketpairs of its own; the relay is the one
+        # whose peer is another process.
+        unix = [s for s in procs[server]["sockets"] if s["family"] == "AF_UNIX"
+                and any(pid != server for pid, _fd in s.get("peers", []))]
+        assert len(unix) == 1 and unix[0]["peer_inode"]
+        (peer_pid, peer_fd), = unix[0]["peers"]
+        assert svtrees.comm(peer_pid) == "socat"
+        assert procs[peer_pid]["reached"]["via"] == "socket"
+        assert os.readlink(f"/proc/{peer_pid}/fd/{peer_fd}") == f"socket:[{unix[0]['peer_inode']}]"
+        client_shell = tree.info["client_shell"]
+        assert procs[client_shell]["reached"] == {"via": "parent", "from": peer_pid}
+        sleeps = [p for p in svtrees.children(client_shell) if svtrees.comm(p) == "sleep"]
+        assert sleeps and set(sleeps) <= set(procs)
+        assert_live(procs[peer_pid])
+    finally:
+        tree.stop()
+
+
+class _KillOnRead:
+    """Wraps a real inspector: kills ``victim`` just before the walk reads
+    it, so it exits mid-walk for real."""
+
+    def __init__(self, inner, victim: int):
+        self.name = inner.name
+        self._inner, self._victim = inner, victim
+
+    def begin(self, max_fds):
+        scan = self._inner.begin(max_fds)
+        victim = self._victim
+        real_process = scan.process
+
+        def process(pid, fields):
+            if pid == victim:
+                os.kill(victim, signal.SIGKILL)
+                svtrees.wait_for(lambda: not os.path.exists(f"/proc/{victim}"),
+                                 what="the killed process to be reaped")
+            return real_process(pid, fields)
+        scan.process = process
+        return scan
+
+
+@needs
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_process_that_exits_mid_walk_is_recorded_not_fatal(fig3, backend):
+    shell = fig3.info["shell"]
+    result = walk(_KillOnRead(make_inspector(backend), shell), fig3.connection)
+    procs = by_pid(result)
+    assert procs[shell]["unavailable"] == {"process": "ESRCH"}
+    assert procs[fig3.info["nc_out"]]["name"] == "nc"
+    if backend == "procfs":
+        assert fig3.info["nc_in"] in procs  # the walk went on
+
+
+@needs
+@pytest.mark.slow
+def test_200_process_tree_respects_the_budget():
+    tree = svtrees.big_tree(200)
+    try:
+        shell = tree.info["shell"]
+        members = set(svtrees.children(shell)) | {shell}
+        inspector = make_inspector("procfs")
+        full = walk(inspector, tree.connection, Budget(max_processes=1000, max_fds=100000))
+        assert members <= set(by_pid(full))
+        assert full["truncated"] == {"processes": False, "descriptors": False}
+        small = walk(inspector, tree.connection, Budget(max_processes=50, max_fds=100000))
+        assert len(small["processes"]) == 50
+        assert small["truncated"]["processes"] is True
+        few_fds = walk(inspector, tree.connection, Budget(max_processes=1000, max_fds=100))
+        assert few_fds["truncated"]["descriptors"] is True
+    finally:
+        tree.stop()
+
+
+@needs
+@root
+def test_a_process_owned_by_nobody():
+    nobody = pwd.getpwnam("nobody")
+    tree = svtrees.Tree()
+    try:
+        port = svtrees.free_port()
+        svtrees.listen_sink(tree, port)
+        tree.spawn(f"exec setpriv --reuid={nobody.pw_uid} --regid={nobody.pw_gid} "
+                   f"--clear-groups nc 127.0.0.1 {port}")
+        conn = svtrees.connection_to(port)
+        for backend in BACKENDS:
+            result = walk(make_inspector(backend), conn)
+            (start,) = result["start"]
+            p = by_pid(result)[start]
+            assert_live(p)
+            assert p["uids"]["effective"] == nobody.pw_uid
+            assert p["users"] == {"real": "nobody", "effective": "nobody"}
+            assert "nobody" in result["users"]
+    finally:
+        tree.stop()
+
+
+@needs
+@root
+def test_walking_as_nobody_records_what_it_cannot_read(fig3):
+    """A daemon without privileges cannot read root's processes' cwd or
+    descriptors: the record says so, the walk does not fail."""
+    nobody = pwd.getpwnam("nobody")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            result = walk(make_inspector("procfs"), fig3.connection)
+            scan = make_inspector("procfs").begin(1000)
+            shell = scan.process(fig3.info["shell"], PROCESS_FIELDS)
+            os.write(w, json.dumps({"walk": result, "shell": shell}).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    for _ in range(10000):
+        chunk = os.read(r, 65536)
+        if not chunk:
+            break
+        data += chunk
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    got = json.loads(data)
+    # The holder cannot be found without reading root's descriptors, and
+    # the record says why rather than claiming there is none.
+    assert got["walk"]["start"] == []
+    assert got["walk"]["unavailable"]["descriptors"].startswith("EACCES")
+    shell = got["shell"]
+    assert shell["unavailable"]["cwd"] == "EACCES"
+    assert shell["unavailable"]["exe"] == "EACCES"
+    assert shell["ppid"] == ps(fig3.info["shell"])["ppid"]
+    assert shell["uids"]["real"] == 0
+
+
+@needs
+def test_both_backends_agree_on_the_same_live_tree():
+    tree = svtrees.figure4()
+    try:
+        pids = set(tree.info["shells"])
+        for shell in tree.info["shells"]:
+            pids.update(svtrees.descendants(shell))
+        fields = [f for f in PROCESS_FIELDS if f not in ("priority", "sockets", "pipes", "files")]
+        a, b = make_inspector("procfs").begin(100000), make_inspector("psutil").begin(100000)
+        try:
+            for pid in sorted(pids):
+                pa, pb = a.process(pid, fields), b.process(pid, fields)
+                assert abs(pa.pop("start_time") - pb.pop("start_time")) <= 0.02
+                assert pa == pb
+                tcp = lambda ds: sorted(  # noqa: E731
+                    (d["fd"], d["local"]["port"], d.get("remote", {}).get("port"), d["state"],
+                     d.get("direction")) for d in ds if d.get("type") == "SOCK_STREAM"
+                    and d["family"].startswith("AF_INET"))
+                assert tcp(a.descriptors(pid, False)) == tcp(b.descriptors(pid, False))
+        finally:
+            a.close()
+            b.close()
+        # Walks agree where psutil can follow (parents and local TCP).
+        wa = by_pid(walk(make_inspector("procfs"), tree.connection))
+        wb = by_pid(walk(make_inspector("psutil"), tree.connection))
+        assert set(wb) <= set(wa)
+        for pid in wb:
+            assert wb[pid]["ppid"] == wa[pid]["ppid"]
+            assert wb[pid]["uids"] == wa[pid]["uids"]
+    finally:
+        tree.stop()

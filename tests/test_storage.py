@@ -1,0 +1,727 @@
+"""Tests for stop.storage: the memory, flat and gzip record stores.
+
+The disk stores run for real (files, fdatasync, the worker thread, the real
+reactor through trial's TestCase); fdatasync and pwrite are observed or
+failed through the module-level names of stop.storage.log.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip as stdlib_gzip
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer, reactor, threads
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from stop.errors import ConfigError, StoreFailed
+from stop.interfaces import IRecordStore
+from stop.storage import STORES, make_store
+from stop.storage import log as storelog
+from stop.storage.flat import FlatStore
+from stop.storage.gzip import GzipCodec, GzipStore
+from stop.storage.log import BadEntry, Codec, format_line, parse_line
+from stop.storage.memory import MemoryStore
+
+
+def canonical(obj) -> bytes:
+    """Canonical JSON as stop.records makes it (sort_keys, compact, UTF-8)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+json_records = st.dictionaries(st.text(max_size=10), json_values, max_size=6).map(canonical)
+unicode_records = st.text(min_size=0, max_size=200).map(canonical)
+tokens = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
+
+TRICKY = [
+    canonical({}),
+    canonical({"line": "a\nb\r\nc", "sep": "\u2028\u2029", "nul": "\x00"}),
+    canonical({"user": "Jürgen Ŝmith 漢字 🦊", "space": "a b  c"}),
+    canonical({"big": "x" * 200_000}),
+    canonical({"n": [1, 2.5, -3e300, None, True]}),
+]
+
+
+def segment_files(store) -> list[str]:
+    return sorted(os.path.join(store.records_dir, n) for n in os.listdir(store.records_dir) if n.startswith("seg-"))
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+class TempDirMixin:
+    def tempdir(self) -> str:
+        """A fresh 0700 directory, removed after the test (not trial's
+        mktemp: that writes under the current directory)."""
+        path = tempfile.mkdtemp(prefix="stop-storage-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+
+class LogStoreTests(TempDirMixin):
+    """Every test here runs for each disk store (subclasses set ``cls``)."""
+
+    cls = FlatStore
+
+    def make(self, data_dir=None, **kw):
+        """An opened store, closed after the test."""
+        data_dir = data_dir or os.path.join(self.tempdir(), "data")
+        store = self.cls(data_dir, reactor=reactor, **kw)
+        store.open()
+        self.addCleanup(store.close)
+        return store
+
+    def reopen(self, store, **kw):
+        return self.make(store.data_dir, **kw)
+
+    @defer.inlineCallbacks
+    def save_all(self, store, items):
+        yield defer.gatherResults([store.save(t, r) for t, r in items], consumeErrors=True)
+
+    def spy_fdatasync(self, hold=None):
+        """Record (thread, fd path, size) per fdatasync; optionally hold the
+        first call until ``hold`` (threading.Event) is set."""
+        calls = []
+        real = storelog.fdatasync
+
+        def spy(fd):
+            calls.append((threading.current_thread(), os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+            if hold is not None and len(calls) == 1:
+                hold.wait(10)
+            real(fd)
+        self.patch(storelog, "fdatasync", spy)
+        return calls
+
+    def test_verify_object(self):
+        store = self.make()
+        self.assertTrue(verifyObject(IRecordStore, store))
+        self.assertEqual(store.name, {FlatStore: "flat", GzipStore: "gzip"}[self.cls])
+        self.assertIsInstance(make_store(store.name, store.data_dir), self.cls)
+
+    @defer.inlineCallbacks
+    def test_save_get_exact_bytes_and_reopen(self):
+        store = self.make()
+        items = [(f"tok{i}", rec) for i, rec in enumerate(TRICKY)]
+        yield self.save_all(store, items)
+        for token, record in items:
+            self.assertEqual(store.get(token), record)
+        self.assertIsNone(store.get("nope"))
+        self.assertEqual(list(store.records()), items)
+        yield store.close()
+        again = self.reopen(store)
+        self.assertEqual(list(again.records()), items)
+        self.assertEqual(again.get("tok3"), TRICKY[3])
+
+    def test_hypothesis_roundtrip(self):
+        """Arbitrary canonical JSON and unicode, saved through the real
+        reactor and worker thread (hypothesis runs in a thread and blocks on
+        each save), read back byte for byte, then again after reopening."""
+        store = self.make()
+        saved = {}
+
+        @settings(max_examples=60, deadline=None, database=None)
+        @given(record=json_records | unicode_records)
+        def check(record):
+            token = f"h{len(saved)}"
+            threads.blockingCallFromThread(reactor, store.save, token, record)
+            saved[token] = record
+            self.assertEqual(threads.blockingCallFromThread(reactor, store.get, token), record)
+
+        d = threads.deferToThread(check)
+
+        @d.addCallback
+        def reopened(_):
+            d2 = store.close()
+            d2.addCallback(lambda _: self.reopen(store))
+            d2.addCallback(lambda again: self.assertEqual(dict(again.records()), saved))
+            return d2
+        return d
+
+    @defer.inlineCallbacks
+    def test_fires_only_after_fdatasync(self):
+        calls = self.spy_fdatasync()
+        store = self.make()
+        fired = []
+        ds = []
+        for i in range(30):
+            token = f"t{i}"
+            d = store.save(token, canonical({"i": i}))
+            # When it fires, a sync of its segment must already cover it.
+            d.addCallback(lambda _, token=token: fired.append((token, list(calls))))
+            ds.append(d)
+        yield defer.gatherResults(ds)
+        self.assertEqual(len(fired), 30)
+        main = threading.current_thread()
+        for token, syncs_before in fired:
+            seg, off, length = store._index[token]
+            path = os.path.realpath(store._seg_path(seg))
+            self.assertTrue(any(p == path and size >= off + length for _, p, size in syncs_before),
+                            (token, syncs_before))
+        self.assertTrue(calls)
+        self.assertTrue(all(thread is not main for thread, _, _ in calls))
+
+    @defer.inlineCallbacks
+    def test_group_commit(self):
+        """50 saves in one reactor turn while the first batch is held in its
+        fdatasync: the first batch has one record, the other 49 go together
+        in the next batch: two fdatasync calls in all."""
+        hold = threading.Event()
+        calls = self.spy_fdatasync(hold)
+        store = self.make()
+        ds = [store.save(f"g{i}", canonical({"i": i, "pad": "p" * 250})) for i in range(50)]
+        self.addCleanup(hold.set)  # never leave the worker blocked
+        release = reactor.callLater(0.05, hold.set)
+        self.addCleanup(lambda: release.active() and release.cancel())
+        yield defer.gatherResults(ds)
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(calls[-1][2], os.path.getsize(segment_files(store)[0]))
+        self.assertEqual(len(list(store.records())), 50)
+
+    @defer.inlineCallbacks
+    def test_fsync_always(self):
+        calls = self.spy_fdatasync()
+        store = self.make(fsync="always")
+        yield self.save_all(store, [(f"a{i}", canonical({"i": i})) for i in range(10)])
+        self.assertEqual(len(calls), 10)
+        self.assertEqual(sorted(size for _, _, size in calls), [size for _, _, size in calls])
+
+    @defer.inlineCallbacks
+    def test_fsync_never(self):
+        calls = self.spy_fdatasync()
+        store = self.make(fsync="never")
+        items = [(f"n{i}", canonical({"i": i})) for i in range(10)]
+        yield self.save_all(store, items)
+        self.assertEqual(calls, [])
+        yield store.close()
+        self.assertEqual(list(self.reopen(store).records()), items)
+
+    def test_bad_settings(self):
+        for kw in ({"fsync": "sometimes"}, {"segment_bytes": 0}):
+            with self.assertRaises(ConfigError):
+                self.cls(self.tempdir(), **kw)
+
+    def test_permissions_with_umask_0(self):
+        return self.check_permissions(0)
+
+    def test_permissions_with_umask_0277(self):
+        """A umask that would make files read-only (0400) and directories
+        0500: modes are set explicitly, not left to the umask."""
+        return self.check_permissions(0o277)
+
+    @defer.inlineCallbacks
+    def check_permissions(self, umask):
+        old = os.umask(umask)
+        self.addCleanup(os.umask, old)
+        store = self.make(segment_bytes=100)
+        yield self.save_all(store, [(f"p{i}", canonical({"i": i, "x": "y" * 60})) for i in range(3)])
+        yield store.close()
+        # Reopen over a torn tail so that a torn-* file exists too.
+        with open(segment_files(store)[-1], "ab") as f:
+            f.write(b"torn")
+        again = self.reopen(store)
+        self.assertEqual(mode(store.data_dir), 0o700)
+        self.assertEqual(mode(store.records_dir), 0o700)
+        names = os.listdir(again.records_dir)
+        self.assertTrue(any(n.startswith("torn-") for n in names))
+        self.assertGreater(len([n for n in names if n.startswith("seg-")]), 1)
+        for name in names:
+            self.assertEqual(mode(os.path.join(again.records_dir, name)), 0o600, name)
+
+    def assertRefused(self, data_dir, text, readonly=False):
+        store = self.cls(data_dir, reactor=reactor, readonly=readonly)
+        with self.assertRaises(StoreFailed) as caught:
+            store.open()
+        self.assertIn(text, str(caught.exception))
+        self.assertIn(data_dir, str(caught.exception))
+
+    def test_unsafe_data_dir_refused(self):
+        base = self.tempdir()
+        real = os.path.join(base, "real")
+        os.mkdir(real, 0o700)
+        link = os.path.join(base, "link")
+        os.symlink(real, link)
+        self.assertRefused(link, "symlink")
+        afile = os.path.join(base, "file")
+        open(afile, "w").close()
+        self.assertRefused(afile, "not a directory")
+        for bits in (0o770, 0o707):
+            path = os.path.join(base, f"m{bits:o}")
+            os.mkdir(path)
+            os.chmod(path, bits)
+            self.assertRefused(path, "writable")
+            self.assertRefused(path, "writable", readonly=True)
+        self.assertRefused(os.path.join(base, "missing"), "does not exist", readonly=True)
+        self.assertFalse(os.path.exists(os.path.join(base, "missing")))
+
+    @pytest.mark.root
+    def test_foreign_owner_refused(self):
+        if os.getuid() != 0:
+            raise unittest.SkipTest("needs root to chown")
+        path = os.path.join(self.tempdir(), "other")
+        os.mkdir(path, 0o700)
+        os.mkdir(os.path.join(path, "records"), 0o700)
+        for p in (path, os.path.join(path, "records")):
+            os.chown(p, 65534, 65534)
+        self.assertRefused(path, "owned by uid 65534")
+        # root's stopctl may read a store the daemon's user owns
+        reader = self.cls(path, readonly=True)
+        reader.open()
+        self.assertEqual(list(reader.records()), [])
+
+    def torn_bytes(self, kind: str) -> bytes:
+        """A tail a crash could leave: an incomplete entry, or a complete
+        one whose record does not match its SHA-256."""
+        line = format_line("torn1", canonical({"x": "y"}))
+        if kind == "badhash":
+            line = line.replace(b'"y"', b'"z"')
+            return self.cls.codec.encode(line)
+        return self.cls.codec.encode(line)[:-7]
+
+    @defer.inlineCallbacks
+    def check_torn_tail(self, kind):
+        store = self.make()
+        items = [(f"k{i}", canonical({"i": i})) for i in range(3)]
+        yield self.save_all(store, items)
+        yield store.close()
+        seg = segment_files(store)[-1]
+        good = os.path.getsize(seg)
+        tail = self.torn_bytes(kind)
+        with open(seg, "ab") as f:
+            f.write(tail)
+        # A reader neither repairs nor indexes it.
+        reader = self.cls(store.data_dir, readonly=True)
+        reader.open()
+        self.assertEqual(list(reader.records()), items)
+        self.assertEqual(os.path.getsize(seg), good + len(tail))
+        reader.close()
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            again = self.reopen(store)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(f"torn tail of {len(tail)} bytes", warnings[0])
+        torn = os.path.join(again.records_dir, "torn-00000001-%d" % good)
+        with open(torn, "rb") as f:
+            self.assertEqual(f.read(), tail)
+        self.assertEqual(mode(torn), 0o600)
+        self.assertEqual(os.path.getsize(seg), good)
+        self.assertEqual(list(again.records()), items)
+        self.assertIsNone(again.get("torn1"))
+        yield again.save("k3", canonical({"i": 3}))
+        yield again.close()
+        self.assertEqual(list(self.reopen(store).records()), items + [("k3", canonical({"i": 3}))])
+
+    def test_torn_tail_incomplete(self):
+        return self.check_torn_tail("incomplete")
+
+    def test_torn_tail_bad_hash(self):
+        return self.check_torn_tail("badhash")
+
+    @defer.inlineCallbacks
+    def test_duplicate_token(self):
+        store = self.make()
+        yield store.save("dup", b"{}")
+        yield self.assertFailure(store.save("dup", b'{"a":1}'), StoreFailed)
+        # twice in one batch: the second is refused at once
+        first = store.save("twin", b"{}")
+        yield self.assertFailure(store.save("twin", b"{}"), StoreFailed)
+        yield first
+        yield store.close()
+        again = self.reopen(store)
+        yield self.assertFailure(again.save("dup", b"{}"), StoreFailed)
+        self.assertEqual(again.get("dup"), b"{}")
+
+    @defer.inlineCallbacks
+    def test_bad_entries_refused(self):
+        store = self.make()
+        for token, record in [("a b", b"{}"), ("", b"{}"), ("tök", b"{}"), ("ok", b"{\n}"), ("ok", "{}")]:
+            yield self.assertFailure(store.save(token, record), StoreFailed)
+        self.assertEqual(list(store.records()), [])
+
+    @defer.inlineCallbacks
+    def test_segment_rotation(self):
+        store = self.make(segment_bytes=300)
+        items = [(f"r{i:02d}", canonical({"i": i, "pad": "q" * 40})) for i in range(20)]
+        yield self.save_all(store, items[:10])
+        for token, record in items[10:]:  # one batch each, too
+            yield store.save(token, record)
+        files = segment_files(store)
+        self.assertGreater(len(files), 3)
+        self.assertTrue(all(os.path.getsize(f) <= 300 for f in files), [os.path.getsize(f) for f in files])
+        self.assertEqual(list(store.records()), items)
+        self.assertEqual(store.usage(), sum(os.path.getsize(os.path.join(store.records_dir, n))
+                                            for n in os.listdir(store.records_dir)))
+        yield store.close()
+        self.assertEqual(list(self.reopen(store).records()), items)
+
+    @defer.inlineCallbacks
+    def test_reader_sees_later_saves(self):
+        store = self.make(segment_bytes=400)
+        yield store.save("first", canonical({"n": 1}))
+        reader = self.cls(store.data_dir, readonly=True)
+        reader.open()
+        self.addCleanup(reader.close)
+        self.assertEqual(reader.get("first"), canonical({"n": 1}))
+        later = [(f"later{i}", canonical({"n": i, "pad": "z" * 80})) for i in range(8)]
+        yield self.save_all(store, later)
+        self.assertGreater(len(segment_files(store)), 1)
+        self.assertEqual(reader.get("later7"), later[-1][1])
+        self.assertEqual(list(reader.records()), [("first", canonical({"n": 1}))] + later)
+        self.assertIsNone(reader.get("never"))
+        yield self.assertFailure(reader.save("x", b"{}"), StoreFailed)
+
+    @defer.inlineCallbacks
+    def test_failed_write_then_recovers(self):
+        """ENOSPC half-way through a write: the batch fails with StoreFailed
+        naming the file and errno, the partial bytes are cut off, and the
+        next batch is stored."""
+        store = self.make()
+        yield store.save("before", b'{"a":1}')
+        real = storelog.pwrite
+        failures = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))]
+
+        def full_disk(fd, data, offset):
+            if failures:
+                real(fd, bytes(data[:len(data) // 2]), offset)
+                raise failures.pop()
+            return real(fd, data, offset)
+        self.patch(storelog, "pwrite", full_disk)
+        seg = segment_files(store)[0]
+        size = os.path.getsize(seg)
+        err = yield self.assertFailure(store.save("lost", b'{"a":2}'), StoreFailed)
+        self.assertIn("No space left on device", str(err))
+        self.assertIn("seg-00000001", str(err))
+        self.assertEqual(os.path.getsize(seg), size)  # the half-written entry was cut off
+        self.assertIsNone(store.get("lost"))
+        yield store.save("after", b'{"a":3}')
+        yield store.save("lost", b'{"a":4}')  # never stored, so not a reuse
+        yield store.close()
+        again = self.reopen(store)
+        self.assertEqual(list(again.records()), [("before", b'{"a":1}'), ("after", b'{"a":3}'), ("lost", b'{"a":4}')])
+        self.assertFalse([n for n in os.listdir(again.records_dir) if n.startswith("torn-")])
+
+    @defer.inlineCallbacks
+    def test_failure_after_rotation_keeps_synced_part(self):
+        """A batch that rotates and then fails: the records synced into the
+        old segment succeed, the rest fail; nothing is lost or duplicated."""
+        store = self.make(segment_bytes=250)
+        yield store.save("r0", canonical({"pad": "x" * 40}))
+        real = storelog.pwrite
+        calls = []
+
+        def second_fails(fd, data, offset):
+            calls.append(offset)
+            if len(calls) == 3:  # the batch's second segment write
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(fd, data, offset)
+        self.patch(storelog, "pwrite", second_fails)
+        hold = store.save("hold", canonical({"pad": "h" * 40}))  # a batch in flight
+        ds = [store.save(f"r{i}", canonical({"pad": "x" * 40})) for i in range(1, 6)]
+        yield hold
+        results = yield defer.DeferredList(ds, consumeErrors=True)
+        ok = [success for success, _ in results]
+        self.assertEqual(len(calls), 3)  # hold; the first segment's part; the next one's (failed)
+        self.assertIn(True, ok)
+        self.assertIn(False, ok)
+        self.assertEqual(ok, sorted(ok, reverse=True))  # a durable prefix, then failures
+        for success, value in results:
+            if not success:
+                self.assertIsInstance(value.value, StoreFailed)
+        stored = [t for t, _ in store.records()]
+        self.assertEqual(stored, ["r0", "hold"] + [f"r{i}" for i in range(1, 6) if ok[i - 1]])
+        yield store.close()
+        self.assertEqual([t for t, _ in self.reopen(store).records()], stored)
+
+    @defer.inlineCallbacks
+    def test_failed_fdatasync_fails_batch(self):
+        store = self.make()
+        real = storelog.fdatasync
+        failures = [OSError(errno.EIO, os.strerror(errno.EIO))]
+
+        def broken(fd):
+            if failures:
+                raise failures.pop()
+            real(fd)
+        self.patch(storelog, "fdatasync", broken)
+        ds = [store.save("x1", b"{}"), store.save("x2", b"{}")]
+        err = yield self.assertFailure(ds[0], StoreFailed)
+        self.assertIn("Input/output error", str(err))
+        yield ds[1]  # queued behind: its own batch, which worked
+        self.assertEqual(list(store.records()), [("x2", b"{}")])
+
+    @defer.inlineCallbacks
+    def test_index_is_a_cache(self):
+        store = self.make()
+        items = [(f"i{i}", canonical({"i": i})) for i in range(6)]
+        yield self.save_all(store, items)
+        yield store.close()
+        index = store.index_path
+        with open(index, "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        self.assertEqual(len(lines), 6)
+        variants = {
+            "missing": None,
+            "short": b"".join(lines[:3]),                    # extended by a scan
+            "torn": b"".join(lines[:3]) + lines[3][:5],      # partial last line
+            "garbage": b"".join(lines[:2]) + b"junk\n",      # rebuilt
+            "wrong-offset": lines[0].replace(b" 0 ", b" 3 ", 1),  # rebuilt
+        }
+        for what, content in variants.items():
+            if content is None:
+                os.unlink(index)
+            else:
+                with open(index, "wb") as f:
+                    f.write(content)
+            again = self.reopen(store)
+            self.assertEqual(list(again.records()), items, what)
+            yield again.close()
+            with open(index, "rb") as f:
+                self.assertEqual(f.read().splitlines(keepends=True), lines, what)
+
+    @defer.inlineCallbacks
+    def test_damage_is_reported_not_returned(self):
+        store = self.make(fsync="never")
+        yield self.save_all(store, [("d1", canonical({"v": "aaaa"})), ("d2", canonical({"v": "bbbb"}))])
+        seg = segment_files(store)[0]
+        with open(seg, "r+b") as f:
+            data = f.read()
+            start, _, _ = store._index["d1"]
+            raw = bytearray(data)
+            # flat: a byte of the record; gzip: a byte of the deflate data
+            pos = data.index(b"aaaa") if self.cls is FlatStore else start + 15
+            raw[pos] ^= 0x01
+            f.seek(0)
+            f.write(bytes(raw))
+        with self.assertRaises(StoreFailed) as caught:
+            store.get("d1")
+        self.assertIn("d1", str(caught.exception))
+        self.assertEqual(store.get("d2"), canonical({"v": "bbbb"}))
+        self.assertFalse(store.integrity("d1"))
+        self.assertTrue(store.integrity("d2"))
+        self.assertFalse(store.integrity("unknown"))
+
+    @defer.inlineCallbacks
+    def test_callbacks_may_save_and_close(self):
+        """A save's callback that saves again and closes the store (as a
+        reply path may): the second save is stored, close waits for it."""
+        store = self.make()
+        second = []
+
+        def then(_):
+            second.append(store.save("second", b"{}"))
+            closing.append(store.close())
+        closing = []
+        yield store.save("first", b"{}").addCallback(then)
+        yield closing[0]
+        self.assertIsNone(self.successResultOf(second[0]))
+        self.assertEqual([t for t, _ in self.reopen(store).records()], ["first", "second"])
+
+    @defer.inlineCallbacks
+    def test_damaged_last_indexed_record_is_not_a_torn_tail(self):
+        """The newest record was indexed (so it was durable and answered),
+        then damaged: it is reported damaged, never moved aside as torn."""
+        store = self.make()
+        yield self.save_all(store, [("e1", canonical({"v": "aaaa"})), ("e2", canonical({"v": "bbbb"}))])
+        yield store.close()
+        seg = segment_files(store)[0]
+        with open(seg, "r+b") as f:
+            data = bytearray(f.read())
+            off, length = store._index["e2"][1:]
+            data[off + length - 5] ^= 0x01  # inside the record (flat) or gzip trailer
+            f.seek(0)
+            f.write(bytes(data))
+        size = os.path.getsize(seg)
+        for readonly in (True, False):
+            again = self.cls(store.data_dir, reactor=reactor, readonly=readonly)
+            again.open()
+            self.addCleanup(again.close)
+            self.assertRaises(StoreFailed, again.get, "e2")
+            self.assertFalse(again.integrity("e2"))
+            self.assertTrue(again.integrity("e1"))
+        self.assertEqual(os.path.getsize(seg), size)
+        self.assertFalse([n for n in os.listdir(store.records_dir) if n.startswith("torn-")])
+        yield again.save("e3", b"{}")
+        self.assertEqual(again.get("e3"), b"{}")
+
+    @defer.inlineCallbacks
+    def test_close_waits_for_pending_saves(self):
+        store = self.make()
+        fired = []
+        for i in range(20):
+            store.save(f"c{i}", b"{}").addCallback(fired.append)
+        yield store.close()
+        self.assertEqual(len(fired), 20)
+        yield self.assertFailure(store.save("late", b"{}"), StoreFailed)
+
+    @defer.inlineCallbacks
+    def test_reactor_shutdown_then_close(self):
+        """The shutdown trigger stops the worker; saves are refused after,
+        and a close that comes later still fires (no second stop)."""
+        store = self.make()
+        yield store.save("s1", b"{}")
+        store._stop_pool()  # what the "during shutdown" trigger calls
+        yield self.assertFailure(store.save("s2", b"{}"), StoreFailed)
+        yield store.close()
+        self.assertEqual([t for t, _ in self.reopen(store).records()], ["s1"])
+
+    @defer.inlineCallbacks
+    def test_usage_tracks_disk(self):
+        store = self.make()
+        empty = store.usage()
+        yield self.save_all(store, [(f"u{i}", canonical({"i": i})) for i in range(5)])
+        on_disk = sum(os.path.getsize(os.path.join(store.records_dir, n)) for n in os.listdir(store.records_dir))
+        self.assertEqual(store.usage(), on_disk)
+        self.assertGreater(store.usage(), empty)
+        yield store.close()
+        self.assertEqual(self.reopen(store).usage(), on_disk)
+
+    def test_other_codec_segments_refused(self):
+        data = os.path.join(self.tempdir(), "data")
+        os.makedirs(os.path.join(data, "records"), 0o700)
+        other = "seg-00000001.log" if self.cls is GzipStore else "seg-00000001.log.gz"
+        open(os.path.join(data, "records", other), "w").close()
+        self.assertRefused(data, other)
+
+
+class FlatStoreTests(LogStoreTests, unittest.TestCase):
+    cls = FlatStore
+
+    @defer.inlineCallbacks
+    def test_segment_is_plain_lines(self):
+        store = self.make()
+        items = [("f1", canonical({"a": "b c"})), ("f2", canonical({"ü": 1}))]
+        yield self.save_all(store, items)
+        with open(segment_files(store)[0], "rb") as f:
+            self.assertEqual(f.read(), b"".join(format_line(t, r) for t, r in items))
+
+
+class GzipStoreTests(LogStoreTests, unittest.TestCase):
+    cls = GzipStore
+
+    @defer.inlineCallbacks
+    def test_segment_is_a_gzip_stream(self):
+        store = self.make()
+        items = [(f"z{i}", rec) for i, rec in enumerate(TRICKY)]
+        yield self.save_all(store, items)
+        seg = segment_files(store)[0]
+        self.assertTrue(seg.endswith(".log.gz"))
+        expected = b"".join(format_line(t, r) for t, r in items)
+        out = subprocess.run(["gzip", "-dc", seg], capture_output=True, check=True, timeout=30).stdout
+        self.assertEqual(out, expected)
+        with open(seg, "rb") as f:
+            self.assertEqual(stdlib_gzip.decompress(f.read()), expected)
+
+    @defer.inlineCallbacks
+    def test_hash_covers_uncompressed_record(self):
+        """A valid gzip member whose record was changed after hashing is a
+        bad entry: the SHA-256 is over the uncompressed record."""
+        store = self.make()
+        yield store.save("g1", canonical({"v": 1}))
+        yield store.close()
+        forged = format_line("g2", canonical({"v": 2})).replace(b'"v":2', b'"v":3')
+        seg = segment_files(store)[0]
+        good = os.path.getsize(seg)
+        with open(seg, "ab") as f:
+            f.write(stdlib_gzip.compress(forged))  # a perfectly valid member
+        again = self.reopen(store)
+        self.assertIsNone(again.get("g2"))
+        self.assertEqual(os.path.getsize(seg), good)
+        self.assertTrue(os.path.exists(os.path.join(again.records_dir, "torn-00000001-%d" % good)))
+
+
+class MemoryStoreTests(unittest.TestCase):
+    def test_verify_object(self):
+        self.assertTrue(verifyObject(IRecordStore, MemoryStore()))
+
+    @settings(max_examples=100, deadline=None)
+    @given(items=st.dictionaries(tokens, json_records | unicode_records, max_size=8))
+    def test_save_get_records(self, items):
+        store = MemoryStore()
+        store.open()
+        for token, record in items.items():
+            self.assertIsNone(self.successResultOf(store.save(token, record)))
+        for token, record in items.items():
+            self.assertEqual(store.get(token), record)
+        self.assertEqual(list(store.records()), list(items.items()))
+        self.assertEqual(store.usage(), sum(len(t) + len(r) for t, r in items.items()))
+
+    def test_duplicate_and_bad(self):
+        store = MemoryStore()
+        self.successResultOf(store.save("a", b"{}"))
+        self.failureResultOf(store.save("a", b"{}"), StoreFailed)
+        self.failureResultOf(store.save("b c", b"{}"), StoreFailed)
+        self.failureResultOf(store.save("b", b"{\n}"), StoreFailed)
+        self.successResultOf(store.close())
+        self.failureResultOf(store.save("d", b"{}"), StoreFailed)
+        self.assertEqual(store.get("a"), b"{}")
+
+
+class FactoryTests(TempDirMixin, unittest.TestCase):
+    def test_names(self):
+        self.assertEqual(sorted(STORES), ["flat", "gzip", "memory"])
+        for name, cls in STORES.items():
+            store = make_store(name, self.tempdir(), reactor=reactor)
+            self.assertIsInstance(store, cls)
+            self.assertEqual(store.name, name)
+
+    def test_unknown_name(self):
+        with self.assertRaises(ConfigError) as caught:
+            make_store("tape", self.tempdir())
+        for name in ("flat", "gzip", "memory", "tape"):
+            self.assertIn(name, str(caught.exception))
+
+    def test_bad_fsync(self):
+        with self.assertRaises(ConfigError) as caught:
+            make_store("flat", self.tempdir(), fsync="yes")
+        self.assertIn("batch", str(caught.exception))
+
+
+class FormatTests(unittest.TestCase):
+    """The entry format itself, for both codecs (hypothesis)."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(token=tokens, records=st.lists(json_records | unicode_records, min_size=1, max_size=5))
+    def test_roundtrip(self, token, records):
+        for codec in (Codec(), GzipCodec()):
+            buf = b"".join(codec.encode(format_line(f"{token}{i}", r)) for i, r in enumerate(records))
+            pos = 0
+            for i, record in enumerate(records):
+                line, end = codec.next_entry(buf, pos)
+                self.assertEqual(parse_line(line), (f"{token}{i}", record))
+                self.assertEqual(codec.decode(buf[pos:end]), line)
+                pos = end
+            self.assertEqual(pos, len(buf))
+
+    @settings(max_examples=300, deadline=None)
+    @given(junk=st.binary(max_size=300), cut=st.integers(min_value=0, max_value=400))
+    def test_junk_is_a_bad_entry(self, junk, cut):
+        """Arbitrary or truncated bytes raise BadEntry, never anything else,
+        and never parse as an entry."""
+        good = format_line("t", b'{"a":1}')
+        for codec in (Codec(), GzipCodec()):
+            for buf in (junk, codec.encode(good)[:cut] if cut < len(codec.encode(good)) else junk):
+                try:
+                    line, _ = codec.next_entry(buf, 0)
+                    parse_line(line)
+                except BadEntry:
+                    continue
+                self.fail(f"{buf!r} parsed as an entry")

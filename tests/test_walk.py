@@ -1,0 +1,159 @@
+"""stop.walk on an in-memory process table: order, budget, cycles, gone
+processes, remote connections and their direction, field selection."""
+
+from __future__ import annotations
+
+import pytest
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from stop.interfaces import IProcessInspector, IProcessScan
+from stop.model import Connection, Endpoint
+from stop.process import PROCESS_FIELDS, ProcessGone, Unavailable
+from stop.walk import Budget, walk
+
+QUERIED = Connection(Endpoint("192.0.2.1", 40000), Endpoint("198.51.100.9", 113 + 1),
+                     uid=1000, inode=500, accepted=False)
+
+
+def tcp(fd, inode, local, remote, direction, state="ESTABLISHED"):
+    return {"fd": fd, "kind": "socket", "inode": inode, "family": "AF_INET",
+            "type": "SOCK_STREAM", "local": {"address": local[0], "port": local[1]},
+            "remote": {"address": remote[0], "port": remote[1]}, "state": state,
+            "direction": direction}
+
+
+@implementer(IProcessScan)
+class TableScan:
+    """A scan over a dict {pid: (ppid, [descriptors])}; links {(pid, fd): [(pid, fd)]}."""
+
+    def __init__(self, table, links, holders, gone=(), denied=()):
+        self.table, self.links, self._holders = table, links, holders
+        self.gone, self.denied = set(gone), set(denied)
+        self.truncated = False
+        self.unavailable = {}
+        self.read = []
+
+    def holders(self, connection):
+        return self._holders
+
+    def process(self, pid, fields):
+        self.read.append(pid)
+        if pid in self.gone or pid not in self.table:
+            raise ProcessGone(pid)
+        out = {"pid": pid, "ppid": self.table[pid][0]}
+        if "name" in fields:
+            out["name"] = f"p{pid}"
+        if "users" in fields:
+            out["users"] = {"real": f"u{pid}", "effective": f"u{pid}"}
+        return out
+
+    def descriptors(self, pid, open_files):
+        if pid in self.denied:
+            raise Unavailable("EACCES")
+        return [dict(d) for d in self.table[pid][1]
+                if open_files or d["kind"] != "file"]
+
+    def peers(self, pid, descriptor):
+        return sorted(self.links.get((pid, descriptor["fd"]), []))
+
+    def close(self):
+        pass
+
+
+@implementer(IProcessInspector)
+class TableInspector:
+    name = "table"
+
+    def __init__(self, scan):
+        self.scan = scan
+        self.max_fds = None
+
+    def begin(self, max_fds):
+        self.max_fds = max_fds
+        return self.scan
+
+
+def figure3_table():
+    """1 <- 10 (shell) <- 11 (nc -l), 12 (nc out); pipe 11:1 <-> 12:0;
+    11 holds an inbound connection from another host."""
+    table = {
+        1: (0, []),
+        10: (1, [{"fd": 0, "kind": "file", "path": "/dev/pts/0"}]),
+        11: (10, [{"fd": 1, "kind": "pipe", "inode": 900},
+                  tcp(3, 501, ("192.0.2.1", 8888), ("203.0.113.5", 5555), "inbound")]),
+        12: (10, [{"fd": 0, "kind": "pipe", "inode": 900},
+                  tcp(3, 500, ("192.0.2.1", 40000), ("198.51.100.9", 114), "outbound")]),
+    }
+    links = {(12, 0): [(11, 1)], (11, 1): [(12, 0)]}
+    return table, links
+
+
+def test_fakes_provide_the_interfaces():
+    scan = TableScan({}, {}, [])
+    verifyObject(IProcessScan, scan)
+    verifyObject(IProcessInspector, TableInspector(scan))
+
+
+def test_figure3_order_reasons_and_remote_connections():
+    table, links = figure3_table()
+    result = walk(TableInspector(TableScan(table, links, [12])), QUERIED)
+    assert [p["pid"] for p in result["processes"]] == [12, 10, 11, 1]
+    reached = {p["pid"]: p["reached"] for p in result["processes"]}
+    assert reached == {12: {"via": "socket"}, 10: {"via": "parent", "from": 12},
+                       11: {"via": "pipe", "from": 12, "fd": 0},
+                       1: {"via": "parent", "from": 10}}
+    # The queried connection is not a recursion target; the inbound one is.
+    assert result["remote_connections"] == [{
+        "pid": 11, "fd": 3, "family": "AF_INET",
+        "local": {"address": "192.0.2.1", "port": 8888},
+        "remote": {"address": "203.0.113.5", "port": 5555}, "direction": "inbound"}]
+    assert result["users"] == ["u1", "u10", "u11", "u12"]
+
+
+def test_budget_limits_processes_and_is_passed_to_the_scan():
+    table = {pid: (pid - 1 if pid > 1 else 0, []) for pid in range(1, 101)}
+    inspector = TableInspector(TableScan(table, {}, [100]))
+    result = walk(inspector, QUERIED, Budget(max_processes=7, max_fds=33))
+    assert len(result["processes"]) == 7
+    assert result["truncated"] == {"processes": True, "descriptors": False}
+    assert inspector.max_fds == 33
+    assert result["budget"] == {"max_processes": 7, "max_fds": 33}
+
+
+def test_cycles_end():
+    table = {5: (6, [{"fd": 0, "kind": "pipe", "inode": 1}]),
+             6: (5, [{"fd": 1, "kind": "pipe", "inode": 1}])}
+    links = {(5, 0): [(6, 1)], (6, 1): [(5, 0)]}
+    scan = TableScan(table, links, [5])
+    result = walk(TableInspector(scan), QUERIED)
+    assert [p["pid"] for p in result["processes"]] == [5, 6]
+    assert scan.read == [5, 6]
+
+
+def test_gone_and_unreadable_processes_are_recorded():
+    table, links = figure3_table()
+    scan = TableScan(table, links, [12], gone={10}, denied={11})
+    result = walk(TableInspector(scan), QUERIED)
+    procs = {p["pid"]: p for p in result["processes"]}
+    assert procs[10]["unavailable"] == {"process": "ESRCH"}
+    assert procs[11]["unavailable"] == {"descriptors": "EACCES"}
+    assert 1 not in procs  # its only way up was through the gone shell
+
+
+@pytest.mark.parametrize("open_files", [True, False])
+def test_fields_and_open_files(open_files):
+    table, links = figure3_table()
+    fields = ("name", "sockets", "pipes", "files")
+    result = walk(TableInspector(TableScan(table, links, [12])), QUERIED,
+                  fields=fields, open_files=open_files)
+    shell = next(p for p in result["processes"] if p["pid"] == 10)
+    assert ("files" in shell) is open_files
+    assert "users" not in shell  # not selected, though used for utmp
+    assert result["users"]
+    narrow = walk(TableInspector(TableScan(table, links, [12])), QUERIED, fields=("name",))
+    assert all(set(p) <= {"pid", "ppid", "name", "reached"} for p in narrow["processes"])
+
+
+def test_every_field_name_is_known():
+    assert len(set(PROCESS_FIELDS)) == len(PROCESS_FIELDS)
