@@ -192,6 +192,33 @@ class OidentdServer:
             time.sleep(0.05)
 
 
+class FloorServer:
+    """bench/floor_server.py: a bare Twisted LineReceiver (no lookup, no
+    record, no log), to show what Twisted itself costs per connection here."""
+
+    name = "floor"
+
+    def __init__(self, workdir: pathlib.Path):
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),
+                                      "--interface", THIS], stdout=subprocess.PIPE)
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
+        if not ready:
+            raise RuntimeError("floor_server did not start")
+        self.port = int(self.proc.stdout.readline())
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def settle(self) -> None:
+        pass
+
+
 # -- the established connections ------------------------------------------------
 
 class Holders:
@@ -342,6 +369,8 @@ def main(argv=None) -> int:
                     help="parent of the temporary data dir (on a real disk: fsync matters)")
     ap.add_argument("--keep", action="store_true", help="keep the data dir and logs")
     ap.add_argument("--json", help="also write all results to this file")
+    ap.add_argument("--floor", action="store_true",
+                    help="add a bare Twisted LineReceiver (bench/floor_server.py) to each point")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("compare_oidentd: run as root (oidentd, connections owned by nobody)",
@@ -362,6 +391,8 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by all children
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-bench-", dir=a.workdir))
     servers = [StopServer(workdir), OidentdServer(workdir)]
+    if a.floor:
+        servers.append(FloorServer(workdir))
     holder = None
     results: list[dict] = []
     try:
@@ -407,8 +438,8 @@ def main(argv=None) -> int:
                     res.update(name=name, n=n, c=c, kind="ID")
                     point[name] = res
                     results.append(res)
-                print(row(n, c, point["stop"]))
-                print(row(n, c, point["oidentd"]))
+                for name in by_server:
+                    print(row(n, c, point[name]))
                 print(ratio_row(n, c, point["stop"], point["oidentd"]))
                 sys.stdout.flush()
 
@@ -420,7 +451,7 @@ def main(argv=None) -> int:
               f"do not exist, C = 10, at most {queries} queries or {no_user_seconds:.0f} s each")
         print(header)
         nouser = {}
-        for s in servers:
+        for s in servers[:2]:
             res = median_of([measure(s, pairs, queries, 10, no_user_seconds)])
             res.update(name=s.name, n=no_user_sockets, c=10, kind="NO-USER")
             nouser[s.name] = res
