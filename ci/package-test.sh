@@ -223,7 +223,9 @@ input(type="imtcp" address="127.0.0.1" port="0" listenPortFileName="$WORK/rsyslo
 template(name="t" type="string" string="%programname%|%msgid%|%structured-data%|%msg%\n")
 *.* action(type="omfile" file="$WORK/rsyslog/messages" template="t")
 EOF
-in_ns rsyslogd -n -f "$WORK/rsyslog/rsyslog.conf" -i "$WORK/rsyslog/pid" > "$WORK/rsyslog/out" 2>&1 &
+# Not through the in_ns function: a backgrounded function is a subshell,
+# and $! must be the PID of rsyslogd itself (ip netns exec execs it).
+ip netns exec "$NS" rsyslogd -n -f "$WORK/rsyslog/rsyslog.conf" -i "$WORK/rsyslog/pid" > "$WORK/rsyslog/out" 2>&1 &
 RSYSLOGD=$!
 PIDS="$PIDS $RSYSLOGD"
 n=0
