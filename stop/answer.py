@@ -66,7 +66,7 @@ class Answerer:
                  host_name: Optional[str] = None, process_state=None):
         self._config = config
         self._lookup = ISocketLookup(lookup)
-        self._store = IRecordStore(store)
+        self._record_store = IRecordStore(store)
         self._clock = clock
         self._optin = optin if optin is not None else OptIn(log_paths=config.log_users)
         self._account_of = account_of
@@ -128,8 +128,8 @@ class Answerer:
             raise NoUser("accepted connection (a service), not opened by this host")
         return conn
 
-    @defer.inlineCallbacks
-    def _answer(self, query: Query):
+    def _answer(self, query: Query) -> defer.Deferred:
+        # Plain callbacks, not inlineCallbacks: this runs for every query.
         request = query.request
         conn = self._connection(query)
         name, home = self._account_of(conn.uid)
@@ -144,28 +144,47 @@ class Answerer:
         over_quota = self._over_quota(now)
         if over_quota:
             record["quota"] = "reached"
-        sv = (request.type in (wire.SV, wire.SV_REC) and not over_quota
-              and self._process_state is not None)
-        if sv:
-            record.update((yield self._process_state.collect(conn)))
+        if (request.type in (wire.SV, wire.SV_REC) and not over_quota
+                and self._process_state is not None):
+            d = self._process_state.collect(conn)
+            d.addCallback(lambda state: self._save(query, conn, name, home,
+                                                    {**record, **state}, sv=True))
+            return d
+        return self._save(query, conn, name, home, record, sv=False)
+
+    def _save(self, query: Query, conn: Connection, name, home, record: dict,
+               sv: bool) -> defer.Deferred:
         data = records.canonical(record)
         # An SV token is the hash of the exact stored bytes (spec 4).
         token = self._tokens.of_record(data) if sv else self._tokens.random()
-        yield self._store.save(token, data)
+        d = self._record_store.save(token, data)
+        d.addCallback(self._stored, query, conn, name, home, token)
+        return d
+
+    def _stored(self, _, query: Query, conn: Connection, name, home, token: str):
+        request = query.request
         who = f"uid {conn.uid}" + (f" ({name})" if name and self._config.log_users else "")
         if (request.type == wire.ID and request.address is None and name and home
                 and self._config.user_optin):
-            allowed = yield self._optin.allows(conn.uid, home, query.requester.host)
-            if allowed:
-                try:
-                    reply = wire.format_user(request.ports, "UNIX", name)
-                except ValueError:
-                    pass  # a name that cannot go on the wire gets a token
-                else:
-                    self._log(query, f"{conn} {who}: user name sent (~/.ident), record {token}")
-                    return reply
+            d = self._optin.allows(conn.uid, home, query.requester.host)
+            d.addCallback(self._reply, query, conn, name, who, token)
+            return d
+        return self._reply(False, query, conn, name, who, token)
+
+    def _reply(self, send_name: bool, query: Query, conn: Connection, name, who: str,
+               token: str) -> bytes:
+        ports = query.request.ports
+        if send_name:
+            try:
+                reply = wire.format_user(ports, "UNIX", name)
+            except ValueError:
+                pass  # a name that cannot go on the wire gets a token
+            else:
+                self._log(query, f"{conn.local}->{conn.remote} {who}: user name sent "
+                                 f"(~/.ident), record {token}")
+                return reply
         self._log(query, f"{conn.local}->{conn.remote} {who}: token {token}")
-        return wire.format_token(request.ports, token)
+        return wire.format_token(ports, token)
 
     @staticmethod
     def _request_fields(request: wire.Request) -> dict:
@@ -174,13 +193,13 @@ class Answerer:
 
     def _over_quota(self, now: float) -> bool:
         quota = self._config.quota_bytes
-        if not quota or self._store.usage() < quota:
+        if not quota or self._record_store.usage() < quota:
             return False
         if self._last_quota_warning is None or now - self._last_quota_warning >= QUOTA_WARN_INTERVAL:
             self._last_quota_warning = now
             self.log.warn("storage quota of {mb} MiB reached ({used} bytes used): SV records "
                           "are saved at ID size; nothing is deleted",
-                          mb=self._config.quota_mb, used=self._store.usage())
+                          mb=self._config.quota_mb, used=self._record_store.usage())
         return True
 
     def _failed(self, failure: Failure, query: Query) -> bytes:
