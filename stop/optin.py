@@ -14,10 +14,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import pwd
 import socket
 import stat
-from typing import Callable, Optional
+from typing import Callable
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -93,18 +92,14 @@ def _matches(host: str, entries: list[str]) -> tuple[bool, list[str]]:
 class OptIn:
     """Answers whether a user opted in to send their name to a host."""
 
-    def __init__(self, home_of: Optional[Callable[[int], Optional[str]]] = None,
-                 resolve: Callable[[list[str]], "defer.Deferred"] = None,
+    def __init__(self, resolve: Callable[[list[str]], "defer.Deferred"] = None,
                  log_paths: bool = True):
-        self._home_of = home_of or _home_from_passwd
         self._log_paths = log_paths
         self._resolve = resolve or (lambda names: threads.deferToThread(_resolve, names))
 
-    def allows(self, uid: int, host: str) -> "defer.Deferred[bool]":
-        """Fires True when ``uid``'s ~/.ident lists ``host`` (an address literal)."""
-        home = self._home_of(uid)
-        if not home:
-            return defer.succeed(False)
+    def allows(self, uid: int, home: str, host: str) -> "defer.Deferred[bool]":
+        """Fires True when ``home/.ident``, belonging to ``uid``, lists
+        ``host`` (an address literal)."""
         matched, names = _matches(host, read_entries(home, uid, self._log_paths))
         if matched or not names:
             return defer.succeed(matched)
@@ -120,9 +115,3 @@ def _canon(text: str) -> str:
     except ValueError:
         return ""
 
-
-def _home_from_passwd(uid: int) -> Optional[str]:
-    try:
-        return pwd.getpwuid(uid).pw_dir
-    except KeyError:
-        return None

@@ -288,7 +288,8 @@ def test_answerer_calls_hooks_with_the_stored_record_and_replies_despite_failure
     good, bad = as_hook(Recorder()), as_hook(Recorder(RuntimeError("boom")))
     clock = Clock()
     answerer = Answerer(config.Config(), FakeLookup(out), store, clock,
-                        name_of={1000: "alice"}.get, host_name="h1", hooks=Hooks([bad, good]))
+                        account_of=lambda uid: ("alice", "/home/alice"), host_name="h1",
+                        hooks=Hooks([bad, good]))
     replies = []
     query = Query(wire.parse_request(b"40000, 6667"), Endpoint("127.0.0.2", 51000),
                   Endpoint("127.0.0.1", 113))
