@@ -123,7 +123,8 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     syslog = logsetup.syslog_service(settings)
     if syslog is not None:  # first started, last stopped: it sees every event
         syslog.setServiceParent(top)
-    HooksService(hooks).setServiceParent(top)
+    if hooks.hooks:  # stopped after the listeners: no record meets a closed hook
+        HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
     for endpoint in settings.listen:
