@@ -129,6 +129,7 @@ class Forwarder:
         self.sent = 0
         self.dropped = 0
         self._sender: Optional[_Sender] = None
+        self._closed = False
         self._service = ClientService(
             endpoint, Factory.forProtocol(lambda: _Sender(self)),
             retryPolicy=backoffPolicy(initialDelay=1.0, maxDelay=60.0), clock=reactor)
@@ -140,7 +141,11 @@ class Forwarder:
 
     def send(self, token: str, record: bytes) -> None:
         """Queue ``record`` for the collector and send what can be sent.
-        Returns at once; never raises for a network problem."""
+        Returns at once; never raises for a network problem. After
+        :meth:`stop`, records are dropped (counted), never reconnected for."""
+        if self._closed:
+            self.dropped += 1
+            return
         self.start()
         message = format_message(token, record, self._reactor.seconds(), self._facility,
                                  self._hostname, self._app_name, str(os.getpid()), self._sd_id)
@@ -180,6 +185,7 @@ class Forwarder:
     def stop(self) -> defer.Deferred:
         """Send what is queued if connected, then disconnect; fires when
         the connection is closed."""
+        self._closed = True
         self._flush()
         if not self._service.running:
             return defer.succeed(None)

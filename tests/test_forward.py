@@ -186,3 +186,5 @@ class ForwardWhileCollectorIsDown(unittest.TestCase):
         yield task.deferLater(reactor, 0.3, lambda: None)  # connection refused meanwhile
         self.assertEqual((forwarder.queued, forwarder.dropped, forwarder.sent), (2, 1, 0))
         yield forwarder.stop()
+        forwarder.send("late", b"{}")  # at shutdown: dropped, no new connection
+        self.assertEqual((forwarder.dropped, forwarder._service.running), (2, False))
