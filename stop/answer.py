@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from stop import records, wire
 from stop.config import Config, address_networks
 from stop.errors import NoUser, Overloaded, StopError
+from stop.hooks import Hooks
 from stop.interfaces import IRecordStore, ISocketLookup
 from stop.limits import Gate
 from stop.model import Connection, Endpoint
@@ -44,12 +45,14 @@ class Query:
     server: Endpoint
 
 
-def user_name(uid: int) -> Optional[str]:
-    """The login name of ``uid``, or None when it has none."""
+def account(uid: int) -> tuple[Optional[str], Optional[str]]:
+    """(login name, home directory) of ``uid``, (None, None) when it has no
+    account: one passwd lookup serves the record and ~/.ident."""
     try:
-        return pwd.getpwuid(uid).pw_name
+        pw = pwd.getpwuid(uid)
     except KeyError:
-        return None
+        return None, None
+    return pw.pw_name, pw.pw_dir
 
 
 class Answerer:
@@ -60,14 +63,16 @@ class Answerer:
 
     def __init__(self, config: Config, lookup: ISocketLookup, store: IRecordStore, clock,
                  optin: Optional[OptIn] = None,
-                 name_of: Callable[[int], Optional[str]] = user_name,
-                 host_name: Optional[str] = None, process_state=None):
+                 account_of: Callable[[int], tuple[Optional[str], Optional[str]]] = account,
+                 host_name: Optional[str] = None, process_state=None,
+                 hooks: Optional[Hooks] = None):
         self._config = config
+        self._hooks = hooks if hooks is not None else Hooks()
         self._lookup = ISocketLookup(lookup)
-        self._store = IRecordStore(store)
+        self._record_store = IRecordStore(store)
         self._clock = clock
-        self._optin = optin if optin is not None else OptIn()
-        self._name_of = name_of
+        self._optin = optin if optin is not None else OptIn(log_paths=config.log_users)
+        self._account_of = account_of
         self._host = host_name or socket.gethostname()
         self._tokens = Tokens(config.hash)
         self._gate = Gate(config.max_lookups, config.lookup_queue)
@@ -126,11 +131,11 @@ class Answerer:
             raise NoUser("accepted connection (a service), not opened by this host")
         return conn
 
-    @defer.inlineCallbacks
-    def _answer(self, query: Query):
+    def _answer(self, query: Query) -> defer.Deferred:
+        # Plain callbacks, not inlineCallbacks: this runs for every query.
         request = query.request
         conn = self._connection(query)
-        name = self._name_of(conn.uid)
+        name, home = self._account_of(conn.uid)
         now = self._clock.seconds()
         record = records.base_record(
             request=self._request_fields(request), requester=query.requester,
@@ -142,28 +147,49 @@ class Answerer:
         over_quota = self._over_quota(now)
         if over_quota:
             record["quota"] = "reached"
-        sv = (request.type in (wire.SV, wire.SV_REC) and not over_quota
-              and self._process_state is not None)
-        if sv:
-            record.update((yield self._process_state.collect(conn)))
+        if (request.type in (wire.SV, wire.SV_REC) and not over_quota
+                and self._process_state is not None):
+            d = self._process_state.collect(conn)
+            d.addCallback(lambda state: self._save(query, conn, name, home,
+                                                    {**record, **state}, sv=True))
+            return d
+        return self._save(query, conn, name, home, record, sv=False)
+
+    def _save(self, query: Query, conn: Connection, name, home, record: dict,
+               sv: bool) -> defer.Deferred:
         data = records.canonical(record)
         # An SV token is the hash of the exact stored bytes (spec 4).
         token = self._tokens.of_record(data) if sv else self._tokens.random()
-        yield self._store.save(token, data)
+        d = self._record_store.save(token, data)
+        d.addCallback(self._stored, query, conn, name, home, token, data)
+        return d
+
+    def _stored(self, _, query: Query, conn: Connection, name, home, token: str,
+                data: bytes):
+        self._hooks.saved(token, data)  # returns at once; failures are logged
+        request = query.request
         who = f"uid {conn.uid}" + (f" ({name})" if name and self._config.log_users else "")
-        if (request.type == wire.ID and request.address is None and name
+        if (request.type == wire.ID and request.address is None and name and home
                 and self._config.user_optin):
-            allowed = yield self._optin.allows(conn.uid, query.requester.host)
-            if allowed:
-                try:
-                    reply = wire.format_user(request.ports, "UNIX", name)
-                except ValueError:
-                    pass  # a name that cannot go on the wire gets a token
-                else:
-                    self._log(query, f"{conn} {who}: user name sent (~/.ident), record {token}")
-                    return reply
+            d = self._optin.allows(conn.uid, home, query.requester.host)
+            d.addCallback(self._reply, query, conn, name, who, token)
+            return d
+        return self._reply(False, query, conn, name, who, token)
+
+    def _reply(self, send_name: bool, query: Query, conn: Connection, name, who: str,
+               token: str) -> bytes:
+        ports = query.request.ports
+        if send_name:
+            try:
+                reply = wire.format_user(ports, "UNIX", name)
+            except ValueError:
+                pass  # a name that cannot go on the wire gets a token
+            else:
+                self._log(query, f"{conn.local}->{conn.remote} {who}: user name sent "
+                                 f"(~/.ident), record {token}")
+                return reply
         self._log(query, f"{conn.local}->{conn.remote} {who}: token {token}")
-        return wire.format_token(request.ports, token)
+        return wire.format_token(ports, token)
 
     @staticmethod
     def _request_fields(request: wire.Request) -> dict:
@@ -172,13 +198,13 @@ class Answerer:
 
     def _over_quota(self, now: float) -> bool:
         quota = self._config.quota_bytes
-        if not quota or self._store.usage() < quota:
+        if not quota or self._record_store.usage() < quota:
             return False
         if self._last_quota_warning is None or now - self._last_quota_warning >= QUOTA_WARN_INTERVAL:
             self._last_quota_warning = now
             self.log.warn("storage quota of {mb} MiB reached ({used} bytes used): SV records "
                           "are saved at ID size; nothing is deleted",
-                          mb=self._config.quota_mb, used=self._store.usage())
+                          mb=self._config.quota_mb, used=self._record_store.usage())
         return True
 
     def _failed(self, failure: Failure, query: Query) -> bytes:
@@ -195,7 +221,11 @@ class Answerer:
         r = query.request
         kind = r.type + (f":{r.sid}" if r.sid is not None else "") + (
             f" for {r.address}" if r.address else "")
+        text = f"{query.requester} asked {r.ports[0]}, {r.ports[1]} {kind}: {outcome}"
+        # One line per query is the daemon's biggest single cost after the
+        # kernel: the text is made here with an f-string, and the format
+        # has no fields left for twisted.logger's (pure Python) formatter
+        # to fill. The parts still travel in the event for JSON observers.
         emit = self.log.warn if warn else self.log.info
-        emit("{requester} asked {p1}, {p2} {kind}: {outcome}",
-                      requester=str(query.requester), p1=r.ports[0], p2=r.ports[1],
-                      kind=kind, outcome=outcome)
+        emit(text.replace("{", "{{").replace("}", "}}"), requester=str(query.requester),
+             ports=r.ports, type=r.type, sid=r.sid, address=r.address, outcome=outcome)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from stop.errors import ConfigError
+from stop.logsetup import facility_number
 
 SECTION = "stop"
+#: ``[plugin NAME]`` sections hold a site plugin's own settings.
+PLUGIN_SECTION = "plugin "
 
 ERROR_POLICIES = ("normal", "unknown", "token")
 FSYNC_MODES = ("batch", "always", "never")
@@ -57,6 +60,17 @@ class Config:
     open_files: bool = True
     walk_max_processes: int = 512
     walk_max_fds: int = 65536
+    # Logging: the journal gets everything (twistd --logfile=-); syslog too
+    # when asked.
+    syslog: bool = False
+    syslog_facility: str = "daemon"
+    syslog_socket: str = "/dev/log"
+    # Site plugins (stop-plugins(7)): where to look, which record hooks run.
+    plugin_dirs: tuple[str, ...] = ("/etc/stop/plugins",)
+    hooks: tuple[str, ...] = ()
+    # The [plugin NAME] sections, as ((name, ((key, value), ...)), ...);
+    # not a [stop] setting. Read it with plugin_options(name).
+    plugin_settings: tuple = ()
 
     def __post_init__(self) -> None:
         _check_choice("storage", self.storage, None)
@@ -78,11 +92,16 @@ class Config:
             raise ConfigError("idle_timeout: must be more than 0 seconds")
         address_networks(self.address_form)  # raises ConfigError when malformed
         _check_sv(self)
+        facility_number(self.syslog_facility)  # raises ConfigError when unknown
 
     @property
     def quota_bytes(self) -> int:
         """The storage quota in bytes; 0 means no quota."""
         return self.quota_mb * 2**20
+
+    def plugin_options(self, name: str) -> dict[str, str]:
+        """The settings of the ``[plugin NAME]`` section (empty when none)."""
+        return dict(dict(self.plugin_settings).get(name, ()))
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -166,14 +185,18 @@ def parse(text: str, source: str = "<string>") -> dict[str, Any]:
         parser.read_string(text, source=source)
     except configparser.Error as e:
         raise ConfigError(f"{source}: {e}") from None
-    extra = [s for s in parser.sections() if s != SECTION]
+    extra = [s for s in parser.sections()
+             if s != SECTION and not (s.startswith(PLUGIN_SECTION) and s[len(PLUGIN_SECTION):].strip())]
     if extra:
-        raise ConfigError(f"{source}: unknown section(s) {', '.join(extra)}; only [{SECTION}]")
-    values: dict[str, Any] = {}
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(extra)}; only [{SECTION}] "
+                          f"and [{PLUGIN_SECTION}NAME]")
+    values: dict[str, Any] = {"plugin_settings": tuple(
+        (s[len(PLUGIN_SECTION):].strip(), tuple(parser.items(s)))
+        for s in parser.sections() if s != SECTION)}
     if parser.has_section(SECTION):
         for name, raw in parser.items(SECTION):
             f = _FIELDS.get(name)
-            if f is None:
+            if f is None or name == "plugin_settings":
                 raise ConfigError(f"{source}: unknown setting {name!r}")
             try:
                 values[name] = _convert(f, raw)

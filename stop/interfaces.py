@@ -173,3 +173,75 @@ class IProcessScan(Interface):
 
     def close():
         """Release kernel handles (netlink sockets). Idempotent."""
+
+
+# -- Site plugins ---------------------------------------------------------
+#
+# A site adds a backend by dropping a Python module into a directory named
+# by the ``plugin_dirs`` setting (default /etc/stop/plugins). The module
+# holds objects that provide ``twisted.plugin.IPlugin`` and one of the
+# factory interfaces below; ``stop.plugins`` finds them with
+# ``twisted.plugin.getPlugins`` and stop.conf selects them by ``name``.
+# See stop-plugins(7).
+
+
+class IStorePlugin(Interface):
+    """Makes a record store; selected by ``storage = NAME``."""
+
+    name = Attribute("The name stop.conf selects it by (str, e.g. 'syslog-forward'); "
+                     "must not be a built-in store's name.")
+
+    def build(config, reactor):
+        """Make the store.
+
+        :param config: the daemon's :class:`stop.config.Config`; a plugin's
+            own settings are ``config.plugin_options(name)`` (the
+            ``[plugin NAME]`` section of stop.conf).
+        :param reactor: the reactor (a Clock-bearing fake in tests).
+        :return: an :class:`IRecordStore` provider, not yet opened (the
+            daemon calls ``open()`` after twistd has dropped privileges).
+        :raise stop.errors.ConfigError: a missing or bad plugin setting.
+        """
+
+
+class ILookupPlugin(Interface):
+    """Makes a socket lookup (an OS backend); selected by ``lookup = NAME``."""
+
+    name = Attribute("The name stop.conf selects it by (str).")
+
+    def build(config, reactor):
+        """Make the lookup.
+
+        :return: an :class:`ISocketLookup` provider.
+        :raise stop.errors.ConfigError: a missing or bad plugin setting.
+        """
+
+
+class IRecordHook(Interface):
+    """Told of every record once it is durable (a policy hook: forward to a
+    collector, count, alert...)."""
+
+    name = Attribute("Short name, used in logs.")
+
+    def recordSaved(token, record):
+        """``record`` (bytes, canonical JSON) was stored under ``token``
+        (str). Called in the reactor thread after the store's ``save``
+        fired, while the reply goes out: it must not block. It may return
+        a Deferred; a failure (raised or as a Deferred) is logged and
+        changes nothing for the requester, the reply or the store."""
+
+    def close():
+        """Release resources at shutdown; may return a Deferred."""
+
+
+class IHookPlugin(Interface):
+    """Makes an :class:`IRecordHook`; selected by ``hooks = NAME ...``."""
+
+    name = Attribute("The name stop.conf selects it by (str).")
+
+    def build(config, reactor):
+        """Make the hook.
+
+        :return: an :class:`IRecordHook` provider.
+        :raise stop.errors.ConfigError: a missing or bad plugin setting.
+        """

@@ -14,10 +14,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
-import pwd
 import socket
 import stat
-from typing import Callable, Optional
+from typing import Callable
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
@@ -30,29 +29,34 @@ FILENAME = ".ident"
 log = Logger()
 
 
-def read_entries(home: str, uid: int) -> list[str]:
-    """The entries of ``home/.ident`` for ``uid``, or [] when it is absent or unsafe."""
+def read_entries(home: str, uid: int, log_paths: bool = True) -> list[str]:
+    """The entries of ``home/.ident`` for ``uid``, or [] when it is absent or unsafe.
+
+    :param log_paths: name the file in log lines; False names only the uid
+        (a home directory usually holds the user name: ``log_users = no``).
+    """
     path = os.path.join(home, FILENAME)
+    shown = path if log_paths else f"~uid{uid}/{FILENAME}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-            log.info("ignoring {path}: {err}", path=path, err=os.strerror(e.errno))
+            log.info("ignoring {path}: {err}", path=shown, err=os.strerror(e.errno))
         return []
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or st.st_mode & 0o022:
             log.warn("ignoring {path}: not a regular file owned by uid {uid} and "
-                     "writable only by it", path=path, uid=uid)
+                     "writable only by it", path=shown, uid=uid)
             return []
         data = os.read(fd, MAX_BYTES + 1)
     except OSError as e:
-        log.info("ignoring {path}: {err}", path=path, err=os.strerror(e.errno))
+        log.info("ignoring {path}: {err}", path=shown, err=os.strerror(e.errno))
         return []
     finally:
         os.close(fd)
     if len(data) > MAX_BYTES:
-        log.warn("ignoring {path}: larger than {max} bytes", path=path, max=MAX_BYTES)
+        log.warn("ignoring {path}: larger than {max} bytes", path=shown, max=MAX_BYTES)
         return []
     entries = []
     for line in data.decode("utf-8", "replace").splitlines():
@@ -88,17 +92,15 @@ def _matches(host: str, entries: list[str]) -> tuple[bool, list[str]]:
 class OptIn:
     """Answers whether a user opted in to send their name to a host."""
 
-    def __init__(self, home_of: Optional[Callable[[int], Optional[str]]] = None,
-                 resolve: Callable[[list[str]], "defer.Deferred"] = None):
-        self._home_of = home_of or _home_from_passwd
+    def __init__(self, resolve: Callable[[list[str]], "defer.Deferred"] = None,
+                 log_paths: bool = True):
+        self._log_paths = log_paths
         self._resolve = resolve or (lambda names: threads.deferToThread(_resolve, names))
 
-    def allows(self, uid: int, host: str) -> "defer.Deferred[bool]":
-        """Fires True when ``uid``'s ~/.ident lists ``host`` (an address literal)."""
-        home = self._home_of(uid)
-        if not home:
-            return defer.succeed(False)
-        matched, names = _matches(host, read_entries(home, uid))
+    def allows(self, uid: int, home: str, host: str) -> "defer.Deferred[bool]":
+        """Fires True when ``home/.ident``, belonging to ``uid``, lists
+        ``host`` (an address literal)."""
+        matched, names = _matches(host, read_entries(home, uid, self._log_paths))
         if matched or not names:
             return defer.succeed(matched)
         canonical = canonical_host(host)
@@ -113,9 +115,3 @@ def _canon(text: str) -> str:
     except ValueError:
         return ""
 
-
-def _home_from_passwd(uid: int) -> Optional[str]:
-    try:
-        return pwd.getpwuid(uid).pw_dir
-    except KeyError:
-        return None

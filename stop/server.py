@@ -14,6 +14,7 @@ from collections import deque
 from typing import Optional
 
 from twisted.internet import defer, protocol
+from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -27,6 +28,8 @@ from stop.model import Endpoint, canonical_host
 
 def endpoint_of(address) -> Endpoint:
     """An Endpoint from a Twisted IPv4Address/IPv6Address."""
+    if isinstance(address, IPv4Address):
+        return Endpoint(address.host, address.port)  # the kernel's dotted quad: canonical
     host = address.host
     scope = getattr(address, "scopeID", 0)
     if scope and "%" not in host:
@@ -49,7 +52,7 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
     # one more than the line limit to leave room for the CR.
 
     def connectionMade(self) -> None:
-        self.requester = endpoint_of(self.transport.getPeer())
+        # self.requester was set by the factory, which needed it first.
         self.server = endpoint_of(self.transport.getHost())
         config: Config = self.factory.config
         self.MAX_LENGTH = config.max_line_length + 1
@@ -137,7 +140,8 @@ class IdentFactory(protocol.ServerFactory):
         self.per_host: dict[str, int] = {}
 
     def buildProtocol(self, addr) -> Optional[IdentProtocol]:
-        host = endpoint_of(addr).host
+        requester = endpoint_of(addr)
+        host = requester.host
         if self.connections >= self.config.max_connections:
             self.log.warn("refusing {host}: {n} connections open, the most allowed "
                           "(max_connections)", host=host, n=self.connections)
@@ -149,6 +153,7 @@ class IdentFactory(protocol.ServerFactory):
         p = protocol.ServerFactory.buildProtocol(self, addr)
         p.callLater = self.clock.callLater  # TimeoutMixin's clock
         p._host_key = host
+        p.requester = requester
         self.connections += 1
         self.per_host[host] = self.per_host.get(host, 0) + 1
         return p

@@ -13,14 +13,16 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from stop import config as config_mod
+from stop import logsetup, plugins
 from stop.answer import Answerer
 from stop.process import make_inspector
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
+from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
-from stop.lookup import make_lookup
+from stop.lookup import BACKENDS, make_lookup
 from stop.server import IdentFactory
-from stop.storage import make_store
+from stop.storage import STORES, make_store
 
 log = Logger()
 
@@ -101,13 +103,28 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
 
     :raise ConfigError: a backend named in the settings does not exist.
     """
-    lookup = make_lookup(settings.lookup)
-    store = make_store(settings.storage, settings.data_dir, reactor=reactor, fsync=settings.fsync)
+    # A name that is not built in is a site plugin's (stop-plugins(7)).
+    if settings.lookup == "auto" or settings.lookup in BACKENDS:
+        lookup = make_lookup(settings.lookup)
+    else:
+        lookup = plugins.build_lookup(settings, reactor)
+    if settings.storage in STORES:
+        store = make_store(settings.storage, settings.data_dir, reactor=reactor,
+                           fsync=settings.fsync)
+    else:
+        store = plugins.build_store(settings, reactor)
     process_state = ProcessState(settings, make_inspector(settings.process_backend),
                                  in_thread_pool(reactor))
-    answerer = Answerer(settings, lookup, store, reactor, process_state=process_state)
+    hooks = Hooks(plugins.build_hooks(settings, reactor))
+    answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
+                        hooks=hooks)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
+    syslog = logsetup.syslog_service(settings)
+    if syslog is not None:  # first started, last stopped: it sees every event
+        syslog.setServiceParent(top)
+    if hooks.hooks:  # stopped after the listeners: no record meets a closed hook
+        HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
     for endpoint in settings.listen:

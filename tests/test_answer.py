@@ -28,7 +28,7 @@ class FakeOptIn:
         self.allowed = set(allowed)
         self.asked = []
 
-    def allows(self, uid, host):
+    def allows(self, uid, home, host):
         self.asked.append((uid, host))
         return defer.succeed((uid, host) in self.allowed)
 
@@ -39,7 +39,8 @@ def make(config=None, optin=None, conns=(OUT, SERVICE), auto=True):
     clock = Clock()
     clock.advance(1764072000)
     a = Answerer(config or Config(), FakeLookup(*conns), store, clock,
-                 optin=optin or FakeOptIn(), name_of={1000: "alice", 0: "root"}.get,
+                 optin=optin or FakeOptIn(), account_of=lambda uid: {1000: ("alice", "/home/alice"),
+                                           0: ("root", "/root")}.get(uid, (None, None)),
                  host_name="h1")
     return a, store
 

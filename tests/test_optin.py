@@ -22,7 +22,17 @@ def optin_for(home, resolved=()):
     def resolve(names):
         asked.append(names)
         return defer.succeed(list(resolved))
-    return OptIn(home_of=lambda uid: str(home), resolve=resolve), asked
+    return Bound(OptIn(resolve=resolve), str(home)), asked
+
+
+class Bound:
+    """An OptIn asked about one home directory."""
+
+    def __init__(self, optin, home):
+        self.optin, self.home = optin, home
+
+    def allows(self, uid, host):
+        return self.optin.allows(uid, self.home, host)
 
 
 def write(home, text, mode=0o644):
@@ -86,6 +96,22 @@ def test_directory_and_huge_file_are_ignored(tmp_path):
     assert read_entries(str(tmp_path), UID) == []
 
 
-def test_unknown_uid_has_no_home():
-    o = OptIn(home_of=lambda uid: None)
-    assert result(o.allows(12345, "192.0.2.7")) is False
+def test_home_that_does_not_exist(tmp_path):
+    o = OptIn()
+    assert result(o.allows(UID, str(tmp_path / "gone"), "192.0.2.7")) is False
+
+
+def test_log_lines_name_only_the_uid_when_asked(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        write(tmp_path, "192.0.2.7\n", 0o666)
+        read_entries(str(tmp_path), UID, log_paths=False)
+        read_entries(str(tmp_path), UID, log_paths=True)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events if "ignoring" in formatEvent(e)]
+    assert len(texts) == 2
+    assert str(tmp_path) not in texts[0] and f"~uid{UID}/.ident" in texts[0]
+    assert str(tmp_path) in texts[1]

@@ -17,7 +17,7 @@ TOKEN = rb"[0-9a-f]{40}"
 
 
 class NoOptIn:
-    def allows(self, uid, host):
+    def allows(self, uid, home, host):
         from twisted.internet import defer
         return defer.succeed(False)
 

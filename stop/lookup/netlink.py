@@ -126,15 +126,6 @@ def key_host(key: bytes) -> str:
     return str(ipaddress.IPv6Address(key))
 
 
-def _covers(listener: bytes, local: bytes) -> bool:
-    """Whether a listener bound to ``listener`` accepts on ``local``.
-
-    ``::`` counts as covering IPv4 too even for an IPV6_V6ONLY socket: a
-    false "accepted" only answers NO-USER, the safe side.
-    """
-    return listener == local or listener == _ZERO16 or (listener == _ZERO4 and len(local) == 4)
-
-
 def port_filter(sport: int | None = None, dport: int | None = None) -> bytes:
     """``INET_DIAG_REQ_BYTECODE`` program accepting sockets whose source
     (local) port is ``sport`` and destination (remote) port is ``dport``
@@ -219,7 +210,7 @@ class NetlinkLookup:
                     return None
                 lkey = address_key(hit.family, hit.src)
                 found_local, found_remote = Endpoint(key_host(lkey), local.port), remote
-            accepted = self._listening(lkey, local.port)
+            accepted = self._listening(lkey, local.port, lif if local.host else 0)
         return Connection(
             local=found_local, remote=found_remote, uid=hit.uid, inode=hit.inode, accepted=accepted
         )
@@ -281,13 +272,22 @@ class NetlinkLookup:
                     return r
         return None
 
-    def _listening(self, lkey: bytes, lport: int) -> bool:
-        """Whether a TCP listener on ``lport`` covers local address ``lkey``."""
-        bc = port_filter(sport=lport)
-        for family in self._families(lkey):
-            for r in self._request(self._dump_message(family, 1 << TCP_LISTEN, bc), dump=True):
-                if r.state == TCP_LISTEN and r.sport == lport and _covers(r.src, lkey):
-                    return True
+    def _listening(self, lkey: bytes, lport: int, ifindex: int = 0) -> bool:
+        """Whether a TCP listener on ``lport`` would accept on ``lkey``.
+
+        The LISTEN trap put to use: an exact request for (``lkey``,
+        ``lport``) with the wildcard remote end matches no connection, so
+        the kernel falls back to its own listener lookup, the one an
+        incoming SYN gets: a listener bound to that address, to the
+        wildcard, or (for IPv4) a dual-stack ``::`` socket. One request,
+        ~10 µs, against ~40 µs for listener dumps of both families. Limit:
+        a listener bound to a device (SO_BINDTODEVICE) is found only when
+        ``ifindex`` names it.
+        """
+        zero = _ZERO4 if len(lkey) == 4 else _ZERO16
+        for r in self._request(self._exact_message(lkey, lport, zero, 0, ifindex), dump=False):
+            if r.state == TCP_LISTEN and r.sport == lport:
+                return True
         return False
 
     @staticmethod

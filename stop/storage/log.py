@@ -27,13 +27,12 @@ import stat
 from collections.abc import Iterator
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from stop.errors import ConfigError, StoreFailed
 from stop.interfaces import IRecordStore
+from stop.storage.writer import WriterThread
 
 # Module-level names so tests can observe or fail them (monkeypatch).
 fdatasync = os.fdatasync
@@ -236,7 +235,7 @@ class LogStore:
         self._index_ok = True
         self._found_on_open: list = []
         # Writer state; the worker thread owns _seg_* while a batch is in flight.
-        self._pool: ThreadPool | None = None
+        self._pool: WriterThread | None = None
         self._shutdown_trigger = None
         self._seg_no = 0
         self._seg_fd: int | None = None
@@ -497,7 +496,7 @@ class LogStore:
         if self._reactor is None:
             from twisted.internet import reactor
             self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"stop-{self.name}-store")
+        self._pool = WriterThread(self._reactor, f"stop-{self.name}-store")
         self._pool.start()
         self._shutdown_trigger = self._reactor.addSystemEventTrigger("during", "shutdown", self._stop_pool)
 
@@ -533,7 +532,7 @@ class LogStore:
         batch, self._pending = self._pending[:take], self._pending[take:]
         self._flushing = True
         items = [(token, record) for token, record, _ in batch]
-        d = deferToThreadPool(self._reactor, self._pool, self._commit, items)
+        d = self._pool.call(self._commit, items)
         d.addBoth(self._committed, batch)
 
     def _committed(self, result, batch) -> None:
@@ -774,8 +773,8 @@ class LogStore:
         return d
 
     def _stop_pool(self) -> None:
-        """Stop the worker (once: a second ThreadPool.stop raises)."""
-        if self._pool is not None and self._pool.started:
+        """Stop the worker (idempotent)."""
+        if self._pool is not None:
             self._pool.stop()
 
     def _finish_close(self) -> None:

@@ -42,8 +42,11 @@ class Daemon:
     """One ``twistd stop`` process with its own config and data dir."""
 
     def __init__(self, tmp_path, settings: Optional[dict] = None, args=(),
-                 interfaces=(HOST, PEER, "::1"), port: Optional[int] = None):
+                 interfaces=(HOST, PEER, "::1"), port: Optional[int] = None,
+                 netns=None, twistd_args=()):
         self.dir = tmp_path
+        self.interfaces = tuple(interfaces)
+        self.netns = netns  # a tests.integration.netns.Netns to run it in, or None
         self.data_dir = str(tmp_path / "data")
         self.port = port or free_port(interfaces)
         listen = [("tcp6:%d:interface=%s" if ":" in i else "tcp:%d:interface=%s")
@@ -56,13 +59,17 @@ class Daemon:
             fh.write("\n".join(lines) + "\n")
         self.log = str(tmp_path / "twistd.log")
         self.args = list(args)
+        self.twistd_args = list(twistd_args)  # twistd's own options, e.g. --profile
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Daemon":
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                "--nodaemon", "--pidfile=",
-               f"--logfile={self.log}", "stop", "--config", self.config] + self.args
+               f"--logfile={self.log}"] + self.twistd_args
+        cmd += ["stop", "--config", self.config] + self.args
+        if self.netns is not None:
+            cmd = self.netns.command(cmd)
         self.proc = subprocess.Popen(cmd, cwd=str(self.dir), env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT
@@ -78,14 +85,22 @@ class Daemon:
 
     def _answers(self) -> bool:
         try:
-            with socket.create_connection((self.listen_host, self.port), timeout=1):
+            fam = socket.AF_INET6 if ":" in self.listen_host else socket.AF_INET
+            with self._socket(fam) as s:
+                s.settimeout(1)
+                s.connect((self.listen_host, self.port))
                 return True
         except OSError:
             return False
 
     @property
     def listen_host(self) -> str:
-        return HOST
+        return HOST if HOST in self.interfaces else self.interfaces[0]
+
+    def _socket(self, family: int) -> socket.socket:
+        if self.netns is not None:
+            return self.netns.socket(family)
+        return socket.socket(family, socket.SOCK_STREAM)
 
     def read_log(self) -> str:
         try:
@@ -113,7 +128,7 @@ class Daemon:
     def connect(self, source: str = PEER, dest: Optional[str] = None) -> socket.socket:
         dest = dest or (HOST if ":" not in source else "::1")
         fam = socket.AF_INET6 if ":" in dest else socket.AF_INET
-        s = socket.socket(fam, socket.SOCK_STREAM)
+        s = self._socket(fam)
         s.settimeout(IO_TIMEOUT)
         s.bind((source, 0))
         s.connect((dest, self.port))

@@ -1,0 +1,175 @@
+"""Send the daemon's log events to the local syslog daemon (``syslog = yes``).
+
+Under systemd the journal already gets everything twistd prints
+(``--logfile=-``); this observer is for sites that also want the events in
+syslog (files under /var/log, a central log host). It writes RFC 3164
+datagrams, as glibc's ``syslog(3)`` does, to a UNIX datagram socket
+(``/dev/log`` by default), without ever blocking the reactor: a datagram that
+cannot be sent at once is dropped and counted, and the next event tries
+again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from typing import Optional
+
+from twisted.application.service import Service
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+from stop.errors import ConfigError
+
+#: syslog(3) facility names and their numbers (RFC 5424 section 6.2.1).
+FACILITIES = {
+    "kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5,
+    "lpr": 6, "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+    **{f"local{n}": 16 + n for n in range(8)},
+}
+
+#: Twisted log levels as syslog severities.
+SEVERITIES = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+#: Longest datagram sent, in bytes; longer messages are cut (a traceback
+#: can be long; the journal keeps the whole text).
+MAX_DATAGRAM = 8192
+
+DEFAULT_SOCKET = "/dev/log"
+
+
+def facility_number(name: str) -> int:
+    """The number of syslog facility ``name`` (``daemon``, ``local0``...).
+
+    :raise ConfigError: an unknown name.
+    """
+    try:
+        return FACILITIES[name.lower()]
+    except KeyError:
+        raise ConfigError(
+            f"syslog_facility: {name!r} is not one of {', '.join(FACILITIES)}") from None
+
+
+def format_datagram(event: dict, facility: int, ident: str, pid: int) -> bytes:
+    """One RFC 3164 datagram for a twisted.logger ``event``:
+    ``<PRI>Mmm dd hh:mm:ss ident[pid]: text`` (local time, as syslog(3)).
+
+    The text is :func:`formatEvent` plus the traceback of ``log_failure``
+    when there is one; the result is at most :data:`MAX_DATAGRAM` bytes.
+    """
+    level = event.get("log_level", LogLevel.info)
+    severity = SEVERITIES.get(level, 6)
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            text = f"{text}\n{failure.getTraceback()}"
+        except Exception:  # a broken Failure must not lose the message
+            pass
+    when = time.localtime(event.get("log_time") or time.time())
+    # "%e"-style day: space-padded, as RFC 3164 wants.
+    stamp = time.strftime("%b ", when) + f"{when.tm_mday:2d}" + time.strftime(" %H:%M:%S", when)
+    head = f"<{facility * 8 + severity}>{stamp} {ident}[{pid}]: "
+    data = (head + text.rstrip("\n")).encode("utf-8", "replace")
+    return data[:MAX_DATAGRAM]
+
+
+@implementer(ILogObserver)
+class SyslogObserver:
+    """A log observer writing each event as one datagram to ``path``.
+
+    Never raises and never blocks: when the socket is missing, refuses or
+    is full, the event is dropped and :attr:`dropped` counts it; the socket
+    is reconnected on the next event.
+    """
+
+    def __init__(self, path: str = DEFAULT_SOCKET, facility: str = "daemon",
+                 ident: str = "stopd") -> None:
+        self.path = path
+        self.facility = facility_number(facility)
+        self.ident = ident
+        self.dropped = 0
+        self._sock: Optional[socket.socket] = None
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect(self.path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def __call__(self, event: dict) -> None:
+        try:
+            data = format_datagram(event, self.facility, self.ident, os.getpid())
+            if self._sock is None:
+                self._sock = self._connect()
+            self._sock.send(data)
+        except OSError as e:
+            self.dropped += 1
+            # A restarted syslog daemon makes a new socket: reconnect next
+            # time. A full queue (EAGAIN) keeps the connection.
+            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
+                self.close()
+        except Exception:
+            # An observer that raises is removed by twisted.logger: never.
+            self.dropped += 1
+
+    def close(self) -> None:
+        """Close the socket (idempotent); the next event reopens it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+class SyslogService(Service):
+    """Adds a :class:`SyslogObserver` to ``publisher`` while running.
+
+    Events below ``level`` (default info) are not sent.
+    """
+
+    def __init__(self, observer: SyslogObserver, level: LogLevel = LogLevel.info,
+                 publisher=globalLogPublisher) -> None:
+        self.observer = observer
+        self.publisher = publisher
+        predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+        self._filtered = FilteringLogObserver(observer, [predicate])
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.publisher.addObserver(self._filtered)
+
+    def stopService(self) -> None:
+        self.publisher.removeObserver(self._filtered)
+        self.observer.close()
+        return Service.stopService(self)
+
+
+def syslog_service(config) -> Optional[SyslogService]:
+    """The service that tap.makeService adds when ``config.syslog`` is
+    true, else None. Reads ``syslog``, ``syslog_facility`` and
+    ``syslog_socket`` from the Config.
+
+    :raise ConfigError: an unknown facility.
+    """
+    if not config.syslog:
+        return None
+    observer = SyslogObserver(path=config.syslog_socket, facility=config.syslog_facility)
+    return SyslogService(observer)

@@ -1,0 +1,62 @@
+"""One writer thread for a store: calls run there one at a time, in order;
+their results come back on the reactor thread.
+
+Twisted's ThreadPool + deferToThreadPool does the same with more layers
+(a team of workers, a Queue with a Condition, context copies); on the hot
+path, with one record per batch, those layers cost more CPU than the write
+itself (bench/profile notes in docs/storage.rst).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+
+class WriterThread:
+    """A single worker thread. ``started`` says whether it runs."""
+
+    def __init__(self, reactor, name: str):
+        self._reactor = reactor
+        self._name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Let the calls already queued finish, then end the thread. Idempotent."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def call(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """Run ``f(*args)`` in the thread; the Deferred fires (on the
+        reactor thread) with its result or its exception."""
+        d: defer.Deferred = defer.Deferred()
+        self._queue.put((d, f, args))
+        return d
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            d, f, args = item
+            try:
+                result = f(*args)
+            except BaseException:
+                self._reactor.callFromThread(d.errback, Failure())
+            else:
+                self._reactor.callFromThread(d.callback, result)

@@ -1,0 +1,121 @@
+"""stop.logsetup: the syslog observer, unit tests and against a real rsyslogd."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from stop.errors import ConfigError
+from stop.logsetup import (MAX_DATAGRAM, SyslogObserver, SyslogService, facility_number,
+                           format_datagram)
+
+from tests import rsyslogd
+
+needs_rsyslog = pytest.mark.skipif(not rsyslogd.available(), reason="rsyslogd not installed")
+
+
+def test_facility_numbers():
+    assert facility_number("kern") == 0
+    assert facility_number("daemon") == 3
+    assert facility_number("LOCAL7") == 23
+    with pytest.raises(ConfigError, match="syslog_facility"):
+        facility_number("nosuch")
+
+
+def test_datagram_priority_header_and_text():
+    event = {"log_format": "hello {who}", "who": "world", "log_level": LogLevel.warn,
+             "log_time": 0.0}
+    data = format_datagram(event, facility=3, ident="stopd", pid=42)
+    # daemon (3) * 8 + warning (4) = 28
+    assert re.fullmatch(rb"<28>[A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d stopd\[42\]: hello world",
+                        data), data
+
+
+def test_datagram_carries_traceback_and_is_bounded():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    event = {"log_format": "boom", "log_level": LogLevel.critical, "log_failure": failure,
+             "log_time": 0.0}
+    data = format_datagram(event, facility=16, ident="x", pid=1)
+    assert data.startswith(b"<130>")  # local0 * 8 + crit
+    assert b"ZeroDivisionError" in data
+    big = {"log_format": "{x}", "x": "a" * (3 * MAX_DATAGRAM), "log_level": LogLevel.info}
+    assert len(format_datagram(big, 3, "x", 1)) == MAX_DATAGRAM
+
+
+def test_observer_provides_interface(tmp_path):
+    verifyObject(ILogObserver, SyslogObserver(str(tmp_path / "none"), "daemon"))
+
+
+def test_missing_socket_drops_without_raising(tmp_path):
+    observer = SyslogObserver(str(tmp_path / "absent.sock"), "daemon")
+    observer({"log_format": "lost", "log_level": LogLevel.info})
+    observer({"log_format": "lost again", "log_level": LogLevel.info})
+    assert observer.dropped == 2
+
+
+@pytest.fixture
+def syslogd(tmp_path):
+    server = rsyslogd.Rsyslogd(tmp_path / "rsyslog").start()
+    yield server
+    server.stop()
+
+
+@needs_rsyslog
+def test_events_reach_rsyslog(syslogd):
+    observer = SyslogObserver(syslogd.socket_path, "local3", ident="stopd")
+    observer({"log_format": "answered {n} queries", "n": 7, "log_level": LogLevel.info})
+    observer({"log_format": "store failed: {why}", "why": "disk full",
+              "log_level": LogLevel.error})
+    got = syslogd.wait_messages(lambda m: m[2] == "stopd", count=2)
+    pid = str(os.getpid())
+    assert got == [
+        ("local3", "info", "stopd", pid, "-", "-", "answered 7 queries"),
+        ("local3", "err", "stopd", pid, "-", "-", "store failed: disk full"),
+    ]
+    assert observer.dropped == 0
+
+
+@needs_rsyslog
+def test_service_filters_debug_and_detaches_on_stop(syslogd):
+    publisher = LogPublisher()
+    log = Logger(namespace="stop.test", observer=publisher)
+    service = SyslogService(SyslogObserver(syslogd.socket_path, "daemon"), publisher=publisher)
+    service.startService()
+    log.debug("not sent {x}", x=1)
+    log.info("sent {x}", x=2)
+    assert syslogd.wait_messages(lambda m: m[6] == "sent 2")
+    service.stopService()
+    log.info("after stop")
+    observer = SyslogObserver(syslogd.socket_path, "daemon")
+    observer({"log_format": "sentinel", "log_level": LogLevel.info})
+    syslogd.wait_messages(lambda m: m[6] == "sentinel")
+    assert [m[6] for m in syslogd.messages() if m[2] == "stopd"] == ["sent 2", "sentinel"]
+
+
+@needs_rsyslog
+def test_reconnects_after_rsyslog_restart(tmp_path):
+    first = rsyslogd.Rsyslogd(tmp_path / "r").start()
+    observer = SyslogObserver(first.socket_path, "daemon")
+    try:
+        observer({"log_format": "one", "log_level": LogLevel.info})
+        assert first.wait_messages(lambda m: m[6] == "one")
+    finally:
+        first.stop()
+    if os.path.exists(first.socket_path):  # rsyslogd usually removes it itself
+        os.unlink(first.socket_path)
+    observer({"log_format": "while down", "log_level": LogLevel.info})
+    assert observer.dropped == 1
+    second = rsyslogd.Rsyslogd(tmp_path / "r").start()
+    try:
+        observer({"log_format": "two", "log_level": LogLevel.info})
+        assert second.wait_messages(lambda m: m[6] == "two")
+    finally:
+        second.stop()

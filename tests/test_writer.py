@@ -1,0 +1,43 @@
+"""stop.storage.writer: one thread, calls in order, results on the reactor."""
+
+import threading
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from stop.storage.writer import WriterThread
+
+
+class WriterThreadTests(unittest.TestCase):
+    def setUp(self):
+        self.w = WriterThread(reactor, "test-writer")
+        self.w.start()
+        self.addCleanup(self.w.stop)
+
+    @defer.inlineCallbacks
+    def test_calls_run_in_order_in_one_other_thread(self):
+        seen = []
+        ds = [self.w.call(lambda i=i: seen.append((i, threading.get_ident())) or i)
+              for i in range(50)]
+        results = yield defer.gatherResults(ds)
+        self.assertEqual(results, list(range(50)))
+        self.assertEqual([i for i, _ in seen], list(range(50)))
+        self.assertEqual(len({t for _, t in seen}), 1)
+        self.assertNotEqual(seen[0][1], threading.get_ident())
+
+    @defer.inlineCallbacks
+    def test_exception_is_a_failure_and_the_thread_goes_on(self):
+        d = self.w.call(lambda: 1 / 0)
+        yield self.assertFailure(d, ZeroDivisionError)
+        self.assertEqual((yield self.w.call(lambda: "still here")), "still here")
+
+    def test_stop_finishes_queued_calls_and_is_idempotent(self):
+        gate = threading.Event()
+        done = []
+        self.w.call(gate.wait)
+        self.w.call(lambda: done.append(1))
+        gate.set()
+        self.w.stop()
+        self.w.stop()
+        self.assertEqual(done, [1])
+        self.assertFalse(self.w.started)
