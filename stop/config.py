@@ -60,6 +60,7 @@ class Config:
     open_files: bool = True
     walk_max_processes: int = 512
     walk_max_fds: int = 65536
+    index_max_age: float = 10.0
     # Logging: the journal gets everything (twistd --logfile=-); syslog too
     # when asked.
     syslog: bool = False
@@ -125,6 +126,8 @@ def _check_sv(config: "Config") -> None:
     for name in ("walk_max_processes", "walk_max_fds"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, not {getattr(config, name)}")
+    if config.index_max_age < 0:
+        raise ConfigError("index_max_age: must not be negative")
 
 
 def address_networks(entries: tuple[str, ...]) -> Optional[tuple]:

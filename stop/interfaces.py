@@ -101,9 +101,10 @@ class IProcessInspector(Interface):
     Implementations: ``stop.process.procfs`` (Linux ``/proc`` + sock_diag)
     and ``stop.process.psutil_backend`` (portable). The walk itself
     (``stop.walk``) is backend-independent: it asks for one
-    :class:`IProcessScan` per walk, so per-walk caches (the inode index)
-    never leak between walks and concurrent walks in threads do not share
-    state.
+    :class:`IProcessScan` per walk, so concurrent walks in threads do not
+    share mutable state; what an inspector keeps between walks (procfs: its
+    inode index, ``stop.process.fdindex``) is locked and checked before
+    each use.
     """
 
     name = Attribute("Short name of the backend: 'procfs' or 'psutil'.")

@@ -113,8 +113,8 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
                            fsync=settings.fsync)
     else:
         store = plugins.build_store(settings, reactor)
-    process_state = ProcessState(settings, make_inspector(settings.process_backend),
-                                 in_thread_pool(reactor))
+    inspector = make_inspector(settings.process_backend, settings.index_max_age)
+    process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
     answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
                         hooks=hooks)
