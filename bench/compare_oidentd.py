@@ -29,7 +29,6 @@ import random
 import resource
 import select
 import shutil
-import signal
 import statistics
 import socket
 import subprocess
@@ -41,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from tests.integration.harness import Daemon, free_port  # noqa: E402
+from tests.integration.netns import stop_process  # noqa: E402
 
 THIS, REQUESTER = "127.0.0.1", "127.0.0.2"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -176,13 +176,8 @@ class OidentdServer:
         raise RuntimeError("oidentd did not start listening")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def settle(self) -> None:
         """Wait (bounded) until every per-connection child has been reaped,
