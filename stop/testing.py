@@ -61,15 +61,14 @@ class HeldStore:
         pass
 
     def save(self, token: str, record: bytes) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.pending.append((token, record, d))
-        if self.auto:
-            self.complete()
-        return d
+        return self._hold(self.pending, token, record)
 
     def save_linked(self, token: str, entry: bytes) -> defer.Deferred:
+        return self._hold(self.pending_linked, token, entry)
+
+    def _hold(self, queue: list, token: str, data: bytes) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
-        self.pending_linked.append((token, entry, d))
+        queue.append((token, data, d))
         if self.auto:
             self.complete()
         return d

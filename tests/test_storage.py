@@ -99,6 +99,7 @@ class LogStoreTests(TempDirMixin):
         store = self.cls(data_dir, reactor=reactor, **kw)
         store.open()
         self.addCleanup(store.close)
+        self.opened = getattr(self, "opened", []) + [store]
         return store
 
     def reopen(self, store, **kw):
@@ -121,6 +122,32 @@ class LogStoreTests(TempDirMixin):
             real(fd)
         self.patch(storelog, "fdatasync", spy)
         return calls
+
+    def fail_next_write(self, code: int, half: bool = False):
+        """The next pwrite fails with ``code`` (after writing half its
+        bytes when ``half``); later ones work."""
+        real = storelog.pwrite
+        failures = [OSError(code, os.strerror(code))]
+
+        def broken(fd, data, offset):
+            if failures:
+                if half:
+                    real(fd, bytes(data[:len(data) // 2]), offset)
+                raise failures.pop()
+            return real(fd, data, offset)
+        self.patch(storelog, "pwrite", broken)
+
+    def flip_in_entry(self, loc, marker: bytes) -> None:
+        """Flip one bit inside the stored entry at ``loc``: in the bytes
+        ``marker`` of a flat entry, in the deflate data of a gzip one."""
+        seg, start, length = loc
+        path = segment_files(self.opened[-1])[seg - 1]
+        with open(path, "r+b") as f:
+            raw = bytearray(f.read())
+            pos = raw.index(marker, start) if self.cls is FlatStore else start + 15
+            raw[pos] ^= 0x01
+            f.seek(0)
+            f.write(bytes(raw))
 
     def test_verify_object(self):
         store = self.make()
@@ -411,15 +438,7 @@ class LogStoreTests(TempDirMixin):
         next batch is stored."""
         store = self.make()
         yield store.save("before", b'{"a":1}')
-        real = storelog.pwrite
-        failures = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))]
-
-        def full_disk(fd, data, offset):
-            if failures:
-                real(fd, bytes(data[:len(data) // 2]), offset)
-                raise failures.pop()
-            return real(fd, data, offset)
-        self.patch(storelog, "pwrite", full_disk)
+        self.fail_next_write(errno.ENOSPC, half=True)
         seg = segment_files(store)[0]
         size = os.path.getsize(seg)
         err = yield self.assertFailure(store.save("lost", b'{"a":2}'), StoreFailed)
@@ -487,16 +506,7 @@ class LogStoreTests(TempDirMixin):
     def test_damage_is_reported_not_returned(self):
         store = self.make(fsync="never")
         yield self.save_all(store, [("d1", canonical({"v": "aaaa"})), ("d2", canonical({"v": "bbbb"}))])
-        seg = segment_files(store)[0]
-        with open(seg, "r+b") as f:
-            data = f.read()
-            start, _, _ = store._index["d1"]
-            raw = bytearray(data)
-            # flat: a byte of the record; gzip: a byte of the deflate data
-            pos = data.index(b"aaaa") if self.cls is FlatStore else start + 15
-            raw[pos] ^= 0x01
-            f.seek(0)
-            f.write(bytes(raw))
+        self.flip_in_entry(store._index["d1"], b"aaaa")
         with self.assertRaises(StoreFailed) as caught:
             store.get("d1")
         self.assertIn("d1", str(caught.exception))
@@ -649,14 +659,7 @@ class LogStoreTests(TempDirMixin):
         both fail; nothing of either is stored."""
         store = self.make()
         yield store.save("first", b"{}")
-        real = storelog.pwrite
-        failures = [OSError(errno.EIO, os.strerror(errno.EIO))]
-
-        def broken(fd, data, offset):
-            if failures:
-                raise failures.pop()
-            return real(fd, data, offset)
-        self.patch(storelog, "pwrite", broken)
+        self.fail_next_write(errno.EIO)
         d1, d2 = store.save("r2", b"{}"), store.save_linked("r2", b'{"a":1}')
         yield self.assertFailure(d1, StoreFailed)
         yield self.assertFailure(d2, StoreFailed)
@@ -674,14 +677,7 @@ class LogStoreTests(TempDirMixin):
         store = self.make(fsync="never")
         yield store.save("d1", canonical({"v": 1}))
         yield store.save_linked("d1", canonical({"kind": "x", "v": "aaaa"}))
-        seg = segment_files(store)[0]
-        loc = store._linked["d1"][0]
-        with open(seg, "r+b") as f:
-            raw = bytearray(f.read())
-            pos = raw.index(b"aaaa") if self.cls is FlatStore else loc[1] + 15
-            raw[pos] ^= 0x01
-            f.seek(0)
-            f.write(bytes(raw))
+        self.flip_in_entry(store._linked["d1"][0], b"aaaa")
         with self.assertRaises(StoreFailed) as caught:
             store.linked("d1")
         self.assertIn("linked to d1", str(caught.exception))

@@ -196,6 +196,56 @@ class Codec:
             raise BadEntry("entry length differs from the index")
         return line
 
+    def resync(self, buf: bytes, pos: int) -> int:
+        """Where the next entry may start after a bad one at ``buf[pos]``
+        (``len(buf)`` when nowhere): past the next newline."""
+        end = buf.find(b"\n", pos)
+        return len(buf) if end < 0 else end + 1
+
+    def salvage(self, raw: bytes) -> Optional[tuple[str, str]]:
+        """``(kind, token)`` read from the start of a bad entry's bytes
+        when they still say it, else ``None``: so a damaged record is
+        reported as damaged, not as unknown."""
+        m = _ENTRY_RE.match(raw)
+        return (m.group(1).decode("ascii"), m.group(3).decode("ascii")) if m else None
+
+
+class Found(NamedTuple):
+    """What :func:`iter_entries` met at ``buf[pos:end]``: a sound ``entry``,
+    or bad bytes (``entry`` None, ``why`` says why, ``salvaged`` the
+    ``(kind, token)`` they still show, if any)."""
+
+    pos: int
+    end: int
+    entry: Optional[Entry]
+    why: Optional[str]
+    salvaged: Optional[tuple[str, str]]
+
+
+def iter_entries(codec: Codec, buf: bytes, pos: int = 0) -> Iterator[Found]:
+    """Every entry of ``buf`` from ``pos``, in order; a run of bad bytes is
+    one :class:`Found` without entry, and the walk goes on at the next place
+    an entry may start (a damaged entry never hides the ones after it)."""
+    while pos < len(buf):
+        try:
+            line, end = codec.next_entry(buf, pos)
+            yield Found(pos, end, parse_entry(line), None, None)
+            pos = end
+            continue
+        except BadEntry as exc:
+            why = str(exc)
+        end = codec.resync(buf, pos)
+        # Bad bytes run until the next sound entry.
+        while end < len(buf):
+            try:
+                line, _ = codec.next_entry(buf, end)
+                parse_entry(line)
+                break
+            except BadEntry:
+                end = codec.resync(buf, end)
+        yield Found(pos, end, None, why, codec.salvage(buf[pos:end]))
+        pos = end
+
 
 def _oserror(what: str, path: str, exc: OSError) -> StoreFailed:
     text = os.strerror(exc.errno) if exc.errno else str(exc)
@@ -462,29 +512,33 @@ class LogStore:
                 buf = os.pread(fd, size - start, start) if size > start else b""
             finally:
                 os.close(fd)
-            pos, why = 0, None
-            while pos < len(buf):
-                try:
-                    line, end = self.codec.next_entry(buf, pos)
-                    entry = parse_entry(line)
-                except BadEntry as exc:
-                    why = str(exc)
+            pos = 0
+            last = seg == segments[-1]
+            for item in iter_entries(self.codec, buf):
+                loc = (seg, start + item.pos, item.end - item.pos)
+                if item.entry is not None:
+                    if self._note(item.entry, loc, path):
+                        found.append((item.entry, loc))
+                    self._head_seq, self._head_chain = item.entry.seq, item.entry.chain
+                elif last and item.end == len(buf):
+                    # Bad bytes after the last sound entry of the last
+                    # segment: a torn tail, or bytes the writer is adding
+                    # right now (a reader leaves them for the next scan).
+                    if repair:
+                        self._move_torn_tail(seg, start + item.pos, buf[item.pos:], item.why)
                     break
-                loc = (seg, start + pos, end - pos)
-                if self._note(entry, loc, path):
-                    found.append((entry, loc))
-                self._head_seq, self._head_chain = entry.seq, entry.chain
-                pos = end
+                else:
+                    # Followed by sound entries, or in an older segment
+                    # (rotation syncs a segment before the next one starts):
+                    # not a crash, damage. Left as is and reported; a record
+                    # whose token can still be read is indexed, so reading
+                    # it says "damaged", not "unknown".
+                    log.error("{path}: bad entry at offset {off} ({why}), {n} bytes",
+                              path=path, off=loc[1], why=item.why, n=loc[2])
+                    if item.salvaged and item.salvaged[0] == RECORD:
+                        self._index.setdefault(item.salvaged[1], loc)
+                pos = item.end
             self._scan_seg, self._scan_off = seg, start + pos
-            if why is None:
-                continue
-            if seg != segments[-1]:
-                # Rotation syncs a segment before the next one starts, so a
-                # crash cannot tear an older one: this is damage, left as is.
-                log.error("{path}: bad entry at offset {off} ({why}); {n} bytes after it are not indexed",
-                          path=path, off=start + pos, why=why, n=len(buf) - pos)
-            elif repair:
-                self._move_torn_tail(seg, start + pos, buf[pos:], why)
         return found
 
     def _move_torn_tail(self, seg: int, offset: int, tail: bytes, why: str) -> None:
