@@ -366,6 +366,16 @@ def ask_real(port, budget=REAL, request=QUESTION):
     return outcome, time.monotonic() - start
 
 
+def ask_upstream(behaviour):
+    """Ask an :class:`Upstream` running ``behaviour``; (outcome, seconds, peers)."""
+    up = Upstream(behaviour)
+    try:
+        o, took = ask_real(up.port)
+    finally:
+        up.close()
+    return o, took, up.peers
+
+
 def reply_with(data: bytes):
     def behaviour(conn, request, stopping):
         conn.sendall(data)
@@ -373,15 +383,11 @@ def reply_with(data: bytes):
 
 
 def test_real_token_from_the_local_address():
-    up = Upstream(lambda c, req, s: c.sendall(req.split(b":")[0].strip() + b" : USERID : OTHER : "
-                                              + TOKEN.encode() + b"\r\n"))
-    try:
-        o, _ = ask_real(up.port)
-    finally:
-        up.close()
+    o, _, peers = ask_upstream(lambda c, req, s: c.sendall(
+        req.split(b":")[0].strip() + b" : USERID : OTHER : " + TOKEN.encode() + b"\r\n"))
     assert (o.outcome, o.token) == ("token", TOKEN)
-    assert up.peers[0][0] == FROM  # asked from the local address of the connection
-    assert o.local == Endpoint(FROM, up.peers[0][1])
+    assert peers[0][0] == FROM  # asked from the local address of the connection
+    assert o.local == Endpoint(FROM, peers[0][1])
 
 
 def test_real_refused():
@@ -415,11 +421,7 @@ def test_real_dead_host_times_out_connecting():
 
 
 def test_real_accepts_and_never_answers():
-    up = Upstream(lambda c, req, stopping: stopping.wait(10))
-    try:
-        o, took = ask_real(up.port)
-    finally:
-        up.close()
+    o, took, _ = ask_upstream(lambda c, req, stopping: stopping.wait(10))
     assert (o.outcome, o.why) == ("timeout", "reply timeout")
     assert o.sent is not None and 1.5 < took < 10
 
@@ -430,21 +432,13 @@ def test_real_a_byte_a_second():
             if stopping.wait(0.5):
                 return
             conn.sendall(bytes([b]))
-    up = Upstream(slow)
-    try:
-        o, took = ask_real(up.port)
-    finally:
-        up.close()
+    o, took, _ = ask_upstream(slow)
     assert (o.outcome, o.why) == ("timeout", "reply timeout")
     assert o.reply and "6193" in o.reply and took < 10
 
 
 def test_real_garbage():
-    up = Upstream(reply_with(b"\x00\x01\xfeSSH-2.0-OpenSSH\r\n"))
-    try:
-        o, _ = ask_real(up.port)
-    finally:
-        up.close()
+    o, _, _ = ask_upstream(reply_with(b"\x00\x01\xfeSSH-2.0-OpenSSH\r\n"))
     assert (o.outcome, o.why) == ("unreadable", "not an ident reply line")
     assert o.reply == "\\x00\\x01\\xfeSSH-2.0-OpenSSH"
 
@@ -453,21 +447,13 @@ def test_real_over_long_line():
     def flood(conn, request, stopping):
         for _ in range(100):
             conn.sendall(b"A" * 10000)
-    up = Upstream(flood)
-    try:
-        o, _ = ask_real(up.port)
-    finally:
-        up.close()
+    o, _, _ = ask_upstream(flood)
     assert (o.outcome, o.why) == ("unreadable", "reply line longer than 1000 bytes")
     assert len(o.reply) == 1003
 
 
 def test_real_closed_without_a_reply():
-    up = Upstream(lambda c, req, s: None)
-    try:
-        o, _ = ask_real(up.port)
-    finally:
-        up.close()
+    o, _, _ = ask_upstream(lambda c, req, s: None)
     assert (o.outcome, o.why) == ("unreadable", "closed without a reply")
 
 
