@@ -48,3 +48,8 @@ class StoreFailed(StopError):
 class ConfigError(StopError):
     """The configuration file or command line is wrong; the message says
     which setting and why."""
+
+
+class UnreadableReply(StopError):
+    """A reply from another host's ident daemon (to a recursive question)
+    that is not an RFC 1413 / STOP reply line; the message says why."""
