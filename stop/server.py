@@ -6,18 +6,24 @@ source address (refused at accept), an idle timeout, requests per
 connection, replies outstanding per connection (the pipeline: reading stops
 while it is full), and the line length (a longer line closes the
 connection). Replies go out in the order the requests came.
+
+Per connection this is on the hot path (one query per connection is the
+common case), so: one timer for the idle timeouts of all connections (not
+a DelayedCall each), and a reply sent straight on the socket when nothing
+is buffered for it (Twisted's write would wait for the next reactor turn
+and two more epoll_ctl calls); see bench/README.rst.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import errno
+from collections import OrderedDict, deque
 from typing import Optional
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 
 from stop import wire
 from stop.answer import Answerer, Query
@@ -37,7 +43,7 @@ def endpoint_of(address) -> Endpoint:
     return Endpoint(canonical_host(host), address.port)
 
 
-class IdentProtocol(LineReceiver, TimeoutMixin):
+class IdentProtocol(LineReceiver):
     """One ident client connection."""
 
     delimiter = b"\n"  # a bare LF ends a line too; the CR is stripped
@@ -47,6 +53,9 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         self._replies: deque = deque()  # [Deferred, reply bytes or None]
         self._requests = 0
         self._finishing = False
+        # The socket, while replies may be sent on it directly: nothing of
+        # ours is in the transport's buffer (None: always transport.write).
+        self._sock = None
 
     # MAX_LENGTH (LineReceiver's own cap) is set per instance from config,
     # one more than the line limit to leave room for the CR.
@@ -56,10 +65,12 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         self.server = endpoint_of(self.transport.getHost())
         config: Config = self.factory.config
         self.MAX_LENGTH = config.max_line_length + 1
-        self.setTimeout(config.idle_timeout)
+        if isinstance(self.transport, tcp.Connection):  # a plain TCP socket (not TLS, not a test's)
+            self._sock = self.transport.getHandle()
+        self.factory.touch(self)
 
     def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
+        self.factory.touch(self)
         if self._finishing:
             return
         config: Config = self.factory.config
@@ -95,12 +106,31 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         while self._replies and self._replies[0][1] is not None:
             out = self._replies.popleft()[1]
             if self.transport is not None and self.connected:
-                self.transport.write(out)
-                self.resetTimeout()
+                self._write(out)
+                self.factory.touch(self)
         if self.paused and not self._finishing and len(self._replies) < self.factory.config.max_pipeline:
             self.resumeProducing()
         if self._finishing and not self._replies:
             self.transport.loseConnection()
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` on the socket now when nothing is buffered;
+        whatever it does not take (or any error) goes through the
+        transport, which then owns every later write (order is kept)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError as e:
+                # EAGAIN: full; anything else: let the transport meet the
+                # error and close the connection its own way.
+                sent = 0 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR) else -1
+            if sent == len(data):
+                return
+            self._sock = None
+            if sent > 0:
+                data = data[sent:]
+        self.transport.write(data)
 
     def _finish(self) -> None:
         """Read no more; close once every reply is written."""
@@ -121,8 +151,8 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self.setTimeout(None)
         self._finishing = True
+        self._sock = None
         self.factory.connection_closed(self)
 
 
@@ -138,6 +168,10 @@ class IdentFactory(protocol.ServerFactory):
         self.clock = clock
         self.connections = 0
         self.per_host: dict[str, int] = {}
+        # Open connections by their last activity, oldest first, and the
+        # one timer that closes the idle ones (see touch).
+        self._active: OrderedDict[IdentProtocol, float] = OrderedDict()
+        self._idle_call = None
 
     def buildProtocol(self, addr) -> Optional[IdentProtocol]:
         requester = endpoint_of(addr)
@@ -151,7 +185,6 @@ class IdentFactory(protocol.ServerFactory):
                           "(max_connections_per_host)", host=host, n=self.per_host[host])
             return None
         p = protocol.ServerFactory.buildProtocol(self, addr)
-        p.callLater = self.clock.callLater  # TimeoutMixin's clock
         p._host_key = host
         p.requester = requester
         self.connections += 1
@@ -159,6 +192,7 @@ class IdentFactory(protocol.ServerFactory):
         return p
 
     def connection_closed(self, p: IdentProtocol) -> None:
+        self._active.pop(p, None)
         host = p._host_key
         self.connections -= 1
         left = self.per_host[host] - 1
@@ -166,3 +200,35 @@ class IdentFactory(protocol.ServerFactory):
             self.per_host[host] = left
         else:
             del self.per_host[host]
+
+    # -- idle timeouts: one timer for all connections ------------------------
+
+    def touch(self, p: IdentProtocol) -> None:
+        """``p`` was active now: its idle time starts again."""
+        active = self._active
+        active[p] = self.clock.seconds()
+        active.move_to_end(p)
+        if self._idle_call is None:
+            self._schedule_idle()
+
+    def _schedule_idle(self) -> None:
+        """Arm the timer for the oldest activity's deadline (or none)."""
+        self._idle_call = None
+        for oldest in self._active.values():
+            delay = oldest + self.config.idle_timeout - self.clock.seconds()
+            self._idle_call = self.clock.callLater(max(0.0, delay), self._close_idle)
+            break
+
+    def _close_idle(self) -> None:
+        """Close every connection idle for ``idle_timeout`` seconds."""
+        self._idle_call = None
+        limit = self.clock.seconds() - self.config.idle_timeout
+        active = self._active
+        while active:
+            p, last = next(iter(active.items()))
+            if last > limit:
+                break
+            del active[p]
+            p.timeoutConnection()
+        self._schedule_idle()
+

@@ -20,7 +20,6 @@ import os
 import socket
 import sys
 import time
-from collections import defaultdict
 
 from zope.interface import implementer
 
@@ -109,10 +108,12 @@ class ProcfsInspector:
     def begin(self, max_fds: int) -> "ProcfsScan":
         return ProcfsScan(self, max_fds)
 
-    def _rescan(self, max_fds: int, not_before: float, why: str) -> "ProcfsScan":
-        """A scan for a restarted walk: its index is built at or after
-        ``not_before``, and it never raises StaleIndex."""
-        return ProcfsScan(self, max_fds, restart=(not_before, why))
+    def _rescan(self, max_fds: int, restarts: int, why: str) -> "ProcfsScan":
+        """A scan for a restarted walk (its ``restarts``-th): on the shared
+        index, which the stale pass brought up to date with every table it
+        read; from the :data:`MAX_PATCHED_RESTARTS`-th on, on an index
+        built now, and that scan never raises StaleIndex."""
+        return ProcfsScan(self, max_fds, restart=(restarts, why))
 
 
 @implementer(IProcessScan)
@@ -122,7 +123,7 @@ class ProcfsScan:
     unavailable: dict = {}
 
     def __init__(self, inspector: ProcfsInspector, max_fds: int,
-                 restart: tuple[float, str] | None = None):
+                 restart: tuple[int, str] | None = None):
         self._inspector = inspector
         self._restart = restart
         self._max_fds = max_fds
@@ -138,6 +139,8 @@ class ProcfsScan:
         #: before this walk): its entries are validated before use.
         self._cached = False
         self._dropped = 0
+        self._added = 0     # new processes this walk read into the shared index
+        self._searched = 0  # processes read to find the holder of a new socket
         self.index: dict | None = None  # how the index was obtained (record note)
         self._tcp: dict[int, InetSock | None] = {}
         self._tcp_refreshed = False
@@ -185,25 +188,41 @@ class ProcfsScan:
     def _build_index(self, entries: frozenset, started: float) -> FdIndex:
         """Read every process among ``entries`` (the index scan, counted
         against the budget; the tables stay cached for this walk)."""
-        holders: dict[Key, list[Holder]] = defaultdict(list)
-        unreadable: dict[str, int] = defaultdict(int)
+        tables: dict[int, list[tuple[int, Key]]] = {}
+        uids: dict[int, int] = {}
+        unreadable: dict[int, str] = {}
         for pid in pids_of(entries):
-            try:
-                links = self._read_links(pid)
-            except ProcessGone:
-                continue
-            except Unavailable as exc:
-                unreadable[exc.reason] += 1
-                continue
-            for fd, target in links:
-                key = link_key(target)
-                if key is not None:
-                    holders[key].append((pid, fd))
-        return FdIndex(dict(holders), entries, started, dict(unreadable), not self.truncated)
+            got = self._table(pid)
+            if isinstance(got, tuple):
+                tables[pid], uids[pid] = got
+            elif got is not None:
+                unreadable[pid] = got
+        return FdIndex.from_tables(tables, uids, unreadable, entries, started,
+                                   not self.truncated)
+
+    def _table(self, pid: int) -> tuple[list[tuple[int, Key]], int] | str | None:
+        """``pid``'s (fd, key) pairs and uid for the index
+        (:data:`stop.process.fdindex.Reader`)."""
+        try:
+            links = self._read_links(pid)
+        except ProcessGone:
+            return None
+        except Unavailable as exc:
+            return exc.reason
+        return _pairs(links), _uid_of(pid)
+
+    def _grow_table(self, pid: int):
+        """:meth:`_table` for a new process read into the shared index."""
+        self._added += 1
+        return self._table(pid)
 
     def _take_index(self, not_before: float | None = None, why: str | None = None) -> FdIndex:
-        """Get the index from the shared cache (reused or built) and note how."""
-        index, built_why, age = self._inspector.index_cache.get(self._build_index, not_before)
+        """Get the index from the shared cache (reused, grown, or built)
+        and note how."""
+        cache = self._inspector.index_cache
+        index, built_why, age = cache.get(self._build_index, not_before, self._grow_table)
+        if built_why is None and self.truncated:
+            cache.discard(index)  # grown with part of a table: not to be shared
         self._index = index
         self._cached = built_why is None
         note: dict = {"cached": self._cached, "age_s": round(age, 3),
@@ -212,6 +231,9 @@ class ProcfsScan:
             note["why"] = why or built_why
         if self._restart is not None:
             note["restarted"] = True
+            note.setdefault("why", self._restart[1])
+        if self._added:
+            note["added"] = self._added
         self.index = note
         self.unavailable.pop("descriptors", None)
         if index.unreadable:
@@ -222,8 +244,8 @@ class ProcfsScan:
 
     def _get_index(self) -> FdIndex:
         if self._index is None:
-            if self._restart is not None:
-                return self._take_index(*self._restart)
+            if self._restart is not None and self._restart[0] >= MAX_PATCHED_RESTARTS:
+                return self._take_index(time.monotonic(), self._restart[1])
             return self._take_index()
         return self._index
 
@@ -259,20 +281,36 @@ class ProcfsScan:
         return sorted(set(out))
 
     def _check(self, pid: int, links: list[tuple[int, str]]) -> None:
-        """Raise StaleIndex when a walked process holds a pipe or socket
-        descriptor the shared index lacks: lookups already answered from it
-        may have missed this process."""
-        if not self._cached or self._restart is not None:
+        """Bring the shared index up to date with ``pid``'s table, read
+        fresh by this walk; raise StaleIndex when it lacked a pipe or socket
+        descriptor of it: lookups already answered may have missed this
+        process. The restarted walk uses the index brought up to date with
+        every table this pass read, unless the descriptor names an inode
+        new to the index, or after MAX_PATCHED_RESTARTS restarts: then one
+        built from scratch (and that scan never raises)."""
+        if not self._cached or self.truncated:
             return
         index = self._index
-        for fd, target in links:
-            key = link_key(target)
-            if key is not None and not index.has(key, (pid, fd)):
-                self._inspector.index_cache.discard(index)
-                inspector, max_fds, now = self._inspector, self._max_fds, time.monotonic()
-                raise StaleIndex(
-                    f"pid {pid} fd {fd} ({target}) is not in the index",
-                    lambda: inspector._rescan(max_fds, now, "stale descriptor"))
+        pairs = _pairs(links)
+        if index.same_table(pid, pairs):
+            return
+        missing = [(fd, key) for fd, key in pairs if not index.has(key, (pid, fd))]
+        # An inode the index knows no holder of is new: a process that got
+        # it since (other than by fork: new processes are read in) is not
+        # in the index; only a new full scan finds it.
+        new_inode = any(not index.holders.get(key) for _fd, key in missing)
+        cache = self._inspector.index_cache
+        for other, other_links in self._links.items():
+            # Every table this pass read is fresh: the index learns them all.
+            cache.patch(index, other, _pairs(other_links))
+        restarts = self._restart[0] if self._restart is not None else 0
+        if missing and restarts < MAX_PATCHED_RESTARTS:
+            fd, key = missing[0]
+            inspector, max_fds = self._inspector, self._max_fds
+            then = MAX_PATCHED_RESTARTS if new_inode else restarts + 1
+            raise StaleIndex(
+                f"pid {pid} fd {fd} ({key[0]}:[{key[1]}]) is not in the index",
+                lambda: inspector._rescan(max_fds, then, "stale descriptor"))
 
     # -- sockets ---------------------------------------------------------
 
@@ -414,13 +452,41 @@ class ProcfsScan:
         if not inode:
             return []
         found = self._holders(("socket", inode))
-        if not found and self._cached:
+        if not found and self._cached and connection.uid is not None:
             # A socket newer than the shared index (the usual case for a
-            # new connection): build one now; nothing was walked yet, so
-            # there is nothing to restart.
+            # new connection): it was made by a process of its uid, most
+            # likely a young one. Read those, newest first, before any
+            # full scan; each table read brings the shared index up to date.
+            found = self._search(connection.uid, inode)
+        if not found and self._cached:
+            # Not there either (e.g. a process that changed its uid): build
+            # an index now; nothing was walked yet, so nothing to restart.
             self._take_index(time.monotonic(), "unknown socket")
             found = self._holders(("socket", inode))
         return sorted({pid for pid, _fd in found})
+
+    def _search(self, uid: int, inode: int) -> list[Holder]:
+        """Holders of socket ``inode`` among the processes whose /proc entry
+        belongs to ``uid`` (newest first), read fresh; stops at the first
+        that holds it. Other holders are children forked after the socket
+        was made (new processes: read into the index by :meth:`_take_index`)
+        or are met by the walk (read fresh and checked)."""
+        index, cache = self._index, self._inspector.index_cache
+        want = f"socket:[{inode}]"
+        for pid in cache.candidates(index, uid):
+            try:
+                links = self._read_links(pid)
+            except (ProcessGone, Unavailable):
+                continue
+            self._searched += 1
+            self.index["searched"] = self._searched
+            if self.truncated:
+                break
+            cache.patch(index, pid, _pairs(links))
+            fds = [fd for fd, target in links if target == want]
+            if fds:
+                return [(pid, fd) for fd in fds]
+        return []
 
     def process(self, pid: int, fields) -> dict:
         fields = set(fields)
@@ -534,6 +600,30 @@ class ProcfsScan:
         if self._diag is not None:
             self._diag.close()
             self._diag = None
+
+
+#: Restarts of one walk on the shared index brought up to date (each after a
+#: walked process turned out to hold descriptors it lacked) before the last
+#: one, on an index built from scratch.
+MAX_PATCHED_RESTARTS = 3
+
+
+def _pairs(links: list[tuple[int, str]]) -> list[tuple[int, Key]]:
+    """The (fd, key) pairs of the pipes and sockets among ``links``."""
+    out = []
+    for fd, target in links:
+        key = link_key(target)
+        if key is not None:
+            out.append((fd, key))
+    return out
+
+
+def _uid_of(pid: int) -> int:
+    """Owner of ``/proc/PID`` (the process's effective uid; -1 if gone)."""
+    try:
+        return os.stat(f"{PROC}/{pid}").st_uid
+    except OSError:
+        return -1
 
 
 def _hex_endpoint(field: str) -> dict:
