@@ -339,9 +339,9 @@ class SvDaemon:
             for name in (n for n in files if n.endswith(".log")):
                 with open(os.path.join(root, name), "rb") as f:
                     for line in f:
-                        try:
-                            rec = json.loads(line.split(b" ", 2)[2])
-                        except (IndexError, ValueError):
+                        try:  # the record is the JSON object that ends the line
+                            rec = json.loads(line[line.index(b" {") + 1:])
+                        except ValueError:
                             continue
                         note = rec.get("processes", {}).get("index") if isinstance(
                             rec.get("processes"), dict) else None

@@ -75,6 +75,9 @@ class FdIndex:
         self.complete = complete
         self.tables: dict[int, list[tuple[int, Key]]] = tables if tables is not None else {}
         self.uids: dict[int, int] = uids if uids is not None else {}
+        #: pid -> the highest inode in its table (see IndexCache.candidates).
+        self.newest: dict[int, int] = {p: max((k[1] for _fd, k in pairs), default=0)
+                                       for p, pairs in self.tables.items()}
         #: pid -> why its table could not be read (``unreadable`` counts these).
         self.unreadable_pids: dict[int, str] = unreadable_pids if unreadable_pids is not None else {}
 
@@ -114,8 +117,10 @@ class FdIndex:
             self.unreadable = _count(self.unreadable_pids)
         if pairs is None:
             self.uids.pop(pid, None)
+            self.newest.pop(pid, None)
             return
         self.tables[pid] = pairs
+        self.newest[pid] = max((k[1] for _fd, k in pairs), default=0)
         if uid is not None:
             self.uids[pid] = uid
         for fd, key in pairs:
@@ -233,10 +238,14 @@ class IndexCache:
             return True
 
     def candidates(self, index: FdIndex, uid: int) -> list[int]:
-        """PIDs of ``index`` whose ``/proc/PID`` belongs to ``uid``, newest
-        (highest PID) first."""
+        """PIDs of ``index`` whose ``/proc/PID`` belongs to ``uid``, the
+        most recently active first: by the newest pipe or socket inode they
+        held when last read (inode numbers grow as the kernel hands them
+        out), then by PID (newer first)."""
         with self._lock:
-            return sorted((p for p, u in index.uids.items() if u == uid), reverse=True)
+            newest = index.newest
+            return sorted((p for p, u in index.uids.items() if u == uid),
+                          key=lambda p: (newest.get(p, 0), p), reverse=True)
 
     @property
     def current(self) -> Optional[FdIndex]:

@@ -21,15 +21,18 @@ import socket
 import sys
 import time
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection
-from stop.process import ProcessGone, StaleIndex, Unavailable, UserNames, reason_of, text
+from stop.process import ProcessGone, StaleIndex, Unavailable, UserNames, fdsock, reason_of, text
 from stop.process.fdindex import FdIndex, Holder, IndexCache, Key, link_key, pids_of
 from stop.process.sockdiag import LISTEN_ONLY, InetSock, SockDiag, format_address
 
 PROC = "/proc"
+
+log = Logger()
 
 
 def _read(path: str) -> bytes:
@@ -91,6 +94,8 @@ class ProcfsInspector:
         #: Replaced whole (never grown) on refresh, so bounded by the
         #: number of sockets.
         self.tcp_ends: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
+        #: False once pidfd_getfd turned out unavailable (stop.process.fdsock).
+        self.peek_ok = True
         #: The inode -> (pid, fd) index shared by walks.
         self.index_cache = IndexCache(index_max_age)
         self._names = UserNames()
@@ -319,24 +324,56 @@ class ProcfsScan:
             self._diag = SockDiag()
         return self._diag
 
-    def _tcp_sock(self, inode: int) -> InetSock | None:
-        """The TCP socket ``inode``, fresh from the kernel, or None when it
-        is not a TCP socket (any more)."""
+    def _tcp_sock(self, inode: int, holder: Holder | None = None) -> InetSock | None:
+        """The TCP socket ``inode`` (held as ``holder``, (pid, fd), when
+        known), fresh from the kernel, or None when it is not a TCP socket
+        (any more)."""
         if inode in self._tcp:
             return self._tcp[inode]
         found = None
-        ends = self._inspector.tcp_ends.get(inode)
+        inspector = self._inspector
+        ends = inspector.tcp_ends.get(inode)
         try:
             if ends is not None:
                 s = self._diag_socket().inet_exact(*ends)
                 if s is not None and s.inode == inode:
                     found = s
-            if found is None and not self._tcp_refreshed and self._unix_sock(inode) is None:
+            tcp = True
+            if found is None and holder is not None and inspector.peek_ok:
+                found, tcp = self._peek_tcp(inode, holder)
+            if found is None and tcp and not self._tcp_refreshed and self._unix_sock(inode) is None:
                 found = self._refresh_tcp().get(inode)
         except OSError as exc:
             self.unavailable["tcp"] = reason_of(exc)
         self._tcp[inode] = found
         return found
+
+    def _peek_tcp(self, inode: int, holder: Holder) -> tuple[InetSock | None, bool]:
+        """Ask the socket itself for its ends (:mod:`stop.process.fdsock`)
+        and look it up exactly: ``(socket, True)``; ``(None, False)`` when
+        it is not a TCP socket (no dump can find it then); ``(None, True)``
+        when unsure (gone, not found by its ends: the caller dumps)."""
+        try:
+            info = fdsock.peek(*holder)
+        except fdsock.NotAvailable as exc:
+            self._inspector.peek_ok = False
+            log.info("pidfd_getfd unavailable ({why}): the SV walk dumps the TCP table to "
+                     "learn a socket's ends", why=exc.reason)
+            return None, True
+        except OSError:
+            return None, True
+        if info.family not in (socket.AF_INET, socket.AF_INET6) or info.type != socket.SOCK_STREAM:
+            return None, False
+        wildcard = ("::", 0) if info.family == socket.AF_INET6 else ("0.0.0.0", 0)
+        ends = (info.local, info.remote or wildcard)
+        s = self._diag_socket().inet_exact(*ends)
+        if s is None or s.inode != inode:
+            return None, True
+        cache = self._inspector.tcp_ends
+        if len(cache) >= TCP_ENDS_MAX:
+            cache.clear()
+        cache[inode] = ends
+        return s, True
 
     def _refresh_tcp(self) -> dict[int, InetSock]:
         """Dump every TCP socket once per walk (a socket met that the shared
@@ -421,8 +458,8 @@ class ProcfsScan:
                     }
         return self._udp
 
-    def _socket(self, inode: int) -> dict:
-        tcp = self._tcp_sock(inode)
+    def _socket(self, inode: int, holder: Holder | None = None) -> dict:
+        tcp = self._tcp_sock(inode, holder)
         if tcp is not None:
             d = {"family": "AF_INET6" if tcp.family == socket.AF_INET6 else "AF_INET",
                  "type": "SOCK_STREAM",
@@ -467,7 +504,7 @@ class ProcfsScan:
 
     def _search(self, uid: int, inode: int) -> list[Holder]:
         """Holders of socket ``inode`` among the processes whose /proc entry
-        belongs to ``uid`` (newest first), read fresh; stops at the first
+        belongs to ``uid`` (most recently active first), read fresh; stops at the first
         that holds it. Other holders are children forked after the socket
         was made (new processes: read into the index by :meth:`_take_index`)
         or are met by the walk (read fresh and checked)."""
@@ -565,7 +602,7 @@ class ProcfsScan:
             if target.startswith("socket:["):
                 inode = int(target[8:-1])
                 d = {"fd": fd, "kind": "socket", "inode": inode}
-                d.update(self._socket(inode))
+                d.update(self._socket(inode, (pid, fd)))
             elif target.startswith("pipe:["):
                 d = {"fd": fd, "kind": "pipe", "inode": int(target[6:-1])}
             elif open_files:
@@ -601,6 +638,9 @@ class ProcfsScan:
             self._diag.close()
             self._diag = None
 
+
+#: Most TCP socket ends remembered between walks (then forgotten at once).
+TCP_ENDS_MAX = 65536
 
 #: Restarts of one walk on the shared index brought up to date (each after a
 #: walked process turned out to hold descriptors it lacked) before the last
