@@ -42,6 +42,20 @@ def proc_entries() -> frozenset[str]:
     return frozenset(os.listdir(PROC))
 
 
+def last_pid() -> Optional[int]:
+    """The PID (or thread id) the kernel handed out last, from
+    ``/proc/loadavg``; None when unreadable. While it stays the same, no
+    process was started: no ``listdir('/proc')`` is needed to know."""
+    try:
+        fd = os.open(f"{PROC}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return int(os.read(fd, 256).rsplit(None, 1)[1])
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def pids_of(entries: frozenset[str]) -> list[int]:
     """The PIDs among ``/proc`` entry names, ascending."""
     return sorted(int(e) for e in entries if e.isdigit())
@@ -165,6 +179,8 @@ class IndexCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._index: Optional[FdIndex] = None
+        #: last_pid() when /proc was last listed for a walk (see get).
+        self._seen_pid: Optional[int] = None
 
     def get(self, build: Callable[[frozenset, float], FdIndex],
             not_before: Optional[float] = None,
@@ -174,7 +190,8 @@ class IndexCache:
         Reused only when it exists, is at most ``max_age`` old, was built
         at or after ``not_before`` (a walk that found it stale asks for a
         newer one) and no process exists now that it did not cover (a new
-        process, e.g. a fork that inherited a pipe). For new processes,
+        process, e.g. a fork that inherited a pipe; with ``read``, ``/proc``
+        is listed only when :func:`last_pid` moved). For new processes,
         when ``read`` is given, the shared index is grown instead: only the
         new processes are read into it (and exited ones dropped), which is
         what a rebuild would have found for them; otherwise it is rebuilt.
@@ -191,9 +208,17 @@ class IndexCache:
             shared index's full build (0 when built now).
         """
         with self._lock:
-            entries = proc_entries()
             now = self._clock()
+            seen = last_pid() if read is not None else None
+            index = self._index
+            if (seen is not None and seen == self._seen_pid and index is not None
+                    and not_before is None and 0 < self.max_age
+                    and now - index.built <= self.max_age):
+                # No process started since the last look: nothing to list.
+                return index, None, now - index.built
+            entries = proc_entries()
             why = self._unusable(entries, now, not_before)
+            self._seen_pid = seen
             if why == "new process" and read is not None:
                 index = self._index
                 assert index is not None
