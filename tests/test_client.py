@@ -168,6 +168,7 @@ def test_over_long_line_without_newline_is_cut_off():
     t.protocol.dataReceived(b"aa")
     [o] = h.results
     assert (o.outcome, o.why) == ("unreadable", "reply line longer than 100 bytes")
+    assert o.answered == 1764072000  # the peer decided it
     assert len(o.reply) == 100 + 3 and o.reply.endswith("...")
     assert t.disconnected  # aborted
 
