@@ -17,7 +17,6 @@ from stop import wire
 from stop.answer import Answerer, Query
 from stop.client import Outcome
 from stop.config import Config
-from stop.errors import StoreFailed
 from stop.model import Connection, Endpoint
 from stop.recursion import Recursion
 from stop.testing import FakeLookup, FakeRecursiveClient, HeldStore
@@ -33,23 +32,6 @@ INBOUND = {"family": "AF_INET", "local": {"address": HERE, "port": 22},
 OUTBOUND = {**INBOUND, "remote": {"address": "203.0.113.6", "port": 22},
             "local": {"address": HERE, "port": 41000}, "direction": "outbound",
             "direction_by": "ephemeral-range"}
-
-
-class LinkedHeldStore(HeldStore):
-    """HeldStore plus linked entries (contract section 1)."""
-
-    def __init__(self):
-        super().__init__()
-        self.entries: dict = {}
-
-    def save_linked(self, token, entry):
-        if token not in self.saved:
-            return defer.fail(StoreFailed(f"unknown token {token}"))
-        self.entries.setdefault(token, []).append(entry)
-        return defer.succeed(None)
-
-    def linked(self, token):
-        return list(self.entries.get(token, []))
 
 
 class FakeProcessState:
@@ -87,7 +69,7 @@ class FakeProcessState:
 class Setup:
     def __init__(self, config=None, outcomes=None, auto=True, **walk):
         self.config = config or Config(local_addresses=(HERE,))
-        self.store = LinkedHeldStore()
+        self.store = HeldStore()
         self.store.auto = auto
         self.clock = Clock()
         self.clock.advance(1764072000)
@@ -144,6 +126,8 @@ def test_sv_rec_reply_first_then_the_questions():
         {"address": PREV, "port": 51515, "local": {"address": HERE, "port": 22},
          "direction": "inbound", "direction_by": "listener"}]}
     assert "processes" in rec and "system" in rec
+    assert s.entries(token) == [] and len(s.store.pending_linked) == 1  # saved when durable
+    s.store.complete()
     [entry] = s.entries(token)
     assert (entry["of"], entry["outcome"], entry["token"]) == (token, "token", THEIRS)
     # the record never changed

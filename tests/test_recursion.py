@@ -7,13 +7,12 @@ import ipaddress
 import json
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from stop import wire
 from stop.client import Outcome
 from stop.config import Config
-from stop.errors import ConfigError, StoreFailed
+from stop.errors import ConfigError
 from stop.model import Endpoint
 from stop.recursion import (HostAddresses, LocalAddresses, LoopTable, Recursion,
                             interface_addresses, linked_entry, targets_of)
@@ -212,29 +211,11 @@ def test_targets_tolerate_walks_without_direction_by():
 
 # -- Recursion: plan, ask, save -----------------------------------------------------------
 
-class LinkedStore(MemoryStore):
-    """MemoryStore plus the linked entries of contract section 1, until the
-    store helper's land (then MemoryStore itself has them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.entries: dict = {}
-
-    def save_linked(self, token, entry):
-        if self.get(token) is None:
-            return defer.fail(StoreFailed(f"unknown token {token}"))
-        self.entries.setdefault(token, []).append(entry)
-        return defer.succeed(None)
-
-    def linked(self, token):
-        return list(self.entries.get(token, []))
-
-
 def make(config=None, outcomes=None):
     config = config or Config(local_addresses=("192.0.2.10",))
     clock = clock_at()
     client = FakeRecursiveClient(outcomes)
-    store = LinkedStore()
+    store = MemoryStore()
     return Recursion(config, client, store, clock), client, store, clock
 
 

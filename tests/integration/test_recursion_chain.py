@@ -5,12 +5,15 @@ requester receives (issue 9, "Tests")."""
 
 from __future__ import annotations
 
+import inspect
 import re
 import socket
 import sys
 import time
 
 import pytest
+
+from stop import walk as walk_mod
 
 from tests.integration.chain import (TOKEN_RE, Hosts, Victim, established, token_line,
                                      wait_established, wait_listening)
@@ -20,6 +23,12 @@ from tests.upstream import (GARBAGE, DeadHost, Oidentd, Upstream, byte_a_second,
                             oidentd_available, over_long, reply_with, silent)
 
 H0, H1, H2, H3 = "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"
+
+# Loopback aliases are hosts only once the walk counts this host's addresses
+# (local_addresses) instead of all of loopback: issue 9, third part.
+pytestmark = pytest.mark.skipif(
+    "here" not in inspect.signature(walk_mod.walk).parameters,
+    reason="the walk does not take this host's addresses yet (issue 9 part 3)")
 
 
 @pytest.fixture
