@@ -7,23 +7,23 @@ connection, replies outstanding per connection (the pipeline: reading stops
 while it is full), and the line length (a longer line closes the
 connection). Replies go out in the order the requests came.
 
-Per connection this is on the hot path (one query per connection is the
-common case), so: one timer for the idle timeouts of all connections (not
-a DelayedCall each), and a reply sent straight on the socket when nothing
-is buffered for it (Twisted's write would wait for the next reactor turn
-and two more epoll_ctl calls); see bench/README.rst.
+A reply is sent straight on the socket when nothing is buffered for it:
+Twisted's ``write`` would send it only on the next reactor turn, after two
+more ``epoll_ctl`` calls (one query per connection is the common case, so
+this is on the hot path).
 """
 
 from __future__ import annotations
 
 import errno
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Optional
 
 from twisted.internet import defer, protocol, tcp
 from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
 
 from stop import wire
 from stop.answer import Answerer, Query
@@ -43,7 +43,7 @@ def endpoint_of(address) -> Endpoint:
     return Endpoint(canonical_host(host), address.port)
 
 
-class IdentProtocol(LineReceiver):
+class IdentProtocol(LineReceiver, TimeoutMixin):
     """One ident client connection."""
 
     delimiter = b"\n"  # a bare LF ends a line too; the CR is stripped
@@ -65,12 +65,12 @@ class IdentProtocol(LineReceiver):
         self.server = endpoint_of(self.transport.getHost())
         config: Config = self.factory.config
         self.MAX_LENGTH = config.max_line_length + 1
-        if isinstance(self.transport, tcp.Connection):  # a plain TCP socket (not TLS, not a test's)
+        self.setTimeout(config.idle_timeout)
+        if isinstance(self.transport, tcp.Connection):  # plain TCP (not TLS, not a test's)
             self._sock = self.transport.getHandle()
-        self.factory.touch(self)
 
     def lineReceived(self, line: bytes) -> None:
-        self.factory.touch(self)
+        self.resetTimeout()
         if self._finishing:
             return
         config: Config = self.factory.config
@@ -107,7 +107,7 @@ class IdentProtocol(LineReceiver):
             out = self._replies.popleft()[1]
             if self.transport is not None and self.connected:
                 self._write(out)
-                self.factory.touch(self)
+                self.resetTimeout()
         if self.paused and not self._finishing and len(self._replies) < self.factory.config.max_pipeline:
             self.resumeProducing()
         if self._finishing and not self._replies:
@@ -116,14 +116,14 @@ class IdentProtocol(LineReceiver):
     def _write(self, data: bytes) -> None:
         """Send ``data`` on the socket now when nothing is buffered;
         whatever it does not take (or any error) goes through the
-        transport, which then owns every later write (order is kept)."""
+        transport, which then carries every later write (order is kept)."""
         sock = self._sock
         if sock is not None:
             try:
                 sent = sock.send(data)
             except OSError as e:
-                # EAGAIN: full; anything else: let the transport meet the
-                # error and close the connection its own way.
+                # Full: the transport waits for room. Anything else: the
+                # transport meets the error and closes its own way.
                 sent = 0 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR) else -1
             if sent == len(data):
                 return
@@ -151,6 +151,7 @@ class IdentProtocol(LineReceiver):
         self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.setTimeout(None)
         self._finishing = True
         self._sock = None
         self.factory.connection_closed(self)
@@ -168,10 +169,6 @@ class IdentFactory(protocol.ServerFactory):
         self.clock = clock
         self.connections = 0
         self.per_host: dict[str, int] = {}
-        # Open connections by their last activity, oldest first, and the
-        # one timer that closes the idle ones (see touch).
-        self._active: OrderedDict[IdentProtocol, float] = OrderedDict()
-        self._idle_call = None
 
     def buildProtocol(self, addr) -> Optional[IdentProtocol]:
         requester = endpoint_of(addr)
@@ -185,6 +182,7 @@ class IdentFactory(protocol.ServerFactory):
                           "(max_connections_per_host)", host=host, n=self.per_host[host])
             return None
         p = protocol.ServerFactory.buildProtocol(self, addr)
+        p.callLater = self.clock.callLater  # TimeoutMixin's clock
         p._host_key = host
         p.requester = requester
         self.connections += 1
@@ -192,7 +190,6 @@ class IdentFactory(protocol.ServerFactory):
         return p
 
     def connection_closed(self, p: IdentProtocol) -> None:
-        self._active.pop(p, None)
         host = p._host_key
         self.connections -= 1
         left = self.per_host[host] - 1
@@ -200,35 +197,3 @@ class IdentFactory(protocol.ServerFactory):
             self.per_host[host] = left
         else:
             del self.per_host[host]
-
-    # -- idle timeouts: one timer for all connections ------------------------
-
-    def touch(self, p: IdentProtocol) -> None:
-        """``p`` was active now: its idle time starts again."""
-        active = self._active
-        active[p] = self.clock.seconds()
-        active.move_to_end(p)
-        if self._idle_call is None:
-            self._schedule_idle()
-
-    def _schedule_idle(self) -> None:
-        """Arm the timer for the oldest activity's deadline (or none)."""
-        self._idle_call = None
-        for oldest in self._active.values():
-            delay = oldest + self.config.idle_timeout - self.clock.seconds()
-            self._idle_call = self.clock.callLater(max(0.0, delay), self._close_idle)
-            break
-
-    def _close_idle(self) -> None:
-        """Close every connection idle for ``idle_timeout`` seconds."""
-        self._idle_call = None
-        limit = self.clock.seconds() - self.config.idle_timeout
-        active = self._active
-        while active:
-            p, last = next(iter(active.items()))
-            if last > limit:
-                break
-            del active[p]
-            p.timeoutConnection()
-        self._schedule_idle()
-
