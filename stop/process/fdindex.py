@@ -44,8 +44,12 @@ def proc_entries() -> frozenset[str]:
 
 def last_pid() -> Optional[int]:
     """The PID (or thread id) the kernel handed out last, from
-    ``/proc/loadavg``; None when unreadable. While it stays the same, no
-    process was started: no ``listdir('/proc')`` is needed to know."""
+    ``/proc/loadavg``; None when unreadable, or when ``/proc`` is not the
+    one of this process's PID namespace (``/proc/loadavg`` speaks of the
+    reader's namespace). While it stays the same, no process was started:
+    no ``listdir('/proc')`` is needed to know."""
+    if not _own_proc():
+        return None
     try:
         fd = os.open(f"{PROC}/loadavg", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -54,6 +58,16 @@ def last_pid() -> Optional[int]:
             os.close(fd)
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _own_proc(_known: list = []) -> bool:
+    """Whether ``/proc/self`` is this process (asked once)."""
+    if not _known:
+        try:
+            _known.append(os.readlink(f"{PROC}/self") == str(os.getpid()))
+        except OSError:
+            _known.append(False)
+    return _known[0]
 
 
 def pids_of(entries: frozenset[str]) -> list[int]:
