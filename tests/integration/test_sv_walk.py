@@ -18,8 +18,10 @@ import sys
 import pytest
 from zope.interface.verify import verifyObject
 
+from stop import os as os_layer
+from stop.config import Config
 from stop.interfaces import IProcessInspector, IProcessScan
-from stop.process import PROCESS_FIELDS, make_inspector
+from stop.os.common import PROCESS_FIELDS
 from stop.walk import Budget, walk
 from tests.integration import svtrees
 
@@ -29,6 +31,12 @@ needs = pytest.mark.skipif(not (shutil.which("nc") and shutil.which("socat")),
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 BACKENDS = ("procfs", "psutil")
+
+
+def make_inspector(name: str, index_max_age: float = 10.0):
+    """The inspector called ``name``, built as the daemon builds it."""
+    return os_layer.make_inspector(
+        Config(process_backend=name, index_max_age=index_max_age), None)
 
 
 def by_pid(result: dict) -> dict[int, dict]:
@@ -425,7 +433,7 @@ def actors(tmp_path):
 
 def pin_process_list(monkeypatch, inspector):
     """Make the index's own /proc listing the "current" one (see above)."""
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     entries = inspector.index_cache.current.entries
     monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
 
