@@ -46,15 +46,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from stop import records  # noqa: E402
 from stop.config import Config  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
-from stop.os import make_inspector as _make_inspector  # noqa: E402
 from stop.os.linux import sockdiag  # noqa: E402
 from stop.sv import ProcessState  # noqa: E402
 from tests.integration import svtrees  # noqa: E402
+from tests.integration.svtrees import make_inspector  # noqa: E402
 from tests.integration.harness import Daemon, read_lines  # noqa: E402
-
-def make_inspector(name: str):
-    return _make_inspector(Config(process_backend=name), None)
-
 
 PAPER_T1 = {"ID": 0.533, "SV": 5.718, "SV + file": 8.243}  # Linux, ms
 PAPER_T2 = {"SV": 63.354, "SV +100 procs": 224.589}

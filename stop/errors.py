@@ -96,3 +96,8 @@ class StaleIndex(StopError):
         self.reason = reason
         #: () -> a new IProcessScan on an index built after this was found.
         self.rescan = rescan
+
+
+class UnreadableReply(StopError):
+    """A reply from another host's ident daemon (to a recursive question)
+    that is not an RFC 1413 / STOP reply line; the message says why."""

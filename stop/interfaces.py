@@ -267,3 +267,41 @@ class IHookPlugin(Interface):
         :return: an :class:`IRecordHook` provider.
         :raise stop.errors.ConfigError: a missing or bad plugin setting.
         """
+
+
+# -- Recursion (spec 6) ---------------------------------------------------
+
+
+class IRecursiveClient(Interface):
+    """Asks other hosts' STOP daemons the recursive questions of spec 6,
+    one TCP connection per question, within budgets.
+
+    Implementation: ``stop.client.RecursiveClient`` (Twisted client
+    endpoints); ``stop.testing.FakeRecursiveClient`` for tests.
+    """
+
+    in_flight = Attribute("Questions being asked now (int): connecting, or "
+                          "waiting for the reply.")
+
+    def ask(target, local, request):
+        """Ask one question.
+
+        :param target: :class:`stop.model.Endpoint`: the other host's
+            address and its ident (recursion) port.
+        :param local: :class:`stop.model.Endpoint`: the address to ask from
+            (the local address of the connection asked about, so the other
+            daemon can match it; ``""`` for any); its port is ignored.
+        :param request: a :class:`stop.wire.Request` (ports as seen from
+            the other host: their port first; ID_REC or SV_REC with a sid).
+        :return: a Deferred that fires with a :class:`stop.client.Outcome`
+            once the outcome is known: never later than the connect
+            timeout plus the reply timeout, at once (``"skipped"``) when a
+            budget is spent. It never fails.
+        """
+
+    def close():
+        """Stop: questions in flight end (outcome ``"failed"``, why
+        ``"stopping"``) and later ones are skipped.
+
+        :return: a Deferred firing once every question's Deferred fired.
+        """

@@ -89,3 +89,51 @@ class HeldStore:
 
     def close(self) -> defer.Deferred:
         return defer.succeed(None)
+
+
+# -- Recursion (appended by rec) -------------------------------------------
+
+from stop.client import Outcome  # noqa: E402 (kept with the fake that uses it)
+from stop.interfaces import IRecursiveClient  # noqa: E402
+
+
+@implementer(IRecursiveClient)
+class FakeRecursiveClient:
+    """An :class:`IRecursiveClient` that asks no one: ``asked`` lists every
+    ``(target, local, request)``; each question's Deferred fires with
+    ``outcomes[target]`` (an :class:`stop.client.Outcome`, by target
+    Endpoint) at once, or, for targets not in ``outcomes``, when the test
+    calls :meth:`answer` (``pending`` holds them)."""
+
+    def __init__(self, outcomes=None):
+        self.outcomes = dict(outcomes or {})
+        self.asked: list = []
+        self.pending: list = []
+        self.closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def ask(self, target, local, request) -> defer.Deferred:
+        self.asked.append((target, local, request))
+        if target in self.outcomes:
+            return defer.succeed(self.outcomes[target])
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((target, d))
+        return d
+
+    def answer(self, outcome: Outcome, target=None) -> None:
+        """Fire the pending questions (to ``target``, or all) with ``outcome``."""
+        keep = []
+        for t, d in self.pending:
+            if target is None or t == target:
+                d.callback(outcome)
+            else:
+                keep.append((t, d))
+        self.pending = keep
+
+    def close(self) -> defer.Deferred:
+        self.closed = True
+        self.answer(Outcome("failed", why="stopping"))
+        return defer.succeed(None)

@@ -28,6 +28,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def make_inspector(name: str, index_max_age: float = 10.0):
+    """The process inspector called ``name``, built as the daemon builds it
+    (``stop.os.make_inspector`` from the settings)."""
+    from stop import os as os_layer
+    from stop.config import Config
+    return os_layer.make_inspector(
+        Config(process_backend=name, index_max_age=index_max_age), None)
+
+
 def free_port_in(first: int, last: int, host: str = "127.0.0.1") -> int:
     """A port in [first, last] that nobody uses on ``host`` now (random
     tries, bounded: other suites run on this machine at the same time)."""

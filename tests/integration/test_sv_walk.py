@@ -18,12 +18,11 @@ import sys
 import pytest
 from zope.interface.verify import verifyObject
 
-from stop import os as os_layer
-from stop.config import Config
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.os.common import PROCESS_FIELDS
 from stop.walk import Budget, walk
 from tests.integration import svtrees
+from tests.integration.svtrees import make_inspector
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux trees")
 needs = pytest.mark.skipif(not (shutil.which("nc") and shutil.which("socat")),
@@ -31,12 +30,6 @@ needs = pytest.mark.skipif(not (shutil.which("nc") and shutil.which("socat")),
 root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 BACKENDS = ("procfs", "psutil")
-
-
-def make_inspector(name: str, index_max_age: float = 10.0):
-    """The inspector called ``name``, built as the daemon builds it."""
-    return os_layer.make_inspector(
-        Config(process_backend=name, index_max_age=index_max_age), None)
 
 
 def by_pid(result: dict) -> dict[int, dict]:
