@@ -48,7 +48,9 @@ class IRecordStore(Interface):
     A record is the exact bytes of canonical UTF-8 JSON (``stop.records``);
     a store keeps them byte for byte, so the hash of an SV record can be
     verified later. Records are append-only: nothing is ever changed or
-    deleted by the daemon.
+    deleted by the daemon. Entries linked to a record (``save_linked``:
+    the outcomes of recursive requests, spec 6) are kept beside it and
+    never change its bytes.
 
     Implementations: ``memory`` (tests), ``flat`` and ``gzip``
     (``stop.storage``). Writes may be grouped (one fsync for many records),
@@ -87,10 +89,30 @@ class IRecordStore(Interface):
 
     def records():
         """Iterate ``(token, record_bytes)`` over every stored record,
-        oldest first. Synchronous."""
+        oldest first (records only, never linked entries). Synchronous."""
+
+    def save_linked(token, entry):
+        """Append ``entry`` (bytes: canonical JSON of one object, made with
+        stop.records.canonical; same size limit as a record) linked to the
+        stored record of ``token``. Linked entries never change the record's
+        own bytes (an SV token stays the hash of exactly the record) and take
+        part in the store's tamper evidence like records do.
+
+        :return: a Deferred firing None once the entry is durable (same
+            fsync rules as save), or failing with StoreFailed (unknown token,
+            bad entry, closed or read-only store, OS error)."""
+
+    def linked(token):
+        """The entries linked to ``token``: a list of bytes, oldest first;
+        [] when there are none or the token is unknown. Synchronous; reads
+        what is durable (usable from stopctl while the daemon runs).
+
+        :raise stop.errors.StoreFailed: a linked entry is damaged, or an OS
+            error."""
 
     def usage():
-        """Bytes this store occupies on disk (what the quota counts)."""
+        """Bytes this store occupies on disk, records and linked entries
+        (what the quota counts). Cheap: called for every request."""
 
     def close():
         """Flush what is pending and release files.
