@@ -15,6 +15,8 @@ from twisted.python import usage
 from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
+from stop.client import ClientBudget, RecursiveClient
+from stop.recursion import Recursion
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
 from stop.hooks import Hooks, HooksService
@@ -86,6 +88,17 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+class RecursionService(service.Service):
+    """Ends the recursion's questions in flight when the daemon stops."""
+
+    def __init__(self, recursion: Recursion):
+        self.recursion = recursion
+
+    def stopService(self):
+        super().stopService()
+        return self.recursion.close()
+
+
 @dataclass
 class Daemon:
     """The parts of a running daemon, for makeService and for tests."""
@@ -112,8 +125,10 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     inspector = make_inspector(settings, reactor)
     process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
+    recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
+                          store, reactor)
     answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
-                        hooks=hooks)
+                        hooks=hooks, recursion=recursion)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
     syslog = logsetup.syslog_service(settings)
@@ -123,6 +138,9 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
         HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
+    # Stopped after the listeners, before the store: outcomes of questions
+    # cut short are still saved.
+    RecursionService(recursion).setServiceParent(top)
     for endpoint in settings.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
     log.info("stop: lookup {lookup}, storage {storage} in {dir}, errors {errors}, "
