@@ -1,5 +1,5 @@
 """The procfs backend's shared index: grown with new processes, patched
-with fresh tables, searched by uid (stop.process.fdindex), with fake
+with fresh tables, searched by uid (stop.os.linux.fdindex), with fake
 /proc listings and tables."""
 
 import sys
@@ -24,7 +24,7 @@ def _index(fdindex, entries, tables, uids=None, built=1000.0):
 
 @linux
 def test_new_processes_are_read_into_the_shared_index_not_rebuilt(monkeypatch):
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     shown = {"entries": frozenset({"1", "10", "stat"}), "pid": 10}
     listed = []
     monkeypatch.setattr(fdindex, "proc_entries", lambda: listed.append(1) or shown["entries"])
@@ -62,7 +62,7 @@ def test_new_processes_are_read_into_the_shared_index_not_rebuilt(monkeypatch):
 
 @linux
 def test_patch_and_candidates():
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     index = _index(fdindex, {"5", "6", "7", "8"},
                    {5: [(3, ("socket", 50))], 6: [(3, ("pipe", 90))], 7: [], 8: [(4, ("socket", 20))]},
                    {5: 100, 6: 100, 7: 100, 8: 0})
