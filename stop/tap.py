@@ -15,12 +15,13 @@ from twisted.python import usage
 from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
-from stop.process import make_inspector
+from stop.client import ClientBudget, RecursiveClient
+from stop.recursion import Recursion
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
-from stop.lookup import BACKENDS, make_lookup
+from stop.os import make_inspector, make_lookup
 from stop.server import IdentFactory
 from stop.storage import STORES, make_store
 
@@ -87,6 +88,17 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+class RecursionService(service.Service):
+    """Ends the recursion's questions in flight when the daemon stops."""
+
+    def __init__(self, recursion: Recursion):
+        self.recursion = recursion
+
+    def stopService(self):
+        super().stopService()
+        return self.recursion.close()
+
+
 @dataclass
 class Daemon:
     """The parts of a running daemon, for makeService and for tests."""
@@ -104,20 +116,19 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     :raise ConfigError: a backend named in the settings does not exist.
     """
     # A name that is not built in is a site plugin's (stop-plugins(7)).
-    if settings.lookup == "auto" or settings.lookup in BACKENDS:
-        lookup = make_lookup(settings.lookup)
-    else:
-        lookup = plugins.build_lookup(settings, reactor)
+    lookup = make_lookup(settings, reactor)
     if settings.storage in STORES:
         store = make_store(settings.storage, settings.data_dir, reactor=reactor,
                            fsync=settings.fsync)
     else:
         store = plugins.build_store(settings, reactor)
-    inspector = make_inspector(settings.process_backend, settings.index_max_age)
+    inspector = make_inspector(settings, reactor)
     process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
+    recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
+                          store, reactor)
     answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
-                        hooks=hooks)
+                        hooks=hooks, recursion=recursion)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
     syslog = logsetup.syslog_service(settings)
@@ -127,6 +138,9 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
         HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
+    # Stopped after the listeners, before the store: outcomes of questions
+    # cut short are still saved.
+    RecursionService(recursion).setServiceParent(top)
     for endpoint in settings.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
     log.info("stop: lookup {lookup}, storage {storage} in {dir}, errors {errors}, "
