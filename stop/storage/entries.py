@@ -128,6 +128,24 @@ class BadEntry(Exception):
     """An entry that is incomplete or fails its checks (``str()`` says why)."""
 
 
+def match_line(line: bytes, shape: re.Pattern, what: str, digest_group: int):
+    """Match one newline-terminated ``line`` against ``shape`` and check the
+    payload after the match against the SHA-256 in ``digest_group``.
+
+    :return: ``(match, payload)``.
+    :raise BadEntry: it is not such a line, or the SHA-256 differs.
+    """
+    if not line.endswith(b"\n") or line.count(b"\n") != 1:
+        raise BadEntry("not one newline-terminated line")
+    m = shape.match(line)
+    if m is None:
+        raise BadEntry(f"not '{what}'")
+    payload = line[m.end():-1]
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != m.group(digest_group):
+        raise BadEntry("payload does not match its SHA-256")
+    return m, payload
+
+
 def parse_entry(line: bytes) -> Entry:
     """Split one uncompressed entry (with its newline) and check its
     payload against its SHA-256. The chain is not checked here (that needs
@@ -135,15 +153,8 @@ def parse_entry(line: bytes) -> Entry:
 
     :raise BadEntry: wrong shape, or the payload's SHA-256 differs.
     """
-    if not line.endswith(b"\n") or line.count(b"\n") != 1:
-        raise BadEntry("not one newline-terminated line")
-    m = _ENTRY_RE.match(line)
-    if m is None:
-        raise BadEntry("not '<kind> <seq> <token> <sha256> <chain> <payload>'")
-    payload = line[m.end():-1]
+    m, payload = match_line(line, _ENTRY_RE, "<kind> <seq> <token> <sha256> <chain> <payload>", 4)
     digest = m.group(4)
-    if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
-        raise BadEntry("payload does not match its SHA-256")
     return Entry(m.group(1).decode("ascii"), int(m.group(2)), m.group(3).decode("ascii"),
                  digest.decode("ascii"), m.group(5).decode("ascii"), payload)
 

@@ -19,7 +19,6 @@ says what to do (:func:`reader_message`). See docs/storage.rst.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -28,8 +27,7 @@ from collections.abc import Iterator
 from twisted.logger import Logger
 
 from stop.errors import StoreFailed
-from stop.storage.entries import (
-    RECORD, BadEntry, Entry, fsync_dir, oserror, read_entries)
+from stop.storage.entries import RECORD, Entry, fsync_dir, match_line, oserror, read_entries
 from stop.storage.offline import write_records
 
 log = Logger()
@@ -46,14 +44,7 @@ def parse_old(line: bytes) -> Entry:
 
     :raise BadEntry: not one, or the SHA-256 differs.
     """
-    if not line.endswith(b"\n") or line.count(b"\n") != 1:
-        raise BadEntry("not one newline-terminated line")
-    m = _OLD_LINE.match(line)
-    if m is None:
-        raise BadEntry("not '<token> <sha256> <record>'")
-    record = line[m.end():-1]
-    if hashlib.sha256(record).hexdigest().encode("ascii") != m.group(2):
-        raise BadEntry("record does not match its SHA-256")
+    m, record = match_line(line, _OLD_LINE, "<token> <sha256> <record>", 2)
     return Entry(RECORD, 0, m.group(1).decode("ascii"), m.group(2).decode("ascii"), "", record)
 
 
