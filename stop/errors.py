@@ -48,3 +48,13 @@ class StoreFailed(StopError):
 class ConfigError(StopError):
     """The configuration file or command line is wrong; the message says
     which setting and why."""
+
+
+class StartFailed(StopError):
+    """The daemon cannot start. The message is the one line shown to the
+    administrator (it names the setting or file); ``status`` is the exit
+    status (stop(8), EXIT STATUS)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
