@@ -18,6 +18,7 @@ import pytest
 
 import stop
 from tests.integration.harness import (HOST, PEER, START_TIMEOUT, Daemon, Pair, read_lines)
+from tests.test_tap_plugins import SITE
 
 TOKEN = rb"[0-9a-f]{40}"
 CANNOT = "stop: cannot start: "
@@ -111,29 +112,6 @@ def test_address_in_use_is_one_line_and_exit_1(tmp_path):
 
 # -- the start-up line and SIGTERM -------------------------------------------------
 
-HOOK = '''
-from twisted.plugin import IPlugin
-from zope.interface import implementer
-from stop.interfaces import IHookPlugin, IRecordHook
-
-@implementer(IRecordHook)
-class Count:
-    name = "count"
-    def recordSaved(self, token, record):
-        pass
-    def close(self):
-        pass
-
-@implementer(IPlugin, IHookPlugin)
-class CountPlugin:
-    name = "count"
-    def build(self, config, reactor):
-        return Count()
-
-count = CountPlugin()
-'''
-
-
 def wait_for(d: Daemon, pattern: str, count: int = 1, timeout: float = START_TIMEOUT):
     """The log's matches of ``pattern`` once there are ``count``."""
     deadline = time.monotonic() + timeout
@@ -149,8 +127,8 @@ def wait_for(d: Daemon, pattern: str, count: int = 1, timeout: float = START_TIM
 def test_start_up_line_names_the_bound_addresses_store_hooks_and_sigterm_ends_it(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir(mode=0o755)
-    (plugins / "count.py").write_text(HOOK)
-    d = Daemon(tmp_path, {"plugin_dirs": str(plugins), "hooks": "count"},
+    (plugins / "site.py").write_text(SITE)  # a hook plugin "site-hook", among others
+    d = Daemon(tmp_path, {"plugin_dirs": str(plugins), "hooks": "site-hook"},
                ["--listen", f"tcp:0:interface={HOST}", "--listen", "tcp6:0:interface=\\:\\:1"])
     d.proc = subprocess.Popen(d.command(), cwd=str(d.dir), env=d.environment(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -159,7 +137,7 @@ def test_start_up_line_names_the_bound_addresses_store_hooks_and_sigterm_ends_it
         m = re.fullmatch(
             rf"stop {re.escape(stop.__version__)} started \(pid {d.proc.pid}\): listening on "
             rf"{re.escape(HOST)}:(\d+) \[::1\]:(\d+); store flat in {re.escape(d.data_dir)}; "
-            rf"hooks: count; lookup \w+, errors normal", line)
+            rf"hooks: site-hook; lookup \w+, errors normal", line)
         assert m, line
         ports = [int(p) for p in m.groups()]
         assert 0 not in ports
