@@ -36,6 +36,8 @@ import stop
 from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
+from stop.client import ClientBudget, RecursiveClient
+from stop.recursion import Recursion
 from stop.process import make_inspector
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StartFailed, StopError
@@ -230,6 +232,17 @@ class ListenService(service.Service):
         return None
 
 
+class RecursionService(service.Service):
+    """Ends the recursion's questions in flight when the daemon stops."""
+
+    def __init__(self, recursion: Recursion):
+        self.recursion = recursion
+
+    def stopService(self):
+        super().stopService()
+        return self.recursion.close()
+
+
 def address_text(address) -> str:
     """A bound address for the log: ``127.0.0.1:113``, ``[::]:113``, a
     UNIX socket's path."""
@@ -291,8 +304,10 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
     inspector = make_inspector(settings.process_backend, settings.index_max_age)
     process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
+    recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
+                          store, reactor)
     answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
-                        hooks=hooks)
+                        hooks=hooks, recursion=recursion)
     factory = IdentFactory(settings, answerer, reactor)
     listeners = [ListenService(endpoint, factory, reactor) for endpoint in settings.listen]
     syslog = logsetup.syslog_service(settings)
@@ -302,6 +317,9 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
         HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, settings.data_dir).setServiceParent(top)
+    # Stopped after the listeners, before the store: outcomes of questions
+    # cut short are still saved.
+    RecursionService(recursion).setServiceParent(top)
     for listener in listeners:
         listener.setServiceParent(top)
     daemon = Daemon(top, factory, answerer, lookup, store, settings, listeners)

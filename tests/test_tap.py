@@ -228,7 +228,8 @@ def test_build_wires_every_part(tmp_path):
     verifyObject(IRecordStore, d.store)
     children = list(d.service)
     assert isinstance(children[0], tap.StoreService)  # opened before any listener
-    assert children[1:] == d.listeners and isinstance(d.listeners[0], tap.ListenService)
+    assert isinstance(children[1], tap.RecursionService)  # stopped before the store
+    assert children[2:] == d.listeners and isinstance(d.listeners[0], tap.ListenService)
     assert isinstance(d.service, service.MultiService) and d.service.daemon is d
     assert d.factory.answerer is d.answerer and d.settings.storage == "memory"
 
