@@ -155,7 +155,7 @@ until [ "$(systemctl show stopd -p NRestarts --value)" -ge 1 ]; do
     n=$((n + 1)); [ $n -lt 200 ] || break; sleep 0.1
 done
 echo "store log: $(journalctl -u stopd -o cat | grep 'cannot start' | tail -1)"
-echo "store failure: status $(systemctl show stopd -p ExecMainStatus --value), restarts $(systemctl show stopd -p NRestarts --value)"
+echo "store failure: $(journalctl -u stopd -o cat | grep 'Main process exited' | tail -1), restarts $(systemctl show stopd -p NRestarts --value)"
 rm /var/lib/stop/records
 mv /var/lib/stop/records.away /var/lib/stop/records
 wait_for active
@@ -211,6 +211,7 @@ grep -q "^verify SV:  store integrity: OK OK (exit 0)" "$T/out/result.txt" \
 python3 - "$T/out/sv.json" <<'EOF' || { echo "systemd-test: FAILED: the SV walk did not reach the user's pipeline" >&2; exit 1; }
 import json, sys
 record = json.load(open(sys.argv[1]))
+record = record.get("record", record)  # show --json: {"token", "record", "linked"}
 text = json.dumps(record)
 names = sorted({p.get("name") for p in record["processes"]["processes"]})
 print("SV walk reached:", names, "| EACCES in record:", "EACCES" in text)
@@ -223,7 +224,7 @@ grep -q "^reload:     exit 0$" "$T/out/result.txt" && grep -q "^reloaded:   acti
 grep -q "^bad config: failed status 2 restarts 0$" "$T/out/result.txt" \
     && grep -q "^bad config log: .*cannot start: /etc/stop/stop.conf: unknown setting 'no_such_setting'$" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: a bad configuration must exit 2, once" >&2; exit 1; }
-grep -q "^store failure: status 1, restarts [1-9]" "$T/out/result.txt" \
+grep -q "^store failure: .*code=exited, status=1/FAILURE, restarts [1-9]" "$T/out/result.txt" \
     && grep -q "^store log: .*cannot start: cannot open the record store (storage = flat, data_dir = /var/lib/stop)" "$T/out/result.txt" \
     && grep -q "^store back: active, [0-9]*, 113 : USERID : OTHER : [0-9a-f]\{40\}$" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: a store failure must exit 1 and be restarted" >&2; exit 1; }

@@ -395,7 +395,8 @@ class Lifecycle(service.MultiService):
         pipe = self.twistd.options.get("statusPipe")
         if pipe is not None:
             self.twistd.options["statusPipe"] = None
-            os.write(pipe, (b"1 " + line.encode("utf-8", "replace"))[:100])
+            # twistd reads 100 bytes and prints them after "An error has occurred:".
+            os.write(pipe, (b"1 " + str(e).encode("utf-8", "replace"))[:100])
             os.close(pipe)
 
     def _failed_later(self, failure: Failure) -> None:

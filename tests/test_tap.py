@@ -324,3 +324,18 @@ def test_which_log_file_twistd_writes(options, path):
 
 def test_start_failed_carries_a_status():
     assert StartFailed("x").status == 1 and StartFailed("x", 2).status == 2
+
+
+def test_a_daemonized_twistd_hears_of_the_failure_through_its_status_pipe(tmp_path, capfd):
+    r, w = os.pipe()
+    try:
+        options = parse("--errors", "loud")
+        options.parent = {"statusPipe": w, "logfile": str(tmp_path / "twistd.log")}
+        top = tap.makeService(options, MemoryReactorClock())
+        code, err = failed_start(top, capfd)
+        assert code == 2
+        # twistd's first process prints this after "An error has occurred:".
+        assert os.read(r, 200) == b"1 command line: errors: 'loud' is not one of normal, unknown, token"
+        assert options.parent["statusPipe"] is None
+    finally:
+        os.close(r)

@@ -285,3 +285,15 @@ def test_sighup_under_load_loses_no_query(start_daemon):
     assert tokens <= listed  # every token given has its record
     log = whole_log(d)
     assert "Traceback" not in log and "reload failed" not in log
+
+
+def test_a_daemonized_twistd_exits_1_and_says_why(tmp_path):
+    d = Daemon(tmp_path, {"errors": "loud"}, interfaces=(HOST,))
+    command = [arg for arg in d.command() if arg != "--nodaemon"]
+    result = subprocess.run(command, cwd=str(d.dir), env=d.environment(), capture_output=True,
+                            text=True, timeout=START_TIMEOUT * 2)
+    assert result.returncode == 1
+    # twistd prints the first 98 bytes of the reason, as a bytes repr.
+    assert re.match(rf"An error has occurred: b['\"]{re.escape(d.config)}: errors: 'loud'",
+                    result.stderr), result.stderr
+    assert f"cannot start: {d.config}: errors: 'loud' is not one of" in d.read_log()
