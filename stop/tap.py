@@ -327,8 +327,8 @@ class Lifecycle(service.MultiService):
     """The top of the service tree, what twistd starts and stops: start
     failures, the start-up line, SIGHUP (see the module docstring).
 
-    :param twistd: what twistd was told; without it (tests) no signal
-        handler is installed and no log file is taken over.
+    :param twistd: what twistd was told; without it (tests) no log file
+        is taken over (and makeService installs no SIGHUP handler).
     :param load: reads the settings again (``Options.load``), for reloads.
     :param exit: ends the process when a start fails after the reactor
         started (an endpoint that listens later than at once).
@@ -365,8 +365,6 @@ class Lifecycle(service.MultiService):
 
     def startService(self) -> None:
         self._starting(super().startService)
-        if self.twistd.options:
-            signal.signal(signal.SIGHUP, self._sighup)
         if self.daemon is not None:
             d = self.daemon.listening()
             d.addCallbacks(self.daemon.log_started, self._failed_later)
@@ -409,7 +407,7 @@ class Lifecycle(service.MultiService):
                 stream.flush()
         self._exit(status)
 
-    def _sighup(self, signum, frame) -> None:
+    def sighup(self, signum, frame) -> None:
         self._reactor.callFromThread(self.reload)
 
     def reload(self) -> None:
@@ -465,6 +463,10 @@ def makeService(options: Options, reactor=None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor
     top = Lifecycle(reactor, Twistd(getattr(options, "parent", None)), options.load)
+    if top.twistd.options:
+        # From now on, not only once started: a SIGHUP while the daemon
+        # starts would end it (the reload waits for the reactor).
+        signal.signal(signal.SIGHUP, top.sighup)
     try:
         if options["error"] is not None:
             raise ConfigError(options["error"])

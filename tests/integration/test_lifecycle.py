@@ -214,6 +214,45 @@ def test_sighup_reloads_what_may_change_logs_the_rest_and_survives_a_bad_file(st
     assert "Traceback" not in d.read_log()
 
 
+SLOW_STORE = """
+import time
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+from stop.interfaces import IStorePlugin
+from stop.storage.memory import MemoryStore
+
+class Slow(MemoryStore):
+    def open(self):
+        time.sleep(2)  # listening already, not started yet
+        super().open()
+
+@implementer(IPlugin, IStorePlugin)
+class SlowPlugin:
+    name = "slow"
+    def build(self, config, reactor):
+        return Slow(config.data_dir, reactor=reactor)
+
+slow = SlowPlugin()
+"""
+
+
+def test_sighup_while_starting_is_a_reload_once_started(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(mode=0o755)
+    (plugins / "slow.py").write_text(SLOW_STORE)
+    d = Daemon(tmp_path, {"plugin_dirs": str(plugins), "storage": "slow"}, interfaces=(HOST,))
+    d.proc = subprocess.Popen(d.command(), cwd=str(d.dir), env=d.environment(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(d, f"starting on {d.port}$")
+        hup(d)  # the store is still opening
+        wait_for(d, RELOADED)
+        assert d.alive() and " started (pid " in d.read_log()
+        assert d.ask(b"1, 1") == [b"1, 1 : ERROR : NO-USER"]
+    finally:
+        d.stop()
+
+
 def test_sighup_reopens_the_log_file(start_daemon):
     d = start_daemon()
     os.rename(d.log, d.log + ".1")  # logrotate, without copytruncate
