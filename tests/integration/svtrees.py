@@ -76,18 +76,23 @@ def free_port_outside_range() -> int:
 
 
 def holder_of(inode: int) -> int:
-    """The PID holding socket ``inode`` (from /proc; the first found)."""
+    """The PID holding socket ``inode`` (from /proc; the first found),
+    waiting (bounded) for it: an accepted connection has no holder until
+    the server's accept() returns."""
     want = f"socket:[{inode}]"
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") == want:
-                    return int(entry)
-        except OSError:
-            continue
-    raise AssertionError(f"nobody holds {want}")
+
+    def find():
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == want:
+                        return int(entry)
+            except OSError:
+                continue
+        return None
+    return wait_for(find, what=f"a holder of {want}")
 
 
 def children(pid: int) -> list[int]:

@@ -173,7 +173,7 @@ def test_so_reuseport_listeners():
             s.listen(8)
             listeners.append(s)
         clients = []
-        for _ in range(8):
+        for _ in range(4):
             c = socket.create_connection(("127.0.0.1", port), timeout=5)
             socks.append(c)
             clients.append(c)
