@@ -93,6 +93,16 @@ class Answerer:
     def tokens(self) -> Tokens:
         return self._tokens
 
+    def reconfigure(self, config: Config) -> None:
+        """Answer from now on with ``config``, a reload's new settings (only
+        those in stop.config.RELOADABLE differ from the running ones).
+        A query in progress sees the new values from its next step on."""
+        self._config = config
+        self._address_form_nets = address_networks(config.address_form)
+        self._gate.resize(config.max_lookups, config.lookup_queue)
+        if isinstance(self._optin, OptIn):
+            self._optin.log_paths = config.log_users
+
     # -- the public entry points -------------------------------------------
 
     def answer(self, query: Query) -> "defer.Deferred[bytes]":

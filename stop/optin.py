@@ -114,7 +114,8 @@ class OptIn:
 
     def __init__(self, resolve: Callable[[list[str]], "defer.Deferred"] = None,
                  log_paths: bool = True, entries: ThreadCache | None = None):
-        self._log_paths = log_paths
+        #: Name the file in log lines (``log_users``; a reload may change it).
+        self.log_paths = log_paths
         self._resolve = resolve or (lambda names: threads.deferToThread(_resolve, names))
         self._entries = entries
 
@@ -123,17 +124,21 @@ class OptIn:
                     **kw) -> "OptIn":
         """The daemon's: files read by ``run`` (a worker thread), kept as the
         ``account_cache_*`` settings say, given up on after ``account_timeout``."""
-        log_paths = config.log_users
-        cache = ThreadCache(lambda key: read_entries(key[1], key[0], log_paths), clock, run,
-                            config.account_cache_size, config.account_cache_age,
-                            config.account_timeout, default=[], what="~/.ident")
-        return cls(log_paths=log_paths, entries=cache, **kw)
+        optin = cls(log_paths=config.log_users, **kw)
+        optin._entries = ThreadCache(optin._read, clock, run, config.account_cache_size,
+                                     config.account_cache_age, config.account_timeout,
+                                     default=[], what="~/.ident")
+        return optin
+
+    def _read(self, key: tuple[int, str]) -> list[str]:
+        uid, home = key
+        return read_entries(home, uid, self.log_paths)
 
     def allows(self, uid: int, home: str, host: str) -> "defer.Deferred[bool]":
         """Fires True when ``home/.ident``, belonging to ``uid``, lists
         ``host`` (an address literal)."""
         if self._entries is None:
-            return self._listed(read_entries(home, uid, self._log_paths), host)
+            return self._listed(read_entries(home, uid, self.log_paths), host)
         entries = self._entries.cached((uid, home))
         if entries is MISSING:
             d = self._entries.fetch((uid, home))
