@@ -503,6 +503,19 @@ def test_psutil_says_what_it_cannot_see(monkeypatch):
         PsutilLookup().find(Endpoint("192.0.2.1", 40000), Endpoint("198.51.100.7", 113))
 
 
+def test_psutil_prefers_a_holder_it_can_see():
+    """One socket listed twice (two holders), the first one not visible:
+    the answer comes from the visible one, in either order."""
+    import psutil
+    ends = (("192.0.2.1", 40000), ("198.51.100.7", 113))
+    hidden = Sconn(*ends, psutil.CONN_ESTABLISHED, None)
+    seen = Sconn(*ends, psutil.CONN_ESTABLISHED, os.getpid())
+    for rows in ([hidden, seen], [seen, hidden]):
+        conn = PsutilLookup(table=lambda: rows).find(Endpoint("192.0.2.1", 40000),
+                                                     Endpoint("198.51.100.7", 113))
+        assert conn.uid == os.geteuid()
+
+
 def test_psutil_is_called_off_the_reactor_thread():
     assert PsutilLookup.blocking is True and ProcfsLookup.blocking is True
     assert NetlinkLookup.blocking is False

@@ -120,13 +120,16 @@ class PsutilLookup:
             if c.status == psutil.CONN_LISTEN:
                 if c.laddr:
                     listeners.add((_bare(_host(c.laddr[0])), c.laddr[1]))
-            elif hit is None and c.status == psutil.CONN_ESTABLISHED:
+            elif c.status == psutil.CONN_ESTABLISHED and (hit is None or hit[0].pid is None):
+                # A socket is listed once per holder, with pid None for a
+                # holder the daemon cannot see: a visible one is preferred.
                 ends = _ends(c)
                 if ends is None:
                     continue
                 (lhost, lport), (rhost, rport) = ends
                 if (lport == local.port and (_bare(rhost), rport) == want_remote
-                        and (not want_local or _bare(lhost) == want_local)):
+                        and (not want_local or _bare(lhost) == want_local)
+                        and (hit is None or c.pid is not None)):
                     hit = c, _bare(lhost)
         if hit is None:
             return None
