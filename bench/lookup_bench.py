@@ -101,10 +101,21 @@ class Pool:
             c.connect(self.servers[len(self.clients) % len(self.servers)])
             self.clients.append(c)
 
+    def check(self) -> None:
+        """Raise if the holder exited (its deadline passed): the server
+        sides are gone and figures taken since would be of other tables."""
+        pid, status = os.waitpid(self.holder, os.WNOHANG)
+        if pid:
+            self.holder = None
+            raise RuntimeError(f"the holder process exited (status {status}) before the "
+                               "run ended: its figures are void; raise --deadline")
+
     def close(self) -> None:
         for c in self.clients:
             c.close()
         os.close(self._stop_w)  # EOF tells the holder to exit
+        if self.holder is None:
+            return
         _, status = os.waitpid(self.holder, 0)
         if status:
             print(f"# holder process exited with status {status}", file=sys.stderr)
@@ -209,6 +220,8 @@ def main() -> int:
     ap.add_argument("--slow-lookups", type=int, default=200,
                     help="lookups per kind for procfs and psutil")
     ap.add_argument("--seed", type=int, default=113)
+    ap.add_argument("--deadline", type=float, default=3600,
+                    help="seconds the holder keeps the connections (a bound; the run must end first)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     rng = random.Random(args.seed)
@@ -229,7 +242,7 @@ def main() -> int:
     if pr2 is not None:
         backends.append(("pyroute2", pr2, args.lookups, ("exact",)))
 
-    pool = Pool(max(sizes))
+    pool = Pool(max(sizes), args.deadline)
     results: dict[tuple[str, str, int], tuple[float, float]] = {}
     try:
         for n in sizes:
@@ -249,6 +262,7 @@ def main() -> int:
                         assert slow[name].find(lo, re) == want, name
                     fn(*qs[kind][0])  # warm up (opens the netlink socket)
                     results[(name, kind, n)] = summary(timed(fn, qs[kind][:count]))
+                    pool.check()
     finally:
         pool.close()
         netlink.close()
