@@ -22,6 +22,7 @@ from typing import Iterable, Optional, TextIO
 from stop import config as config_mod
 from stop import records
 from stop.errors import ConfigError, StopError
+from stop.redeem import cli as redeem_cli
 from stop.storage import make_store
 
 DEFAULT_CONFIG = "/etc/stop/stop.conf"
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check a token's record: the hash of an SV record, "
                          "and the store's own integrity for every record")
     ver.add_argument("token")
+    redeem_cli.add_parsers(sub)  # trace, audit (docs/redeem.rst)
     return p
 
 
@@ -213,6 +215,8 @@ COMMANDS = {"show": cmd_show, "list": cmd_list, "verify": cmd_verify}
 
 def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout) -> int:
     args = _parser().parse_args(argv)
+    if args.command in redeem_cli.COMMANDS:  # no store needed
+        return redeem_cli.run(args, out, lambda: _settings(args))
     try:
         settings = _settings(args)
         store = make_store(settings.storage, settings.data_dir, readonly=True)

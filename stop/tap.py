@@ -127,6 +127,9 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
         HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
+    if settings.redeem_listen:  # after the store: it reads records (docs/redeem.rst)
+        from stop.redeem.service import redemption_service
+        redemption_service(settings, store, reactor).setServiceParent(top)
     for endpoint in settings.listen:
         strports.service(endpoint, factory, reactor=reactor).setServiceParent(top)
     log.info("stop: lookup {lookup}, storage {storage} in {dir}, errors {errors}, "
