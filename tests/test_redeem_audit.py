@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import stat
 import threading
 
@@ -18,8 +20,9 @@ from stop.redeem.audit import AuditFailed, AuditLog, audit_path, bounded, read_a
 class AuditLogTests(unittest.TestCase):
 
     def setUp(self):
-        self.dir = self.mktemp()
-        os.mkdir(self.dir, 0o700)
+        # Not trial's mktemp: that writes under the current directory.
+        self.dir = tempfile.mkdtemp(prefix="stop-audit-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         self.path = audit_path(self.dir)
 
     def open(self) -> AuditLog:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import shutil
+import tempfile
 import socket
 import ssl
 import time
@@ -70,8 +72,9 @@ class TLSCase(unittest.TestCase):
     deny = ("mallory",)
 
     def setUp(self):
-        base = os.path.abspath(self.mktemp())
-        os.makedirs(base)
+        # Not trial's mktemp: that writes under the current directory.
+        base = tempfile.mkdtemp(prefix="stop-redeem-")
+        self.addCleanup(shutil.rmtree, base, True)
         self.ca = TestCA(base)
         self.other = TestCA(base, "other CA")
         cert, key = self.ca.host(HOST)

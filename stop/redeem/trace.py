@@ -164,19 +164,19 @@ def process_path(record: dict, entry: Optional[dict] = None) -> list[dict]:
              if isinstance(p, dict) and isinstance(p.get("pid"), int)}
     target = _holder_of(state, entry) if entry is not None else None
     if target in procs:
-        chain, pid = [], target
-        while pid in procs and len(chain) < 64:
-            p = procs[pid]
-            chain.append(p)
-            reached = p.get("reached") or {}
-            if reached.get("via") == "socket" or pid in (q["pid"] for q in chain[:-1]):
+        chain, pid, seen = [], target, set()
+        while pid in procs and pid not in seen and len(chain) < 64:
+            seen.add(pid)
+            chain.append(procs[pid])
+            reached = procs[pid].get("reached") or {}
+            if reached.get("via") == "socket":
                 break
             pid = reached.get("from")
         chain.reverse()
     else:
         start = [pid for pid in state.get("start") or [] if pid in procs]
         chain, pid = [], start[0] if start else None
-        while pid in procs and pid > 1 and len(chain) < 8:
+        while pid in procs and pid > 1 and procs[pid] not in chain and len(chain) < 8:
             chain.append(procs[pid])
             pid = procs[pid].get("ppid")
     return [{"pid": p.get("pid"), "name": _proc_name(p),
