@@ -14,51 +14,17 @@ import pytest
 from stop import ctl, records
 from stop.errors import CertificateRefused, UnknownToken, Unreachable
 from stop.redeem import cli, trace
-from stop.redeem.client import Redeemed, parse_release
 from stop.errors import RedeemError
+from stop.redeem.client import Redeemed, parse_release
+from tests.chainrecords import outcome, walk_record
 
-SID = 4242
+PATH = [(300, "ssh", "socket"), (200, "bash", "parent"), (100, "sshd", "parent")]
 
 
 def sv_record(host: str, user: str, prev: str | None, ports=(40001, 22)) -> dict:
-    """An SV_REC record of ``host`` whose walk met one inbound connection
-    from ``prev`` (None: the origin), held by sshd, parent of bash, parent
-    of ssh (the holder of the queried socket)."""
-    procs = [
-        {"pid": 300, "ppid": 200, "name": "ssh", "cmdline": ["ssh", "next"], "reached": {"via": "socket"}},
-        {"pid": 200, "ppid": 100, "name": "bash", "reached": {"via": "parent", "from": 300}},
-        {"pid": 100, "ppid": 1, "name": "sshd", "reached": {"via": "parent", "from": 200}},
-        {"pid": 1, "ppid": 0, "name": "systemd", "reached": {"via": "parent", "from": 100}},
-    ]
-    remote = []
-    targets = []
-    if prev is not None:
-        remote.append({"family": "AF_INET", "local": {"address": host, "port": ports[1]},
-                       "remote": {"address": prev, "port": ports[0]}, "direction": "inbound",
-                       "direction_by": "listener", "pid": 100, "fd": 4, "holders": [[100, 4]]})
-        targets.append({"address": prev, "port": ports[0], "local": {"address": host, "port": ports[1]},
-                        "direction": "inbound", "direction_by": "listener"})
-    return {"version": 1, "type": "SV_REC", "time": f"2026-11-25T12:00:0{len(host) % 10}.000001Z",
-            "host": f"name-{host}", "user": {"uid": 1000 + len(user), "name": user},
-            "request": {"type": "SV_REC", "sid": SID, "ports": [5555, 113]},
-            "requester": {"address": "192.0.2.250", "port": 5555},
-            "connection": {"local": {"address": host, "port": 5555},
-                           "remote": {"address": "192.0.2.250", "port": 113}},
-            "processes": {"start": [300], "processes": procs, "remote_connections": remote},
-            "recursion": {"sid": SID, "status": "done", "targets": targets}}
-
-
-def outcome(of: str, prev: str, token: str | None = None, error: str | None = None, ports=(40001, 22)) -> dict:
-    e = {"version": 1, "kind": "recursion", "of": of, "target": {"address": prev, "port": 113},
-         "local": {"address": "x", "port": None},
-         "request": {"type": "SV_REC", "sid": SID, "ports": list(ports)},
-         "sent": "2026-11-25T12:00:00.000001Z", "answered": "2026-11-25T12:00:00.000002Z",
-         "outcome": "token" if token else "error"}
-    if token:
-        e["token"] = token
-    else:
-        e["error"] = error
-    return e
+    """A record whose walk went ssh -> bash -> sshd, sshd holding the
+    inbound connection from ``prev``."""
+    return walk_record(host, user, 1000 + len(user), PATH, prev, ports)
 
 
 class Fleet:
