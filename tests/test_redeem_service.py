@@ -327,8 +327,7 @@ class CRLTests(TLSCase):
     deny = ()
 
     def extra_settings(self):
-        self.ca.client("alice")
-        self.ca.client("oscar")
+        self.paths = {cn: self.ca.client(cn) for cn in ("alice", "oscar")}
         return {"redeem_crl": self.ca.crl(["client-oscar"])}
 
     @defer.inlineCallbacks
@@ -345,5 +344,4 @@ class CRLTests(TLSCase):
         yield self.assertFailure(self.fetch(self.token, alice), CertificateRefused)
 
     def _paths(self, cn):
-        d = os.path.dirname(self.ca.path)
-        return os.path.join(d, f"client-{cn}.pem"), os.path.join(d, f"client-{cn}.key")
+        return self.paths[cn]

@@ -33,14 +33,16 @@ def _write(path: str, data: bytes, mode: int = 0o600) -> str:
 
 
 class TestCA:
-    """A CA whose files live in ``directory`` (``<name>-ca.pem``)."""
+    """A CA whose files live in ``directory`` (``<name>-ca.pem``, and
+    ``<name>-<stem>.pem/.key`` for what it issues: several CAs may share
+    a directory)."""
 
     __test__ = False  # not a pytest class
 
     def __init__(self, directory, name: str = "test fleet CA"):
         self.dir = str(directory)
         self.name = name
-        slug = name.replace(" ", "-")
+        self.slug = slug = name.replace(" ", "-")
         self.key = ec.generate_private_key(ec.SECP256R1())
         self.cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
@@ -66,9 +68,9 @@ class TestCA:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         cert = builder.sign(self.key, hashes.SHA256())
         self.issued[stem] = cert
-        cert_path = _write(os.path.join(self.dir, f"{stem}.pem"),
+        cert_path = _write(os.path.join(self.dir, f"{self.slug}-{stem}.pem"),
                            cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        key_path = _write(os.path.join(self.dir, f"{stem}.key"), key.private_bytes(
+        key_path = _write(os.path.join(self.dir, f"{self.slug}-{stem}.key"), key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
         return cert_path, key_path

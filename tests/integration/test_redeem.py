@@ -93,6 +93,7 @@ class Fleet:
             if host == HOSTS[2]:  # .13 also asked a host that had nothing to say
                 linked.append(outcome(token, "192.0.2.99", error="NO-USER", ports=(1, 2)))
             cert, key = self.ca.host(host)
+            (base / host).mkdir()
             d = Daemon(base / host, {
                 "redeem_listen": f"tcp:{self.port}:interface={host}",
                 "redeem_cert": cert, "redeem_key": key, "redeem_ca": self.ca.path,
@@ -151,7 +152,7 @@ def test_trace_rebuilds_every_hop_in_order(fleet, tmp_path):
     out = fleet.stopctl(*args)
     assert out.returncode == EXIT_OK, out.stderr
     lines = out.stdout.splitlines()
-    heads = [l.strip() for l in lines if "  SV_REC  2026-" in l]
+    heads = [l.strip(" |`-") for l in lines if "  SV_REC  2026-" in l]
     assert [h.split()[0] for h in heads] == [f"{h}:{fleet.port}" for h in reversed(HOSTS)]
     for head, (user, uid), host in zip(heads, reversed(USERS), reversed(HOSTS)):
         assert f"{user} (uid {uid})" in head and f"host host-{host}" in head
@@ -159,7 +160,9 @@ def test_trace_rebuilds_every_hop_in_order(fleet, tmp_path):
     assert paths == list(reversed(PATH_TEXT))
     assert out.stdout.count("(hash verified)") == 4
     assert "192.0.2.99:113 1, 2 : SV_REC:4242 -> ERROR NO-USER  [DEAD END]" in out.stdout
-    assert "[ORIGIN] no inbound connection" in lines[-1]
+    origin = [i for i, l in enumerate(lines) if "[ORIGIN] no inbound connection" in l]
+    first = [i for i, l in enumerate(lines) if l.strip(" |`-").startswith(HOSTS[0] + ":")]
+    assert len(origin) == 1 and origin[0] - first[0] == 3  # under the .11 hop, after its path
     text = dot.read_text()
     assert text.startswith("digraph stop_trace {") and text.count(" -> ") == 4
     if shutil.which("dot"):
@@ -249,7 +252,7 @@ def test_host_down_in_the_middle(fleet):
     fleet.daemons[HOSTS[1]].stop()
     out = fleet.stopctl(fleet.target())
     assert out.returncode == EXIT_INCOMPLETE, out.stderr
-    heads = [l.strip().split()[0] for l in out.stdout.splitlines() if "  SV_REC  2026-" in l]
+    heads = [l.strip(" |`-").split()[0] for l in out.stdout.splitlines() if "  SV_REC  2026-" in l]
     assert heads == [f"{HOSTS[3]}:{fleet.port}", f"{HOSTS[2]}:{fleet.port}"]
     assert f"{HOSTS[1]}:{fleet.port}  token {fleet.tokens[1]}  [UNREACHABLE]" in out.stdout
     assert HOSTS[0] not in out.stdout.split("[UNREACHABLE]")[1]
