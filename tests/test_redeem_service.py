@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import socket
 import ssl
+import subprocess
 import time
 
 from twisted.internet import defer, reactor, threads
@@ -345,3 +346,55 @@ class CRLTests(TLSCase):
 
     def _paths(self, cn):
         return self.paths[cn]
+
+
+class ManPageCredentialsTests(unittest.TestCase):
+    """The openssl commands of stopctl(8), run as printed (the host's
+    address swapped for loopback), make credentials the service accepts,
+    and both ways of revoking shown there work."""
+
+    def setUp(self):
+        from tests.test_docs import page, unroff
+        self.dir = tempfile.mkdtemp(prefix="stop-mancreds-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        text = unroff(page("stopctl.8")).replace("\\(aq", "'")
+        [block] = [b for b in text.split(".nf\n") if "openssl req -x509" in b]
+        script = block.split("\n.fi", 1)[0].replace("192.0.2.10", HOST)
+        run = subprocess.run(["bash", "-euc", script], cwd=self.dir, capture_output=True,
+                             text=True, timeout=120)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.serial = run.stdout.strip().split("=", 1)[1]
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    @defer.inlineCallbacks
+    def serve_and_fetch(self, **settings):
+        data_dir = os.path.join(self.dir, "data-%d" % len(os.listdir(self.dir)))
+        os.mkdir(data_dir, 0o700)
+        store = LinkedStore()
+        token = store.add(a_record())
+        config_ = config.Config(data_dir=data_dir, redeem_listen="tcp:0",
+                                redeem_cert=self.path("h1.pem"), redeem_key=self.path("h1.key"),
+                                redeem_ca=self.path("fleet-ca.pem"), redeem_allow="alice", **settings)
+        gate, audit = build_redemption(config_, store, reactor)
+        audit.open()
+        port = reactor.listenTCP(0, gate, interface=HOST)
+        try:
+            ctx = Credentials(self.path("alice.pem"), self.path("alice.key"),
+                              self.path("fleet-ca.pem")).context()
+            got = yield threads.deferToThread(redeem, HOST, port.getHost().port, token, ctx,
+                                              timeout=10, server_name="h1.example.org")
+            return got
+        finally:
+            yield port.stopListening()
+            yield audit.close()
+
+    @defer.inlineCallbacks
+    def test_credentials_work_and_revocation_works(self):
+        got = yield self.serve_and_fetch()
+        self.assertEqual(got.record["user"]["name"], "alice")
+        yield self.assertFailure(self.serve_and_fetch(redeem_crl=self.path("fleet-crl.pem")),
+                                 CertificateRefused)
+        yield self.assertFailure(self.serve_and_fetch(redeem_deny=(f"serial:{self.serial}",)),
+                                 NotAuthorised)
