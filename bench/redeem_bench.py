@@ -115,7 +115,7 @@ def start_load(args, fleet, seconds: float) -> list[subprocess.Popen]:
                 "token": fleet["token"], "keepalive": args.keepalive,
                 "certs": [fleet["certs"][i] for i in idx],
                 "sources": [f"127.0.1.{i + 1}" for i in idx]}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
+        procs.append(subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, "--worker", json.dumps(spec)],
                                       stdout=subprocess.PIPE, text=True))
     return procs
 

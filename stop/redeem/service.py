@@ -34,7 +34,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Optional
 
 from twisted.application import service, strports
@@ -60,6 +60,8 @@ RECORD_PREFIX = b"/v1/records/"
 MAX_BODY = 1024
 #: Clients (identities or addresses) remembered by the rate limiter.
 MAX_TRACKED = 4096
+#: TLS connections served at once; the others wait (see :class:`Slots`).
+MAX_ACTIVE = 4
 
 # Audit outcomes (docs/redeem.rst lists them).
 RELEASED = "released"
@@ -109,11 +111,47 @@ class RateLimiter:
         return max(1, int((1.0 - level) / self.rate + 0.999))
 
 
-class _Counter:
-    """Connections open now (shared by the gate and the channels)."""
+class Slots:
+    """Connections open, and the few being served at once.
 
-    def __init__(self):
+    Every event of a TLS connection (a handshake step, a request) runs on
+    the reactor thread, between ident answers; many connections in flight
+    would put many such events before an ident query's turn. So at most
+    ``active`` connections are served at once; the others (up to the
+    gate's limit) wait, unread, in accept order, and are let in as served
+    ones close. A served keep-alive connection is closed after its response
+    while others wait, so it cannot hold its place.
+    """
+
+    def __init__(self, active: int = MAX_ACTIVE):
         self.open = 0
+        self.active = 0
+        self.limit = active
+        self.waiting: deque = deque()
+
+    def admit(self, channel: "RedeemChannel") -> bool:
+        """Serve ``channel`` now (True), or queue it (False: the caller
+        stops reading its transport)."""
+        if self.active < self.limit:
+            self.active += 1
+            return True
+        self.waiting.append(channel)
+        return False
+
+    def release(self, channel: "RedeemChannel") -> None:
+        """``channel`` closed: free its place or its slot (and serve the
+        next one waiting)."""
+        if not channel.served:
+            try:
+                self.waiting.remove(channel)
+            except ValueError:
+                pass
+            return
+        self.active -= 1
+        while self.waiting and self.active < self.limit:
+            nxt = self.waiting.popleft()
+            self.active += 1
+            nxt.serve()
 
 
 class RedeemRequest(server.Request):
@@ -140,13 +178,35 @@ class RedeemChannel(http.HTTPChannel):
     MAX_LENGTH = 4096
 
     client: Optional[ClientIdentity] = None
+    served = False
     _handshook = False
     _counted = False
 
     def connectionMade(self):
-        self.factory.counter.open += 1
+        slots = self.factory.slots
+        slots.open += 1
         self._counted = True
         http.HTTPChannel.connectionMade(self)
+        if slots.admit(self):
+            self.served = True
+        else:
+            # Not read until served: no TLS work for it meanwhile (the
+            # idle timeout runs: a connection cannot wait forever).
+            self._tcp().pauseProducing()
+
+    def _tcp(self):
+        return self.transport.transport  # under TLSMemoryBIOProtocol
+
+    def serve(self) -> None:
+        """Our turn (see :class:`Slots`): start reading."""
+        self.served = True
+        if self._tcp() is not None:
+            self._tcp().resumeProducing()
+
+    def requestDone(self, request):
+        if self.factory.slots.waiting:
+            self.persistent = False  # make room: it closes after this response
+        http.HTTPChannel.requestDone(self, request)
 
     def handshakeCompleted(self) -> None:
         self._handshook = True
@@ -158,8 +218,9 @@ class RedeemChannel(http.HTTPChannel):
 
     def connectionLost(self, reason):
         if self._counted:
-            self.factory.counter.open -= 1
+            self.factory.slots.open -= 1
             self._counted = False
+            self.factory.slots.release(self)
         if not self._handshook:
             handle = getattr(self.transport, "getHandle", lambda: None)()
             why = handshake_failure(reason, handle)
@@ -193,10 +254,10 @@ class ConnectionGate(protocol.ServerFactory):
 
     noisy = False
 
-    def __init__(self, inner: protocol.Factory, counter: _Counter, max_connections: int,
+    def __init__(self, inner: protocol.Factory, slots: Slots, max_connections: int,
                  limiter: RateLimiter, redeem: "Redemption"):
         self.inner = inner
-        self.counter = counter
+        self.slots = slots
         self.max_connections = max_connections
         self.limiter = limiter
         self.redeem = redeem
@@ -210,7 +271,7 @@ class ConnectionGate(protocol.ServerFactory):
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "?")
-        if self.counter.open >= self.max_connections:
+        if self.slots.open >= self.max_connections:
             why = f"{self.max_connections} connections open (redeem_max_connections)"
         elif not self.limiter.allow(("address", host)):
             why = "over the connection rate of its address (redeem_rate)"
@@ -424,10 +485,10 @@ def build_redemption(settings, store, reactor) -> tuple[ConnectionGate, AuditLog
     site.protocol = RedeemChannel
     site.requestFactory = RedeemRequest
     site.noisy = False
-    counter = _Counter()
-    site.counter = counter
+    slots = Slots()
+    site.slots = slots
     site.redeem = redeem
-    gate = ConnectionGate(TLSMemoryBIOFactory(tls, False, _PlainFactory(site)), counter,
+    gate = ConnectionGate(TLSMemoryBIOFactory(tls, False, _PlainFactory(site)), slots,
                           settings.redeem_max_connections,
                           RateLimiter(settings.redeem_rate, settings.redeem_burst, reactor), redeem)
     log.info("redemption service: {n} redeem_allow rule(s), {d} redeem_deny entr(ies)",
