@@ -61,7 +61,7 @@ MAX_BODY = 1024
 #: Clients (identities or addresses) remembered by the rate limiter.
 MAX_TRACKED = 4096
 #: TLS connections served at once; the others wait (see :class:`Slots`).
-MAX_ACTIVE = 4
+MAX_ACTIVE = 2
 
 # Audit outcomes (docs/redeem.rst lists them).
 RELEASED = "released"
