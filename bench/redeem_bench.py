@@ -67,6 +67,8 @@ def worker_main(args) -> None:
     """``--worker``: run the client threads until the deadline; print one
     JSON line of counts."""
     spec = json.loads(args.worker)
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])
     deadline = spec["deadline"]
     counts: dict[str, int] = {}
     lock = threading.Lock()
@@ -112,7 +114,7 @@ def start_load(args, fleet, seconds: float) -> list[subprocess.Popen]:
     for p in range(args.processes):
         idx = range(p * per, (p + 1) * per if p < args.processes - 1 else args.clients)
         spec = {"deadline": deadline, "port": fleet["rport"], "ca": fleet["ca"],
-                "token": fleet["token"], "keepalive": args.keepalive,
+                "token": fleet["token"], "keepalive": args.keepalive, "cpus": fleet.get("client_cpus"),
                 "certs": [fleet["certs"][i] for i in idx],
                 "sources": [f"127.0.1.{i + 1}" for i in idx]}
         procs.append(subprocess.Popen(["nice", "-n", "19", sys.executable, __file__, "--worker", json.dumps(spec)],
@@ -202,6 +204,9 @@ def main() -> int:
     p.add_argument("--keepalive", action="store_true", help="one TLS connection per client")
     p.add_argument("--unlimited", action="store_true",
                    help="no redeem_rate/redeem_burst limits, redeem_max_connections above --clients")
+    p.add_argument("--pin", action="store_true",
+                   help="daemon on CPU 0, redemption clients and this process on the others "
+                        "(as if the investigators' clients ran elsewhere)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -212,6 +217,14 @@ def main() -> int:
     try:
         fleet = make_fleet(base, args)
         d = fleet["daemon"]
+        if args.pin:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                raise SystemExit("--pin needs 2 CPUs")
+            subprocess.run(["taskset", "-a", "-p", "-c", str(cpus[0]), str(d.proc.pid)],
+                           check=True, stdout=subprocess.DEVNULL)
+            fleet["client_cpus"] = cpus[1:]
+            os.sched_setaffinity(0, cpus[1:])
         query = fleet["pair"].query()
         ident_latencies(d.port, query, 50, 0.0)  # warm up
         phase_s = args.queries * (args.interval + 0.002) + 3
@@ -239,7 +252,8 @@ def main() -> int:
         q, l = results["quiet"], results["loaded"]
         loaded_s = args.rounds * (phase_s - 0.0)
         print()
-        print(f"machine: {os.cpu_count()} CPUs, shared with other work; Python {sys.version.split()[0]}")
+        print(f"machine: {os.cpu_count()} CPUs, shared with other work; Python {sys.version.split()[0]}"
+              + ("; daemon pinned to one CPU, clients to the others" if args.pin else ""))
         print(f"redemption: {args.clients} clients ({args.processes} processes), "
               f"{'keep-alive' if args.keepalive else 'one TLS connection per redemption'}, "
               f"{'no rate limits' if args.unlimited else 'shipped rate limits (60/min, burst 20 per client)'}")
