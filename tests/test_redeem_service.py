@@ -278,6 +278,69 @@ class ServiceTests(TLSCase):
             Credentials(self.ca.path, self.ca.path, "/nonexistent-ca.pem").context()
 
 
+class SlotTests(TLSCase):
+    """At most ``limit`` connections are served; the others wait unread,
+    and a served keep-alive connection gives way after its response."""
+
+    allow = "*"
+    deny = ()
+
+    def setUp(self):
+        TLSCase.setUp(self)
+        self.gate.slots.limit = 1
+
+    def tls_socket(self):
+        sock = socket.create_connection((HOST, self.portno), 10)
+        return self.creds().wrap_socket(sock, server_hostname=HOST)
+
+    @defer.inlineCallbacks
+    def test_waiting_connection_is_served_when_a_slot_frees(self):
+        first = yield threads.deferToThread(self.tls_socket)  # served, idle
+        second = threads.deferToThread(self.tls_socket)
+        pause = defer.Deferred()
+        reactor.callLater(0.5, pause.callback, None)
+        yield pause
+        self.assertFalse(second.called, "the second handshake ran while the slot was taken")
+        self.assertEqual((self.gate.slots.active, len(self.gate.slots.waiting)), (1, 1))
+        first.close()
+        sock = yield second
+        sock.close()
+
+    @defer.inlineCallbacks
+    def test_keepalive_gives_way(self):
+        def request(sock):
+            sock.sendall(b"GET /v1/records/%s HTTP/1.1\r\nHost: x\r\n\r\n" % self.token.encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            return data
+
+        first = yield threads.deferToThread(self.tls_socket)
+        head = yield threads.deferToThread(request, first)
+        self.assertIn(b"200 OK", head)  # alone: kept alive
+        second = threads.deferToThread(self.tls_socket)
+        pause = defer.Deferred()
+        reactor.callLater(0.3, pause.callback, None)
+        yield pause
+        yield threads.deferToThread(request, first)  # someone waits: closed after this one
+
+        def drained(sock):
+            """True once the server closed; False if it kept it open."""
+            sock.settimeout(10)
+            while True:
+                try:
+                    if not sock.recv(65536):
+                        return True
+                except (socket.timeout, TimeoutError):
+                    return False
+                except (ssl.SSLError, OSError):
+                    return True
+
+        self.assertTrue((yield threads.deferToThread(drained, first)))
+        first.close()
+        (yield second).close()
+
+
 class RateTests(TLSCase):
     """A low rate: the client gets 429 and the refusals are audited."""
 
