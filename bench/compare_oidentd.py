@@ -38,6 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from tests.integration.harness import Daemon, free_port  # noqa: E402
 from tests.integration.netns import stop_process  # noqa: E402
@@ -280,22 +281,37 @@ def write_pairs(path: pathlib.Path, pairs: list[tuple[int, int]]) -> str:
     return str(path)
 
 
-def measure(server, pairs_file: str, count: int, concurrency: int, time_limit: float) -> dict:
+def measure(server, pairs_file: str, count: int, concurrency: int, time_limit: float,
+            gen=None, suffix: str = "") -> dict:
     """One point: the load generator against ``server``; its figures plus
-    the server's CPU ms per 1,000 replies and RSS."""
+    the server's CPU ms per 1,000 replies and RSS, and the generator's own
+    (``gen_ms_per_1k``).
+
+    :param gen: a ``bench.cloadgen.CLoadgen`` (the C generator), or None
+        for ``bench/loadgen.py`` (whose own CPU is then its process's).
+    """
     server.settle()
     before = tree_cpu_seconds(server.pid)
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "loadgen.py"),
-           "--dest", f"{THIS}:{server.port}", "--source", REQUESTER, "--pairs", pairs_file,
-           "--count", str(count), "--concurrency", str(concurrency),
-           "--time-limit", str(time_limit)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit + 120)
-    if out.returncode != 0:
-        raise RuntimeError(f"loadgen failed: {out.stderr}")
-    res = json.loads(out.stdout)
+    dest = f"{THIS}:{server.port}"
+    if gen is not None:
+        res = gen.run(dest, REQUESTER, pairs_file, count, concurrency, time_limit, suffix)
+    else:
+        cmd = [sys.executable, os.path.join(ROOT, "bench", "loadgen.py"),
+               "--dest", dest, "--source", REQUESTER, "--pairs", pairs_file,
+               "--count", str(count), "--concurrency", str(concurrency),
+               "--time-limit", str(time_limit)]
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit + 120)
+        if out.returncode != 0:
+            raise RuntimeError(f"loadgen failed: {out.stderr}")
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        res = json.loads(out.stdout)
+        res["cpu_s"] = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
     server.settle()
     cpu = tree_cpu_seconds(server.pid) - before
-    res["cpu_ms_per_1k"] = cpu * 1e6 / res["replies"] if res["replies"] else float("nan")
+    n = res["replies"]
+    res["cpu_ms_per_1k"] = cpu * 1e6 / n if n else float("nan")
+    res["gen_ms_per_1k"] = res["cpu_s"] * 1e6 / n if n else float("nan")
     res["rss_mb"] = rss_mb(server.pid)
     return res
 
@@ -306,7 +322,7 @@ def median_of(runs: list[dict]) -> dict:
     def med(key):
         return statistics.median(r[key] for r in runs)
     out = dict(runs[-1])
-    for key in ("rate", "p50_ms", "p99_ms", "cpu_ms_per_1k"):
+    for key in ("rate", "p50_ms", "p99_ms", "cpu_ms_per_1k", "gen_ms_per_1k"):
         out[key] = med(key)
     out["rss_mb"] = runs[-1]["rss_mb"]
     out["userid"] = sum(r["userid"] for r in runs)
@@ -330,20 +346,23 @@ def outcome(res: dict) -> str:
     return ", ".join(parts) or "none"
 
 
-ROW = "{:>6} {:>3}  {:<8} {:>8} {:>7} {:>7} {:>9} {:>13} {:>7}  {}"
+ROW = "{:>6} {:>3}  {:<8} {:>8} {:>7} {:>7} {:>9} {:>13} {:>9} {:>7}  {}"
+HEADER = ("N", "C", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/1k", "CPU range",
+          "gen ms/1k", "RSS MB", "replies")
 
 
 def row(n, c, res: dict) -> str:
     return ROW.format(n, c, res["name"], f"{res['rate']:.0f}", f"{res['p50_ms']:.2f}",
                       f"{res['p99_ms']:.2f}", f"{res['cpu_ms_per_1k']:.0f}",
-                      res.get("cpu_range", ""), f"{res['rss_mb']:.1f}", outcome(res))
+                      res.get("cpu_range", ""), f"{res['gen_ms_per_1k']:.0f}",
+                      f"{res['rss_mb']:.1f}", outcome(res))
 
 
 def ratio_row(n, c, ours: dict, theirs: dict) -> str:
     def r(key):
         return f"{ours[key] / theirs[key]:.2f}x" if theirs[key] else "-"
     return ROW.format("", "", "ratio", r("rate"), r("p50_ms"), r("p99_ms"), r("cpu_ms_per_1k"),
-                      "", r("rss_mb"), "stop / oidentd")
+                      "", "", r("rss_mb"), "stop / oidentd")
 
 
 def verdict(ok: bool) -> str:
@@ -366,6 +385,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--floor", action="store_true",
                     help="add a bare Twisted LineReceiver (bench/floor_server.py) to each point")
+    ap.add_argument("--loadgen", choices=("c", "python"), default="c",
+                    help="load generator: bench/loadgen.c built now (default) or bench/loadgen.py")
+    ap.add_argument("--pin", help="run the C load generator under taskset -c PIN (e.g. 1)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("compare_oidentd: run as root (oidentd, connections owned by nobody)",
@@ -390,7 +412,11 @@ def main(argv=None) -> int:
         servers.append(FloorServer(workdir))
     holder = None
     results: list[dict] = []
+    gen = None
     try:
+        if a.loadgen == "c":
+            from cloadgen import CLoadgen
+            gen = CLoadgen(a.pin)
         for s in servers:
             s.start()
         holder = Holders()
@@ -402,14 +428,14 @@ def main(argv=None) -> int:
                                      timeout=10).stdout.split("\n")[0]
         print(f"oidentd: {oid_version} (pid {servers[1].pid}), -i -S -o: foreground, forks per "
               f"connection, runs as nobody, logs each query to a file")
-        print(f"load: bench/loadgen.py in its own process, one query per connection, clients "
+        print(f"load: {gen.describe() if gen else 'bench/loadgen.py'} in its own process, "
+              f"one query per connection, clients "
               f"from {REQUESTER} to {THIS}, closed with RST after the reply (no TIME_WAIT); "
               f"M = {queries} queries per run, {runs} runs per point (servers alternate), "
               f"medians shown; {os.cpu_count()} CPUs")
         print(f"connections asked about: held by a process running as nobody")
         print()
-        header = ROW.format("N", "C", "server", "req/s", "p50 ms", "p99 ms", "CPU ms/1k",
-                            "CPU range", "RSS MB", "replies")
+        header = ROW.format(*HEADER)
         print(header)
         warm = True
         flip = False
@@ -419,13 +445,13 @@ def main(argv=None) -> int:
             pairs = write_pairs(workdir / f"id-{n}.txt", held)
             if warm:  # imports, caches, first files: not measured
                 for s in servers:
-                    measure(s, pairs, 300, 10, 30)
+                    measure(s, pairs, 300, 10, 30, gen)
                 warm = False
             for c in clients:
                 by_server: dict[str, list] = {s.name: [] for s in servers}
                 for _ in range(runs):
                     for s in (servers[::-1] if flip else servers):
-                        by_server[s.name].append(measure(s, pairs, queries, c, 120))
+                        by_server[s.name].append(measure(s, pairs, queries, c, 120, gen))
                     flip = not flip
                 point = {}
                 for name, rs in by_server.items():
@@ -447,7 +473,7 @@ def main(argv=None) -> int:
         print(header)
         nouser = {}
         for s in servers[:2]:
-            res = median_of([measure(s, pairs, queries, 10, no_user_seconds)])
+            res = median_of([measure(s, pairs, queries, 10, no_user_seconds, gen)])
             res.update(name=s.name, n=no_user_sockets, c=10, kind="NO-USER")
             nouser[s.name] = res
             results.append(res)
@@ -458,6 +484,8 @@ def main(argv=None) -> int:
             holder.stop()
         for s in servers:
             s.stop()
+        if gen is not None:
+            gen.close()
         if not a.keep:
             shutil.rmtree(workdir, ignore_errors=True)
 

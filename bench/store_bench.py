@@ -95,8 +95,9 @@ def bytes_per_record(base: str, n: int):
         yield defer.gatherResults([store.save("b%d" % i, id_record(i)) for i in range(n)])
         yield store.close()
         rec_dir = os.path.join(data_dir, "records")
-        seg = sum(os.path.getsize(os.path.join(rec_dir, f)) for f in os.listdir(rec_dir) if f.startswith("seg-"))
-        idx = os.path.getsize(os.path.join(rec_dir, "index"))
+        sizes = {f: os.path.getsize(os.path.join(rec_dir, f)) for f in os.listdir(rec_dir)}
+        seg = sum(v for f, v in sizes.items() if f.startswith("seg-"))
+        idx = sum(v for f, v in sizes.items() if not f.startswith("seg-"))  # index (when any), format
         out[name] = (seg / n, idx / n)
         shutil.rmtree(data_dir)
     return out
@@ -146,7 +147,7 @@ def main(args):
             r = statistics.median(rates[("gzip", f, c)]) / statistics.median(rates[("flat", f, c)])
             print(f"  fsync={f:6} savers={c:<3} gzip/flat    = {r:5.2f}")
     print()
-    print(f"bytes per {rec}-byte ID record on disk (segment + index):")
+    print(f"bytes per {rec}-byte ID record on disk (segment + other files):")
     for name, (seg, idx) in sizes.items():
         print(f"  {name:5} {seg:7.1f} + {idx:5.1f} = {seg + idx:7.1f}")
     print(f"  gzip/flat segment bytes = {sizes['gzip'][0] / sizes['flat'][0]:.2f}")

@@ -66,6 +66,19 @@ class Config:
     syslog: bool = False
     syslog_facility: str = "daemon"
     syslog_socket: str = "/dev/log"
+    # Recursion (spec 6): the questions ID_REC / SV_REC send to previous
+    # hosts, their budgets, the loop table, and which addresses are ours.
+    recursion_enabled: bool = True
+    recursion_port: int = 113
+    recursion_max_outbound: int = 32
+    recursion_max_per_host: int = 4
+    recursion_connect_timeout: float = 10.0
+    recursion_reply_timeout: float = 30.0
+    recursion_max_reply_length: int = 1000
+    recursion_max_targets: int = 16
+    loop_window: float = 120.0
+    loop_table_size: int = 16384
+    local_addresses: tuple[str, ...] = ("auto",)
     # Site plugins (stop-plugins(7)): where to look, which record hooks run.
     plugin_dirs: tuple[str, ...] = ("/etc/stop/plugins",)
     hooks: tuple[str, ...] = ()
@@ -106,6 +119,7 @@ class Config:
             raise ConfigError("idle_timeout: must be more than 0 seconds")
         address_networks(self.address_form)  # raises ConfigError when malformed
         _check_sv(self)
+        _check_recursion(self)
         facility_number(self.syslog_facility)  # raises ConfigError when unknown
         _check_redeem(self)
 
@@ -142,6 +156,42 @@ def _check_sv(config: "Config") -> None:
             raise ConfigError(f"{name}: must be at least 1, not {getattr(config, name)}")
     if config.index_max_age < 0:
         raise ConfigError("index_max_age: must not be negative")
+
+
+def _check_recursion(config: "Config") -> None:
+    if not 1 <= config.recursion_port <= 65535:
+        raise ConfigError("recursion_port: must be 1..65535")
+    for name in ("recursion_max_outbound", "recursion_max_per_host", "recursion_max_targets",
+                 "loop_table_size"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, not {getattr(config, name)}")
+    for name in ("recursion_connect_timeout", "recursion_reply_timeout", "loop_window"):
+        if not 0 < getattr(config, name) <= 86400:
+            raise ConfigError(f"{name}: must be more than 0 and at most 86400 seconds")
+    if not 64 <= config.recursion_max_reply_length <= 65536:
+        raise ConfigError("recursion_max_reply_length: must be 64..65536")
+    local_networks(config.local_addresses)  # raises ConfigError when malformed
+
+
+def local_networks(entries: tuple[str, ...]) -> tuple[bool, tuple]:
+    """The ``local_addresses`` setting as (``auto`` given, networks of the
+    other entries).
+
+    :raise ConfigError: empty, or an entry is neither ``auto`` nor an
+        address/CIDR.
+    """
+    if not entries:
+        raise ConfigError("local_addresses: give auto, addresses or CIDR blocks")
+    nets = []
+    for entry in entries:
+        if entry == "auto":
+            continue
+        try:
+            nets.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"local_addresses: {entry!r} is not 'auto' or an address/CIDR") from None
+    return "auto" in entries, tuple(nets)
 
 
 def address_networks(entries: tuple[str, ...]) -> Optional[tuple]:

@@ -37,9 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", "-d", help="the record directory (default: the config's data_dir)")
     p.add_argument("--storage", help="store backend (default: the config's storage)")
     sub = p.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="print the record of a token")
+    show = sub.add_parser("show", help="print the record of a token and the entries linked to it")
     show.add_argument("token")
-    show.add_argument("--json", action="store_true", help="the exact stored JSON")
+    how = show.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true",
+                     help='one JSON object: {"token", "record", "linked": [...]}')
+    how.add_argument("--raw", action="store_true",
+                     help="the exact stored bytes of the record (one line), nothing else")
     lst = sub.add_parser("list", help="list records, oldest first")
     lst.add_argument("--json", action="store_true", help="one JSON object per line")
     lst.add_argument("--user", help="only records of this user name or uid")
@@ -145,15 +149,54 @@ def _matches(record: dict, args: argparse.Namespace) -> bool:
     return True
 
 
+def _when(entry: dict) -> str:
+    times = [f"{k} {entry[k]}" for k in ("sent", "answered") if entry.get(k)]
+    return f"  ({', '.join(times)})" if times else ""
+
+
+def describe_linked(data: bytes) -> str:
+    """One line for an entry linked to a record: a summary for a
+    recursion outcome (CONTRACTS.md section 3), the JSON for other kinds."""
+    try:
+        entry = records.load(data)
+    except ValueError:
+        return data.decode("utf-8", "replace")
+    if entry.get("kind") != "recursion":
+        return json.dumps(entry, sort_keys=True, ensure_ascii=False)
+    req = entry.get("request") or {}
+    ports = req.get("ports") or ["?", "?"]
+    outcome = entry.get("outcome")
+    if outcome == "token":
+        result = f"token {entry.get('token')}"
+    elif outcome == "error":
+        result = f"error {entry.get('error')}"
+    elif outcome == "userid":
+        result = f"userid {entry.get('opsys')} {entry.get('user')}"
+    else:
+        result = str(outcome)
+    if entry.get("why"):
+        result += f" ({entry['why']})"
+    return (f"recursion {_endpoint(entry.get('target'))} {req.get('type')} "
+            f"{ports[0]}, {ports[1]} sid {req.get('sid')} from {_endpoint(entry.get('local'))}: "
+            f"{result}{_when(entry)}")
+
+
 def cmd_show(store, args, out: TextIO) -> int:
     data = store.get(args.token)
     if data is None:
         sys.stderr.write(f"stopctl: no record for token {args.token}\n")
         return EXIT_UNKNOWN
-    if args.json:
+    if args.raw:
         out.write(data.decode("utf-8") + "\n")
+        return EXIT_OK
+    linked = store.linked(args.token)
+    if args.json:
+        out.write(json.dumps({"token": args.token, "record": records.load(data),
+                              "linked": [records.load(e) for e in linked]},
+                             sort_keys=True, ensure_ascii=False) + "\n")
     else:
-        _field(describe(args.token, records.load(data)), out)
+        _field(describe(args.token, records.load(data))
+               + [("linked", describe_linked(e)) for e in linked], out)
     return EXIT_OK
 
 

@@ -50,6 +50,11 @@ class ConfigError(StopError):
     which setting and why."""
 
 
+class UnreadableReply(StopError):
+    """A reply from another host's ident daemon (to a recursive question)
+    that is not an RFC 1413 / STOP reply line; the message says why."""
+
+
 # -- Redemption (stop.redeem): what a redemption client meets -------------
 
 

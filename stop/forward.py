@@ -39,6 +39,9 @@ log = Logger()
 #: has its own number may set ``sd_id``.
 SD_ID = "stop@32473"
 MSGID = "record"
+#: MSGID of an entry linked to a record (a recursion outcome); the SD
+#: element's token is the record's.
+MSGID_LINKED = "linked"
 BOM = b"\xef\xbb\xbf"
 SEVERITY_INFO = 6
 
@@ -56,15 +59,17 @@ def _header_field(value: str, limit: int) -> str:
 
 def format_message(token: str, record: bytes, when: float, facility: int = 3,
                    hostname: str = "-", app_name: str = "stopd", procid: str = "-",
-                   sd_id: str = SD_ID) -> bytes:
+                   sd_id: str = SD_ID, msgid: str = MSGID) -> bytes:
     """One RFC 5424 message (without framing) for ``record`` saved under
     ``token`` at ``when`` (seconds since the epoch, shown in UTC with
-    microseconds). The MSG is the record's bytes after a UTF-8 BOM."""
+    microseconds). The MSG is the record's bytes after a UTF-8 BOM.
+    ``msgid`` is ``record``, or ``linked`` for an entry linked to the record
+    of ``token``."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + \
         ".%06dZ" % int(round((when % 1) * 1e6) % 1000000)
     header = "<%d>1 %s %s %s %s %s [%s token=\"%s\"] " % (
         facility * 8 + SEVERITY_INFO, stamp, _header_field(hostname, 255),
-        _header_field(app_name, 48), _header_field(procid, 128), MSGID,
+        _header_field(app_name, 48), _header_field(procid, 128), msgid,
         sd_id, _sd_escape(token))
     return header.encode("utf-8") + BOM + record  # PARAM-VALUE is UTF-8
 
@@ -139,7 +144,7 @@ class Forwarder:
         if not self._service.running:
             self._service.startService()
 
-    def send(self, token: str, record: bytes) -> None:
+    def send(self, token: str, record: bytes, msgid: str = MSGID) -> None:
         """Queue ``record`` for the collector and send what can be sent.
         Returns at once; never raises for a network problem. After
         :meth:`stop`, records are dropped (counted), never reconnected for."""
@@ -148,7 +153,8 @@ class Forwarder:
             return
         self.start()
         message = format_message(token, record, self._reactor.seconds(), self._facility,
-                                 self._hostname, self._app_name, str(os.getpid()), self._sd_id)
+                                 self._hostname, self._app_name, str(os.getpid()), self._sd_id,
+                                 msgid)
         if len(self._queue) >= self._max:
             self._queue.popleft()
             self.dropped += 1
@@ -236,8 +242,18 @@ class ForwardingStore:
         d.addCallback(lambda _: self.forwarder.send(token, record))
         return d
 
+    def save_linked(self, token: str, entry: bytes) -> defer.Deferred:
+        """Keep ``entry`` in ``inner`` and, once durable there, forward it
+        (MSGID ``linked``, the token it belongs to in the SD element)."""
+        d = self.inner.save_linked(token, entry)
+        d.addCallback(lambda _: self.forwarder.send(token, entry, msgid=MSGID_LINKED))
+        return d
+
     def get(self, token: str) -> Optional[bytes]:
         return self.inner.get(token)
+
+    def linked(self, token: str) -> list:
+        return self.inner.linked(token)
 
     def integrity(self, token: str) -> bool:
         return self.inner.integrity(token)

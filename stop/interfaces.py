@@ -43,7 +43,9 @@ class IRecordStore(Interface):
     A record is the exact bytes of canonical UTF-8 JSON (``stop.records``);
     a store keeps them byte for byte, so the hash of an SV record can be
     verified later. Records are append-only: nothing is ever changed or
-    deleted by the daemon.
+    deleted by the daemon. Entries linked to a record (``save_linked``:
+    the outcomes of recursive requests, spec 6) are kept beside it and
+    never change its bytes.
 
     Implementations: ``memory`` (tests), ``flat`` and ``gzip``
     (``stop.storage``). Writes may be grouped (one fsync for many records),
@@ -82,10 +84,30 @@ class IRecordStore(Interface):
 
     def records():
         """Iterate ``(token, record_bytes)`` over every stored record,
-        oldest first. Synchronous."""
+        oldest first (records only, never linked entries). Synchronous."""
+
+    def save_linked(token, entry):
+        """Append ``entry`` (bytes: canonical JSON of one object, made with
+        stop.records.canonical; same size limit as a record) linked to the
+        stored record of ``token``. Linked entries never change the record's
+        own bytes (an SV token stays the hash of exactly the record) and take
+        part in the store's tamper evidence like records do.
+
+        :return: a Deferred firing None once the entry is durable (same
+            fsync rules as save), or failing with StoreFailed (unknown token,
+            bad entry, closed or read-only store, OS error)."""
+
+    def linked(token):
+        """The entries linked to ``token``: a list of bytes, oldest first;
+        [] when there are none or the token is unknown. Synchronous; reads
+        what is durable (usable from stopctl while the daemon runs).
+
+        :raise stop.errors.StoreFailed: a linked entry is damaged, or an OS
+            error."""
 
     def usage():
-        """Bytes this store occupies on disk (what the quota counts)."""
+        """Bytes this store occupies on disk, records and linked entries
+        (what the quota counts). Cheap: called for every request."""
 
     def close():
         """Flush what is pending and release files.
@@ -245,4 +267,42 @@ class IHookPlugin(Interface):
 
         :return: an :class:`IRecordHook` provider.
         :raise stop.errors.ConfigError: a missing or bad plugin setting.
+        """
+
+
+# -- Recursion (spec 6) ---------------------------------------------------
+
+
+class IRecursiveClient(Interface):
+    """Asks other hosts' STOP daemons the recursive questions of spec 6,
+    one TCP connection per question, within budgets.
+
+    Implementation: ``stop.client.RecursiveClient`` (Twisted client
+    endpoints); ``stop.testing.FakeRecursiveClient`` for tests.
+    """
+
+    in_flight = Attribute("Questions being asked now (int): connecting, or "
+                          "waiting for the reply.")
+
+    def ask(target, local, request):
+        """Ask one question.
+
+        :param target: :class:`stop.model.Endpoint`: the other host's
+            address and its ident (recursion) port.
+        :param local: :class:`stop.model.Endpoint`: the address to ask from
+            (the local address of the connection asked about, so the other
+            daemon can match it; ``""`` for any); its port is ignored.
+        :param request: a :class:`stop.wire.Request` (ports as seen from
+            the other host: their port first; ID_REC or SV_REC with a sid).
+        :return: a Deferred that fires with a :class:`stop.client.Outcome`
+            once the outcome is known: never later than the connect
+            timeout plus the reply timeout, at once (``"skipped"``) when a
+            budget is spent. It never fails.
+        """
+
+    def close():
+        """Stop: questions in flight end (outcome ``"failed"``, why
+        ``"stopping"``) and later ones are skipped.
+
+        :return: a Deferred firing once every question's Deferred fired.
         """

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from stop.errors import InvalidPort, RequestError
+from stop.errors import InvalidPort, RequestError, UnreadableReply
 from stop.model import canonical_host
 
 #: Request types, as sent on the wire (upper case).
@@ -149,3 +149,99 @@ def format_error(ports: tuple[int, int], word: str) -> bytes:
     if word == "HIDDEN-USER":
         raise ValueError("HIDDEN-USER is never sent")
     return f"{_ports_text(ports)} : ERROR : {word}\r\n".encode("ascii")
+
+
+# -- The other direction: this host asking another (recursion, spec 6) -------
+
+#: The reply kinds of :class:`Reply`.
+USERID, ERROR = "USERID", "ERROR"
+
+_REPLY = re.compile(r"[ \t]*([0-9]{1,5})[ \t]*,[ \t]*([0-9]{1,5})[ \t]*:[ \t]*"
+                    r"(USERID|ERROR)[ \t]*:(.*)\Z", re.I | re.S)
+_ERROR_WORD = re.compile(r"[\x21-\x39\x3b-\x7e]{1,64}\Z")
+_USER_TEXT = re.compile(r"[\x20-\x7e]{1,512}\Z")
+_OPSYS = re.compile(r"[\x21-\x2b\x2d-\x39\x3b-\x7e]{1,64}\Z")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply line from another host's ident daemon.
+
+    ``kind`` is :data:`USERID` (``opsys`` and ``user`` set; ``opsys`` in
+    upper case, without a character set) or :data:`ERROR` (``error`` set,
+    the error word as sent).
+    """
+
+    ports: tuple[int, int]
+    kind: str
+    opsys: Optional[str] = None
+    user: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def token(self) -> Optional[str]:
+        """The STOP token this reply carries: the user-id of a ``USERID :
+        OTHER`` reply when it has a token's grammar (spec 2.2), else None."""
+        if self.kind == USERID and self.opsys == "OTHER" and _TOKEN_CHARS.match(self.user):
+            return self.user
+        return None
+
+
+def format_request(request: Request) -> bytes:
+    """The request line (CR LF) for ``request``: ``P1, P2`` alone for a
+    plain ID, else ``P1, P2 : TYPE`` and `` : sid`` for the recursive
+    types (never the address form: the recursion asks about connections of
+    the asking host)."""
+    text = _ports_text(request.ports)
+    if request.type != ID or request.sid is not None:
+        text += f" : {request.type}"
+    if request.sid is not None:
+        text += f" : {request.sid}"
+    return (text + "\r\n").encode("ascii")
+
+
+def parse_reply(line: bytes) -> Reply:
+    """Parse one reply line (without its LF; a trailing CR is allowed).
+
+    Spaces and tabs are allowed around the separators (RFC 1413); the
+    user-id of a USERID reply is everything after the third colon, with
+    the white space around it removed, so it may hold colons.
+
+    :raise stop.errors.UnreadableReply: not a reply line, a port that is
+        not 1..65535, an opsys, user-id or error word that is empty, too
+        long or not printable ASCII.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    text = line.decode("latin-1")
+    m = _REPLY.match(text)
+    if m is None:
+        raise UnreadableReply("not an ident reply line")
+    ports = (int(m.group(1)), int(m.group(2)))
+    if not all(1 <= p <= MAX_PORT for p in ports):
+        raise UnreadableReply("port out of range")
+    kind, rest = m.group(3).upper(), m.group(4)
+    if kind == ERROR:
+        word = rest.strip(" \t")
+        if not _ERROR_WORD.match(word):
+            raise UnreadableReply("error word is empty, too long or not printable")
+        return Reply(ports, ERROR, error=word)
+    opsys_field, colon, user = rest.partition(":")
+    if not colon:
+        raise UnreadableReply("USERID reply without a user-id field")
+    opsys = opsys_field.split(",", 1)[0].strip(" \t").upper()
+    user = user.strip(" \t")
+    if not _OPSYS.match(opsys):
+        raise UnreadableReply("opsys is empty, too long or not printable")
+    if not _USER_TEXT.match(user):
+        raise UnreadableReply("user-id is empty, longer than 512 or not printable")
+    return Reply(ports, USERID, opsys=opsys, user=user)
+
+
+def printable(data: bytes, limit: int) -> str:
+    """``data`` (at most ``limit`` bytes of it) as printable ASCII for a
+    record or a log: bytes outside 0x20..0x7E and the backslash as
+    ``\\xNN``; ``...`` marks a cut."""
+    out = "".join(chr(b) if 0x20 <= b <= 0x7e and b != 0x5c else f"\\x{b:02x}"
+                  for b in data[:limit])
+    return out + ("..." if len(data) > limit else "")

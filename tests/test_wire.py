@@ -148,3 +148,65 @@ def test_round_trip(p1, p2, kind, sid, address, w, rnd, cr):
     r = wire.parse_request(line)
     canon = None if address is None else canonical_host(address)
     assert r == wire.Request((p1, p2), kind, sid, canon)
+
+
+# -- the recursive client's side: requests out, replies in ------------------
+
+from stop.errors import UnreadableReply  # noqa: E402
+
+
+@pytest.mark.parametrize("request_,line", [
+    (wire.Request((6193, 23), wire.SV_REC, 4711), b"6193, 23 : SV_REC : 4711\r\n"),
+    (wire.Request((1, 65535), wire.ID_REC, 0), b"1, 65535 : ID_REC : 0\r\n"),
+    (wire.Request((6193, 23)), b"6193, 23\r\n"),
+])
+def test_format_request(request_, line):
+    assert wire.format_request(request_) == line
+    assert wire.parse_request(line.rstrip(b"\r\n")) == request_
+
+
+@pytest.mark.parametrize("line,reply", [
+    (b"6193, 23 : USERID : OTHER : " + TOKEN.encode(),
+     wire.Reply((6193, 23), wire.USERID, "OTHER", TOKEN)),
+    (b"6193,23:userid:other , US-ASCII:" + TOKEN.encode() + b"\r",
+     wire.Reply((6193, 23), wire.USERID, "OTHER", TOKEN)),
+    (b"6193, 23 : ERROR : NO-USER", wire.Reply((6193, 23), wire.ERROR, error="NO-USER")),
+    (b" 6193 , 23 : error:  HIDDEN-USER  ", wire.Reply((6193, 23), wire.ERROR, error="HIDDEN-USER")),
+    (b"6193, 23 : USERID : UNIX :  alice smith ",
+     wire.Reply((6193, 23), wire.USERID, "UNIX", "alice smith")),
+])
+def test_parse_reply(line, reply):
+    assert wire.parse_reply(line) == reply
+
+
+def test_reply_token_needs_other_and_the_token_grammar():
+    assert wire.parse_reply(b"1, 2 : USERID : OTHER : " + TOKEN.encode()).token == TOKEN
+    assert wire.parse_reply(b"1, 2 : USERID : UNIX : " + TOKEN.encode()).token is None
+    assert wire.parse_reply(b"1, 2 : USERID : OTHER : a b").token is None
+    assert wire.parse_reply(b"1, 2 : USERID : OTHER : a:b").token is None
+
+
+@pytest.mark.parametrize("line", [
+    b"", b"garbage", b"1, 2", b"1, 2 : ERROR", b"0, 2 : ERROR : NO-USER",
+    b"1, 65536 : ERROR : NO-USER", b"1, 2 : USERID : OTHER", b"1, 2 : USERID : : x",
+    b"1, 2 : USERID : OTHER : ", b"1, 2 : USERID : UNIX : a\x00b", b"1, 2 : ERROR : NO USER",
+    b"1, 2 : USERID : UNIX : " + b"u" * 513, b"1, 2 : ERROR : X" + b"Y" * 64,
+    b"1, 2 : FOO : bar",
+])
+def test_parse_reply_refuses(line):
+    with pytest.raises(UnreadableReply):
+        wire.parse_reply(line)
+
+
+@given(st.binary(max_size=600))
+def test_any_reply_bytes_parse_or_give_a_clean_error(data):
+    try:
+        reply = wire.parse_reply(data)
+    except UnreadableReply:
+        return
+    assert reply.kind in (wire.USERID, wire.ERROR)
+
+
+def test_printable():
+    assert wire.printable(b"ab\\c\x00\xff\r\n", 100) == "ab\\x5cc\\x00\\xff\\x0d\\x0a"
+    assert wire.printable(b"abcdef", 3) == "abc..."

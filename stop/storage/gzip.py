@@ -11,11 +11,14 @@ used here: this module's name shadows the standard :mod:`gzip` for nobody
 from __future__ import annotations
 
 import zlib
+from typing import Optional
 
 from stop.storage.log import _MAX_LINE, _READ_CHUNK, BadEntry, Codec, LogStore
 
 # wbits for a gzip header and trailer (CRC-32 and length, checked on read).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
+# How every member this store writes starts: magic, deflate, no flags.
+_MEMBER_START = b"\x1f\x8b\x08\x00"
 
 
 class GzipCodec(Codec):
@@ -54,6 +57,23 @@ class GzipCodec(Codec):
         except zlib.error as exc:
             raise BadEntry(f"bad gzip member: {exc}") from None
         return b"".join(out), p - len(dec.unused_data)
+
+
+    def resync(self, buf: bytes, pos: int) -> int:
+        """The next gzip member header after ``buf[pos]``."""
+        nxt = buf.find(_MEMBER_START, pos + 1)
+        return len(buf) if nxt < 0 else nxt
+
+    def salvage(self, raw: bytes) -> Optional[tuple[str, str]]:
+        """Decompress what can be of a bad member (no CRC check) and read
+        its start."""
+        if not raw.startswith(_MEMBER_START) or len(raw) < 11:
+            return None
+        try:
+            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[10:], 1024)
+        except zlib.error:
+            return None
+        return super().salvage(head)
 
 
 class GzipStore(LogStore):

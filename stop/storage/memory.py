@@ -13,7 +13,7 @@ from zope.interface import implementer
 
 from stop.errors import StoreFailed
 from stop.interfaces import IRecordStore
-from stop.storage.log import check_entry
+from stop.storage.log import check_entry, check_linked
 
 
 @implementer(IRecordStore)
@@ -27,6 +27,7 @@ class MemoryStore:
     def __init__(self, data_dir: str | None = None, reactor=None, fsync: str = "batch",
                  segment_bytes: int = 0, readonly: bool = False):
         self._records: dict[str, bytes] = {}
+        self._linked: dict[str, list[bytes]] = {}
         self._usage = 0
         self.closed = False
 
@@ -51,6 +52,28 @@ class MemoryStore:
         self._usage += len(token) + len(record)
         return defer.succeed(None)
 
+    def save_linked(self, token: str, entry: bytes) -> defer.Deferred:
+        """Keep ``entry`` linked to the record of ``token``.
+
+        :return: a fired Deferred: ``None``, or a StoreFailed failure for an
+            unknown token, a bad entry, or a closed store.
+        """
+        try:
+            if self.closed:
+                raise StoreFailed("memory store is closed")
+            check_linked(token, entry)
+            if token not in self._records:
+                raise StoreFailed(f"no record for token {token}: nothing to link an entry to")
+        except StoreFailed:
+            return defer.fail()
+        self._linked.setdefault(token, []).append(entry)
+        self._usage += len(token) + len(entry)
+        return defer.succeed(None)
+
+    def linked(self, token: str) -> list[bytes]:
+        """The entries linked to ``token``, oldest first."""
+        return list(self._linked.get(token, ()))
+
     def get(self, token: str) -> bytes | None:
         """The bytes saved under ``token``, or ``None``."""
         return self._records.get(token)
@@ -64,8 +87,8 @@ class MemoryStore:
         return iter(list(self._records.items()))
 
     def usage(self) -> int:
-        """Bytes of tokens and records held (what a disk store would count,
-        less its framing)."""
+        """Bytes of tokens, records and linked entries held (what a disk
+        store would count, less its framing)."""
         return self._usage
 
     def close(self) -> defer.Deferred:

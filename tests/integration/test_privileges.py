@@ -84,7 +84,7 @@ def test_binds_113_dual_stack_then_runs_as_nobody():
                                        "--json", token], capture_output=True, text=True, env=env,
                                       timeout=60)
                 assert show.returncode == 0, show.stderr
-                assert json.loads(show.stdout)["user"]["uid"] == 0
+                assert json.loads(show.stdout)["record"]["user"]["uid"] == 0
             for dirpath, dirnames, filenames in os.walk(data):
                 for name in dirnames + filenames:
                     st = os.stat(os.path.join(dirpath, name))

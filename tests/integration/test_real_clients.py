@@ -143,7 +143,7 @@ def read_port(p: subprocess.Popen, what: str) -> int:
 def record_of(daemon: Daemon, token: str) -> dict:
     r = daemon.stopctl("show", "--json", token)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    return json.loads(r.stdout)["record"]
 
 
 def assert_record_is_the_clients(daemon: Daemon, token: str, client_port: int,

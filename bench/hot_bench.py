@@ -1,0 +1,614 @@
+"""The hot-path targets of issue 12, each printed with PASS/MISS: durable ID
+side by side with Debian's oidentd, and SV on a fresh connection.
+
+Run as root, with the interpreter that has Twisted (``dev/test`` makes
+``.venv``); everything is on loopback, bounded in count and time:
+
+    .venv/bin/python bench/hot_bench.py            # both parts, ~6 min
+    .venv/bin/python bench/hot_bench.py --quick    # smoke run, ~2 min
+    .venv/bin/python bench/hot_bench.py --only id  # or --only sv
+
+ID (as ``compare_oidentd.py``: ``twistd stop`` with the flat store and
+``fsync = batch``, oidentd, established connections held by nobody, one
+query per connection, servers alternating, medians of ``--runs``): at
+N = 1,000 sockets and C = 1, 10, 50 clients, req/s and daemon CPU per 1,000
+queries against oidentd's, p99 at 1 client; and stop's CPU per query at
+N = 10,000 against N = 100. The load comes from ``bench/loadgen.c``, built
+now with gcc into a temporary directory (``--pin CPU`` runs it under
+taskset); its own CPU per 1,000 queries is printed beside the daemon's.
+
+SV on a fresh connection: a second daemon (``open_files = yes``) is asked
+about a connection opened just before each query (a new socket every time,
+so the daemon has never seen it) by a helper process running as nobody,
+detached (its parent is PID 1) and driven through two FIFOs, so the walk
+meets nothing of the bench. Medians of ``--sv-queries`` queries of each
+kind, ID and SV alternating in blocks: on the quiet host; with
+``--idle`` extra idle processes (3 std fds, a pipe, a file each; run as
+``--idle-user``); with ``--time-wait`` TIME_WAIT and ``--established``
+established sockets made on loopback (the TIME_WAIT ones expire by
+themselves within 60 s; the measurement runs well inside that). Then the
+daemon's CPU share of one core while answering SV at 600 requests per
+minute for ``--cpu-seconds`` (measured on the quiet host, right
+after the first point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import pathlib
+import pwd
+import random
+import resource
+import select
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import compare_oidentd as co  # noqa: E402
+from cloadgen import CLoadgen  # noqa: E402
+from tests.integration.harness import Daemon  # noqa: E402
+from tests.integration.netns import stop_process  # noqa: E402
+
+THIS, REQUESTER = co.THIS, co.REQUESTER
+TW_ADDR = "127.0.0.3"           # where the TIME_WAIT sockets are made
+LINGER_RESET = struct.pack("ii", 1, 0)
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+IO_TIMEOUT = 20.0
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# -- helpers run as nobody -----------------------------------------------------
+
+FRESH_CODE = r'''
+import os, select, socket, sys, time
+ctl, out, here, there = sys.argv[1:5]
+if os.fork():
+    os._exit(0)
+os.setsid()                       # detached: reparented to PID 1 (or a subreaper)
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+os.close(null)
+listener = socket.socket()
+listener.bind((there, 0))
+listener.listen(16)
+lport = listener.getsockname()[1]
+r = os.open(ctl, os.O_RDONLY)
+w = os.open(out, os.O_WRONLY)
+os.write(w, b"ready %d %d\n" % (os.getpid(), lport))
+held, buf = [], b""
+deadline = time.monotonic() + 3600
+while time.monotonic() < deadline:
+    if not select.select([r], [], [], 60)[0]:
+        continue
+    data = os.read(r, 4096)
+    if not data:
+        break
+    buf += data
+    while b"\n" in buf:
+        line, buf = buf.split(b"\n", 1)
+        for s in held:
+            s.close()
+        c = socket.socket()
+        c.setsockopt(socket.SOL_IP, 24, 1)   # IP_BIND_ADDRESS_NO_PORT
+        c.bind((here, 0))
+        c.connect((there, lport))
+        a, _ = listener.accept()
+        held = [c, a]
+        os.write(w, b"%d %d\n" % (c.getsockname()[1], lport))
+'''
+
+IDLE_CODE = r'''
+import os, signal, sys, time
+n = int(sys.argv[1])
+kids = []
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        null = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.closerange(3, 4096)
+        r, w = os.pipe()
+        f = os.open("/etc/hostname", os.O_RDONLY)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(900)
+        os._exit(0)
+    kids.append(pid)
+print(len(kids), flush=True)
+sys.stdin.read()                  # until the bench closes it (or dies)
+for pid in kids:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+for pid in kids:
+    os.waitpid(pid, 0)
+'''
+
+
+def system_python() -> str:
+    return shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+
+
+class FreshHolder:
+    """Opens a new connection THIS:P1 -> REQUESTER:P2 on request (closing
+    the previous one); runs as nobody, detached, driven through FIFOs
+    (files: the walk does not follow them)."""
+
+    def __init__(self):
+        nobody = pwd.getpwnam("nobody")
+        self.dir = tempfile.mkdtemp(prefix="stop-hot-fresh-")
+        os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
+        self.ctl, self.out = os.path.join(self.dir, "ctl"), os.path.join(self.dir, "out")
+        for path in (self.ctl, self.out):
+            os.mkfifo(path, 0o600)
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        self.pid = None
+        self._r = os.open(self.out, os.O_RDONLY | os.O_NONBLOCK)
+        subprocess.run([system_python(), "-c", FRESH_CODE, self.ctl, self.out, THIS, REQUESTER],
+                       user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                       stdin=subprocess.DEVNULL, check=True, timeout=30)
+        deadline = time.monotonic() + 30
+        self._w = None
+        while self._w is None:
+            try:
+                self._w = os.open(self.ctl, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self._buf = b""
+        words = self._line().split()
+        if words[0] != b"ready":
+            raise RuntimeError(f"fresh holder: {words!r}")
+        self.pid = int(words[1])
+
+    def _line(self) -> bytes:
+        deadline = time.monotonic() + IO_TIMEOUT
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._r], [], [], left)[0]:
+                raise RuntimeError("fresh holder did not answer")
+            try:
+                chunk = os.read(self._r, 4096)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                time.sleep(0.01)  # no writer yet
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line
+
+    def new(self) -> tuple[int, int]:
+        """A new connection; its (P1, P2)."""
+        os.write(self._w, b"new\n")
+        p1, p2 = self._line().split()
+        return int(p1), int(p2)
+
+    def stop(self) -> None:
+        if self._w is not None:
+            os.close(self._w)  # EOF: the holder exits
+            self._w = None
+        if self.pid is not None:
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            try:
+                os.kill(self.pid, 9)
+            except ProcessLookupError:
+                pass
+        os.close(self._r)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class IdleProcesses:
+    """``n`` idle processes (the paper's Table II load), children of one
+    helper process running as ``user``; stopped by closing its stdin."""
+
+    def __init__(self, n: int, user: str):
+        pw = pwd.getpwnam(user)
+        self.proc = subprocess.Popen([system_python(), "-c", IDLE_CODE, str(n)],
+                                     user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if not select.select([self.proc.stdout], [], [], 120)[0]:
+            self.stop()
+            raise RuntimeError(f"{n} idle processes did not start in 120 s")
+        self.n = int(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                stop_process(self.proc)
+
+
+def make_time_wait(n: int, listeners: int = 8) -> int:
+    """Leave ``n`` sockets in TIME_WAIT on TW_ADDR (the client closes
+    first); bounded by count and 60 s. They expire by themselves (60 s).
+    :return: how many were made."""
+    ls = []
+    for _ in range(listeners):
+        s = socket.socket()
+        s.bind((TW_ADDR, 0))
+        s.listen(1024)
+        ls.append(s)
+    made, deadline = 0, time.monotonic() + 60
+    try:
+        while made < n and time.monotonic() < deadline:
+            batch = []
+            for i in range(min(256, n - made)):
+                c = socket.socket()
+                c.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                c.bind((TW_ADDR, 0))
+                c.connect(ls[(made + i) % listeners].getsockname())
+                batch.append(c)
+            for i, c in enumerate(batch):
+                a, _ = ls[(made + i) % listeners].accept()
+                c.close()      # FIN first: this end goes to TIME_WAIT
+                a.close()
+            made += len(batch)
+    finally:
+        for s in ls:
+            s.close()
+    return made
+
+
+def tcp_summary() -> str:
+    """``ss -s``'s TCP line (established, time-wait counts)."""
+    out = subprocess.run(["ss", "-s"], capture_output=True, text=True, timeout=30).stdout
+    for line in out.splitlines():
+        if line.startswith("TCP:"):
+            return " ".join(line.split()[1:])
+    return "?"
+
+
+def process_count() -> int:
+    return sum(1 for e in os.listdir("/proc") if e.isdigit())
+
+
+# -- asking the SV daemon ------------------------------------------------------
+
+class SvDaemon:
+    """``twistd stop`` on THIS with the bench's settings and open_files."""
+
+    def __init__(self, workdir: pathlib.Path):
+        settings = dict(co.STOP_SETTINGS, open_files="yes")
+        base = workdir / "sv"
+        base.mkdir()
+        self.daemon = Daemon(base, settings, interfaces=(THIS,))
+
+    def start(self) -> None:
+        self.daemon.start()
+        self.pid = self.daemon.proc.pid
+        self.port = self.daemon.port
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+    def cpu(self) -> float:
+        return co.tree_cpu_seconds(self.pid)
+
+    def ask(self, line: bytes) -> tuple[bytes, float]:
+        """One query on a new connection from REQUESTER; (reply, seconds
+        from connect to the reply line)."""
+        s = socket.socket()
+        try:
+            s.settimeout(IO_TIMEOUT)
+            s.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            s.bind((REQUESTER, 0))
+            t0 = time.perf_counter()
+            s.connect((THIS, self.port))
+            s.sendall(line + b"\r\n")
+            buf = b""
+            while b"\n" not in buf and len(buf) < 1024:
+                chunk = s.recv(1024)
+                if not chunk:
+                    break
+                buf += chunk
+            t = time.perf_counter() - t0
+        finally:
+            s.close()
+        if b"USERID" not in buf:
+            raise RuntimeError(f"daemon answered {buf!r}\n{self.daemon.read_log()[-2000:]}")
+        return buf, t
+
+    def index_notes(self) -> Counter:
+        """How the daemon's SV walks got their index, from its records."""
+        notes: Counter = Counter()
+        for root, _dirs, files in os.walk(self.daemon.data_dir):
+            for name in (n for n in files if n.endswith(".log")):
+                with open(os.path.join(root, name), "rb") as f:
+                    for line in f:
+                        try:
+                            rec = json.loads(line.split(b" ", 2)[2])
+                        except (IndexError, ValueError):
+                            continue
+                        note = rec.get("processes", {}).get("index") if isinstance(
+                            rec.get("processes"), dict) else None
+                        if note:
+                            notes["reused" if note.get("cached") else
+                                  f"built ({note.get('why')})"] += 1
+        return notes
+
+
+def fresh_point(daemon: SvDaemon, fresh: FreshHolder, n: int, block: int = 10) -> dict:
+    """Medians of ``n`` ID and ``n`` SV queries, each about a new
+    connection, in alternating blocks; the daemon's CPU per query of each."""
+    times: dict[str, list[float]] = {"ID": [], "SV": []}
+    cpu = {"ID": 0.0, "SV": 0.0}
+    while len(times["SV"]) < n:
+        for kind, suffix in (("ID", b""), ("SV", b" : SV")):
+            c0 = daemon.cpu()
+            for _ in range(min(block, n - len(times[kind]))):
+                p1, p2 = fresh.new()
+                _, t = daemon.ask(b"%d, %d%s" % (p1, p2, suffix))
+                times[kind].append(t)
+            cpu[kind] += daemon.cpu() - c0
+    return {k: {"median_ms": statistics.median(v) * 1e3,
+                "p90_ms": sorted(v)[int(len(v) * 0.9) - 1] * 1e3,
+                "cpu_ms": cpu[k] / len(v) * 1e3} for k, v in times.items()}
+
+
+def sv_cpu_share(daemon: SvDaemon, fresh: FreshHolder, per_minute: int,
+                 seconds: float) -> tuple[float, float]:
+    """(daemon CPU % of one core, achieved rate per minute) for SV
+    queries about fresh connections paced at ``per_minute``."""
+    interval = 60.0 / per_minute
+    count = max(1, round(per_minute * seconds / 60.0))
+    c0, w0 = daemon.cpu(), time.monotonic()
+    nxt = w0
+    for _ in range(count):
+        p1, p2 = fresh.new()
+        daemon.ask(b"%d, %d : SV" % (p1, p2))
+        nxt += interval
+        delay = nxt - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    elapsed = time.monotonic() - w0
+    return 100 * (daemon.cpu() - c0) / max(elapsed, seconds), count / elapsed * 60
+
+
+# -- the two parts ------------------------------------------------------------
+
+def id_part(a, gen: CLoadgen, workdir: pathlib.Path, targets: list) -> None:
+    servers = [co.StopServer(workdir), co.OidentdServer(workdir)]
+    holders = co.Holders()
+    results: dict = {}
+    try:
+        for s in servers:
+            s.start()
+        print(f"ID: twistd stop (pid {servers[0].pid}), flat store, fsync=batch (records "
+              f"fdatasync'ed before their replies), data in {workdir} "
+              f"({co.fs_type(str(workdir))}), one log line per query; oidentd -i -S -o "
+              f"(pid {servers[1].pid}, forks per connection, logs each query)")
+        print(f"load: {gen.describe()}, one query per connection, from {REQUESTER} to {THIS}, "
+              f"RST close; M = {a.queries} queries per run, {a.runs} runs per point, servers "
+              f"alternating, medians; gen ms/1k = the generator's own CPU")
+        print()
+        print(co.ROW.format(*co.HEADER))
+        flip = False
+        points = [(a.sockets_main, c, names) for c in a.clients
+                  for names in [("stop", "oidentd")]]
+        points += [(n, a.scale_clients, ("stop",)) for n in (a.sockets_low, a.sockets_high)]
+        warm = True
+        for n, c, names in sorted(points, key=lambda p: p[0]):
+            if (n, c, "stop") in results:
+                continue
+            held = holders.grow(n)
+            random.shuffle(held)
+            pairs = co.write_pairs(workdir / f"id-{n}.txt", held)
+            chosen = [s for s in servers if s.name in names]
+            if warm:
+                for s in servers:
+                    co.measure(s, pairs, 300, 10, 30, gen)
+                warm = False
+            runs: dict[str, list] = {s.name: [] for s in chosen}
+            for _ in range(a.runs):
+                for s in (chosen[::-1] if flip else chosen):
+                    runs[s.name].append(co.measure(s, pairs, a.queries, c, 120, gen))
+                flip = not flip
+            for name, rs in runs.items():
+                res = co.median_of(rs)
+                res.update(name=name, n=n, c=c, kind="ID")
+                results[(n, c, name)] = res
+                print(co.row(n, c, res))
+            if len(chosen) == 2:
+                print(co.ratio_row(n, c, results[(n, c, "stop")], results[(n, c, "oidentd")]))
+            sys.stdout.flush()
+    finally:
+        holders.stop()
+        for s in servers:
+            s.stop()
+
+    n = a.sockets_main
+    want_rate = {1: 1.0, 10: 2.0, 50: 3.0}
+    want_cpu = {1: 0.8, 10: 0.33, 50: 0.33}
+    for c in a.clients:
+        ours, theirs = results[(n, c, "stop")], results[(n, c, "oidentd")]
+        r = ours["rate"] / theirs["rate"]
+        want = want_rate.get(c, 1.0)
+        targets.append((f"ID req/s, N={n}, C={c}: stop/oidentd >= {want:.1f}x",
+                        f"{r:.2f}x ({ours['rate']:.0f} vs {theirs['rate']:.0f})", r >= want))
+    for c in a.clients:
+        ours, theirs = results[(n, c, "stop")], results[(n, c, "oidentd")]
+        r = ours["cpu_ms_per_1k"] / theirs["cpu_ms_per_1k"]
+        want = want_cpu.get(c, 0.33)
+        targets.append((f"ID CPU/1k, N={n}, C={c}: stop/oidentd <= {want:.2f}x",
+                        f"{r:.2f}x ({ours['cpu_ms_per_1k']:.0f} vs "
+                        f"{theirs['cpu_ms_per_1k']:.0f} ms; gen {ours['gen_ms_per_1k']:.0f})",
+                        r <= want))
+    if 1 in a.clients:
+        ours, theirs = results[(n, 1, "stop")], results[(n, 1, "oidentd")]
+        targets.append((f"ID p99, N={n}, C=1: stop <= 1 ms",
+                        f"{ours['p99_ms']:.2f} ms (oidentd {theirs['p99_ms']:.2f} ms)",
+                        ours["p99_ms"] <= 1.0))
+    c = a.scale_clients
+    hi = results[(a.sockets_high, c, "stop")]["cpu_ms_per_1k"]
+    lo = results[(a.sockets_low, c, "stop")]["cpu_ms_per_1k"]
+    targets.append((f"ID CPU/query, C={c}: N={a.sockets_high} / N={a.sockets_low} <= 1.1x",
+                    f"{hi / lo:.2f}x ({hi:.0f} vs {lo:.0f} ms/1k)", hi / lo <= 1.1))
+
+
+def sv_part(a, workdir: pathlib.Path, targets: list) -> None:
+    daemon = SvDaemon(workdir)
+    fresh = idle = holders = None
+    rows = []
+
+    def show(label, point, extra=""):
+        id_, sv = point["ID"], point["SV"]
+        line = (f"  {label:<34} ID {id_['median_ms']:6.2f} ms (p90 {id_['p90_ms']:6.2f}, "
+                f"CPU {id_['cpu_ms']:5.2f})   SV {sv['median_ms']:6.2f} ms (p90 "
+                f"{sv['p90_ms']:6.2f}, CPU {sv['cpu_ms']:5.2f})   SV/ID "
+                f"{sv['median_ms'] / id_['median_ms']:5.2f}x{extra}")
+        rows.append(line)
+        print(line)
+        sys.stdout.flush()
+
+    try:
+        daemon.start()
+        fresh = FreshHolder()
+        print()
+        print(f"SV on a fresh connection: twistd stop (pid {daemon.pid}), open_files = yes, "
+              f"flat store, fsync=batch; a new connection {THIS}:P1 -> {REQUESTER}:P2 for every "
+              f"query, held by pid {fresh.pid} (nobody, parent "
+              f"{co._stat_fields(fresh.pid)[1]}); medians of {a.sv_queries} queries of each "
+              f"kind (latency from connect to reply, client in Python; CPU = the daemon's "
+              f"per query, ms)")
+        for _ in range(5):  # warm: imports, first files, first index
+            p1, p2 = fresh.new()
+            daemon.ask(b"%d, %d : SV" % (p1, p2))
+            daemon.ask(b"%d, %d" % (p1, p2))
+        quiet = fresh_point(daemon, fresh, a.sv_queries)
+        show(f"quiet host ({process_count()} processes)", quiet)
+        r = quiet["SV"]["median_ms"] / quiet["ID"]["median_ms"]
+        targets.append(("SV fresh / ID fresh, quiet host <= 3x", f"{r:.2f}x", r <= 3.0))
+
+        # On the quiet host too (before the TIME_WAIT sockets, which last 60 s).
+        share, achieved = sv_cpu_share(daemon, fresh, 600, a.cpu_seconds)
+        print(f"  SV (open_files), fresh connections, 600/min for {a.cpu_seconds:g} s: daemon "
+              f"CPU {share:.2f} % of one core ({achieved:.0f}/min achieved)")
+        targets.append(("SV+open_files at 600/min: daemon CPU <= 1 % of a core",
+                        f"{share:.2f} %", share <= 1.0 and achieved >= 570))
+
+        idle = IdleProcesses(a.idle, a.idle_user)
+        time.sleep(1.0)
+        loaded = fresh_point(daemon, fresh, a.sv_queries)
+        show(f"+{idle.n} idle processes ({a.idle_user})", loaded)
+        idle.stop()
+        idle = None
+        r = loaded["SV"]["median_ms"] / loaded["ID"]["median_ms"]
+        targets.append((f"SV fresh / ID fresh, +{a.idle} idle processes <= 5x", f"{r:.2f}x",
+                        r <= 5.0))
+
+        holders = co.Holders()
+        holders.grow(a.established)
+        t0 = time.monotonic()
+        made = make_time_wait(a.time_wait)
+        before = tcp_summary()
+        sockets = fresh_point(daemon, fresh, a.sv_queries)
+        after = tcp_summary()
+        show(f"+{made} TIME_WAIT, +{a.established} estab.", sockets,
+             f"   (ss -s TCP: before {before}; after {after}; {time.monotonic() - t0:.0f} s "
+             f"after the first TIME_WAIT)")
+        holders.stop()
+        holders = None
+        r = sockets["SV"]["median_ms"] / quiet["SV"]["median_ms"]
+        targets.append((f"SV fresh with {a.time_wait} TIME_WAIT + {a.established} estab. / "
+                        "quiet <= 1.5x", f"{r:.2f}x", r <= 1.5))
+
+        notes = daemon.index_notes()
+        print("  index, per SV record: " + ", ".join(f"{k}: {v}" for k, v in
+                                                      sorted(notes.items())))
+    finally:
+        if holders is not None:
+            holders.stop()
+        if idle is not None:
+            idle.stop()
+        if fresh is not None:
+            fresh.stop()
+        daemon.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run (fewer queries, 1 run)")
+    ap.add_argument("--only", choices=("id", "sv"), help="run one part")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 50])
+    ap.add_argument("--queries", type=int, help="ID: queries per run and point (4000)")
+    ap.add_argument("--runs", type=int, help="ID: runs per point, medians (3; >= 2)")
+    ap.add_argument("--sockets-main", type=int, default=1000)
+    ap.add_argument("--sockets-low", type=int, default=100)
+    ap.add_argument("--sockets-high", type=int, default=10000)
+    ap.add_argument("--scale-clients", type=int, default=10,
+                    help="C of the N=low vs N=high comparison")
+    ap.add_argument("--pin", help="run the C load generator under taskset -c PIN")
+    ap.add_argument("--sv-queries", type=int, help="SV: queries of each kind per point (100)")
+    ap.add_argument("--idle", type=int, default=1000, help="SV: extra idle processes")
+    ap.add_argument("--idle-user", default="daemon", help="SV: user the idle processes run as")
+    ap.add_argument("--time-wait", type=int, default=20000)
+    ap.add_argument("--established", type=int, default=10000)
+    ap.add_argument("--cpu-seconds", type=float, help="SV: seconds at 600/min (30)")
+    ap.add_argument("--workdir", default="/var/tmp", help="parent of the data dirs (a real disk)")
+    a = ap.parse_args(argv)
+    a.queries = a.queries or (1500 if a.quick else 4000)
+    a.runs = a.runs or (1 if a.quick else 3)
+    a.sv_queries = a.sv_queries or (30 if a.quick else 100)
+    a.cpu_seconds = a.cpu_seconds or (10.0 if a.quick else 30.0)
+    if os.geteuid() != 0:
+        print("hot_bench: run as root (oidentd, connections owned by nobody)", file=sys.stderr)
+        return 2
+    if a.only != "sv" and shutil.which("oidentd") is None:
+        print("hot_bench: oidentd is not installed (apt-get install oidentd)", file=sys.stderr)
+        return 2
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"hot_bench: {os.cpu_count()} CPUs, load average {' '.join(load)} at the start, "
+          f"{process_count()} processes, Python {sys.version.split()[0]}"
+          f"{'; QUICK run: not for quoting' if a.quick else ''}")
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-hot-", dir=a.workdir))
+    targets: list = []
+    gen = None
+    try:
+        if a.only != "sv":
+            gen = CLoadgen(a.pin)
+            id_part(a, gen, workdir, targets)
+        if a.only != "id":
+            sv_part(a, workdir, targets)
+    finally:
+        if gen is not None:
+            gen.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print()
+    print(f"Targets of issue 12 (load average {' '.join(load)} at the end):")
+    for label, value, ok in targets:
+        print(f"  {label:<60} {value:<44} {verdict(ok)}")
+    print(f"  {sum(ok for *_, ok in targets)}/{len(targets)} pass")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

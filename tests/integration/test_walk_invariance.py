@@ -1,0 +1,219 @@
+"""The SV walk's results do not depend on how the backend finds holders.
+
+However the procfs backend gets its inode -> holders answers (a shared
+index, reused or grown, a search among the processes of the socket's uid,
+anything a speed-up brings), a walk must report exactly what a walk on an
+index built from scratch for that walk reports (``index_max_age = 0``: the
+plain full scan), on the same live trees: the same processes reached the
+same way, the same sockets (ends, state, direction), pipes and their peers,
+files. And what it reports for each process must be that process's live
+descriptor table.
+
+Not timed: speed is measured in bench/.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import shutil
+import sys
+
+import pytest
+
+from stop.model import Connection, Endpoint
+from stop.process import make_inspector
+from stop.walk import walk
+from tests.integration import svtrees
+
+pytestmark = [
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux trees"),
+    pytest.mark.skipif(not (shutil.which("nc") and shutil.which("socat")),
+                       reason="needs netcat-openbsd and socat"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+]
+
+#: A process that opens one more connection to 127.0.0.1:PORT on every
+#: SIGUSR1 and writes how many it opened and the local port of the last to
+#: OUT (atomically; "0 0" once it is ready for signals). It keeps every
+#: connection it opened; bounded to 50.
+OPENER = r'''
+import os, signal, socket, sys, time
+out, port = sys.argv[1], int(sys.argv[2])
+held, wanted = [], [0]
+signal.signal(signal.SIGUSR1, lambda *a: wanted.__setitem__(0, wanted[0] + 1))
+with open(out + ".tmp", "w") as f:
+    f.write("0 0")  # ready for signals
+os.rename(out + ".tmp", out)
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline and len(held) < 50:
+    if not wanted[0]:
+        signal.pause()
+        continue
+    wanted[0] -= 1
+    held.append(socket.create_connection(("127.0.0.1", port)))
+    with open(out + ".tmp", "w") as f:
+        f.write("%d %d" % (len(held), held[-1].getsockname()[1]))
+    os.rename(out + ".tmp", out)
+'''
+
+
+class Opener:
+    """``sleep 600 | python OPENER`` in its own session, and a sink on
+    PORT that forks a ``socat`` (which runs ``cat``) per connection: every
+    new connection brings a new socket into an existing process and new
+    processes at its other end."""
+
+    def __init__(self, tree: svtrees.Tree, tmp_path):
+        self.port = svtrees.free_port()
+        tree.spawn(f"exec socat TCP-LISTEN:{self.port},bind=127.0.0.1,fork,reuseaddr EXEC:cat")
+        svtrees.wait_for(lambda: any(s.local == ("127.0.0.1", self.port)
+                                     for s in svtrees.tcp_sockets("LISTEN")), what="sink")
+        script = tmp_path / "opener.py"
+        script.write_text(OPENER)
+        self.out = str(tmp_path / "opener.out")
+        shell = tree.spawn(f"sleep 600 | {sys.executable} {script} {self.out} {self.port}")
+        self.pid = svtrees.wait_for(
+            lambda: [k for k in svtrees.children(shell.pid) if "python" in svtrees.comm(k)],
+            what="opener")[0]
+        svtrees.wait_for(lambda: os.path.exists(self.out), what="opener ready")
+        self.opened = 0
+
+    def new(self) -> Connection:
+        """Open one more connection; the established socket of its opener end."""
+        self.opened += 1
+        os.kill(self.pid, signal.SIGUSR1)
+
+        def ready():
+            try:
+                with open(self.out) as f:
+                    n, port = (int(x) for x in f.read().split())
+            except (OSError, ValueError):
+                return None
+            return port if n == self.opened else None
+        lport = svtrees.wait_for(ready, what="new connection")
+
+        def found():
+            for s in svtrees.tcp_sockets():
+                if s.local == ("127.0.0.1", lport) and s.remote == ("127.0.0.1", self.port):
+                    return s
+            return None
+        s = svtrees.wait_for(found, what="its socket")
+        # ... and the sink's side has forked its socat and cat.
+        svtrees.wait_for(lambda: any(s2.local == ("127.0.0.1", self.port)
+                                     and s2.remote == ("127.0.0.1", lport)
+                                     for s2 in svtrees.tcp_sockets()), what="accepted end")
+        return Connection(Endpoint(*s.local), Endpoint(*s.remote), s.uid, s.inode, False)
+
+
+def tree_pids(tree: svtrees.Tree) -> set[int]:
+    pids = set()
+    for p in tree.procs:
+        pids.add(p.pid)
+        pids.update(svtrees.descendants(p.pid))
+    return pids
+
+
+def comparable(result: dict, pids: set[int]) -> dict:
+    """The parts of a walk result that must not depend on the index: all of
+    the tree's processes; of others (PID 1, which the machine's own
+    programs change meanwhile) only that and how they were reached."""
+    procs = []
+    for p in result["processes"]:
+        procs.append(p if p["pid"] in pids else {"pid": p["pid"], "reached": p["reached"]})
+    out = {k: v for k, v in result.items() if k not in ("index", "processes", "unavailable")}
+    out["processes"] = procs
+    out["remote_connections"] = [r for r in result["remote_connections"] if r["pid"] in pids]
+    out["unavailable"] = {k: v for k, v in result.get("unavailable", {}).items()
+                          if k != "descriptors"}  # counts of unreadable processes host-wide
+    return out
+
+
+def live_descriptors(pid: int) -> list[tuple[int, str]]:
+    """(fd, link) of every pipe and socket of ``pid``, from /proc now."""
+    base = f"/proc/{pid}/fd"
+    out = []
+    for name in os.listdir(base):
+        target = os.readlink(f"{base}/{name}")
+        if target.startswith(("pipe:[", "socket:[")):
+            out.append((int(name), target))
+    return sorted(out)
+
+
+def check_against_live(result: dict, pids: set[int]) -> None:
+    """Every tree process walked reports its live pipes and sockets, and
+    every pipe's peers are exactly the other holders of that pipe on the
+    host (a brute-force scan of /proc, independent of the backend)."""
+    holders: dict[str, set] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd, target in live_descriptors(int(entry)):
+                holders.setdefault(target, set()).add((int(entry), fd))
+        except OSError:
+            continue
+    walked = [p for p in result["processes"] if p["pid"] in pids]
+    assert walked
+    for p in walked:
+        saved = sorted([(d["fd"], f"pipe:[{d['inode']}]") for d in p["pipes"]]
+                       + [(d["fd"], f"socket:[{d['inode']}]") for d in p["sockets"]])
+        assert saved == live_descriptors(p["pid"]), p["pid"]
+        for d in p["pipes"]:
+            others = holders[f"pipe:[{d['inode']}]"] - {(p["pid"], d["fd"])}
+            assert sorted(tuple(x) for x in d.get("peers", [])) == sorted(others), (p["pid"], d)
+
+
+def assert_same_walk(inspector, connection: Connection, pids: set[int]) -> dict:
+    """Walk with ``inspector`` and with a fresh full-scan one; the results
+    must agree (one retry: the host's other processes can change PID 1's
+    side between the two walks, never the tree's)."""
+    for attempt in range(2):
+        got = walk(inspector, connection)
+        want = walk(make_inspector("procfs", index_max_age=0), connection)
+        if comparable(got, pids) == comparable(want, pids) or attempt:
+            break
+    assert comparable(got, pids) == comparable(want, pids)
+    check_against_live(got, pids)
+    return got
+
+
+@pytest.mark.parametrize("build", [svtrees.figure3, svtrees.figure4, svtrees.socat_unix],
+                         ids=["figure3", "figure4", "socat_unix"])
+def test_a_walk_on_a_shared_index_equals_a_fresh_full_scan(build):
+    tree = build()
+    try:
+        pids = tree_pids(tree)
+        inspector = make_inspector("procfs", index_max_age=3600)
+        first = assert_same_walk(inspector, tree.connection, pids)
+        again = assert_same_walk(inspector, tree.connection, pids)
+        assert [p["pid"] for p in first["processes"]] == [p["pid"] for p in again["processes"]]
+    finally:
+        tree.stop()
+
+
+def test_fresh_connections_walk_as_a_full_scan_does(tmp_path):
+    """New sockets in a process the index already knows, new processes at
+    their other end: the walks the daemon makes for fresh ident queries."""
+    tree = svtrees.Tree()
+    try:
+        opener = Opener(tree, tmp_path)
+        inspector = make_inspector("procfs", index_max_age=3600)
+        first = opener.new()
+        assert_same_walk(inspector, first, tree_pids(tree))
+        for _ in range(3):
+            conn = opener.new()
+            pids = tree_pids(tree)
+            result = assert_same_walk(inspector, conn, pids)
+            walked = {p["pid"]: p for p in result["processes"]}
+            # The opener, the sleep feeding it, their shell; the socat
+            # child at the far end of each earlier connection and the cat
+            # it runs; the sink (the queried socket's far end is the
+            # requester: not followed).
+            assert result["start"] == [opener.pid]
+            assert len([p for p in walked if p in pids]) == 4 + 2 * (opener.opened - 1)
+            queried = [d for d in walked[opener.pid]["sockets"] if d["inode"] == conn.inode]
+            assert len(queried) == 1 and queried[0]["state"] == "ESTABLISHED"
+            assert queried[0]["direction"] == "outbound"
+    finally:
+        tree.stop()
