@@ -137,6 +137,7 @@ def collect_load(procs) -> dict[str, int]:
 def ident_latencies(port: int, query: bytes, n: int, interval: float) -> tuple[list[float], int]:
     """``n`` paced queries, one connection each: their latencies in ms
     (connect to reply line) and how many did not get a token."""
+    from tests.integration.harness import read_lines
     out, bad = [], 0
     for _ in range(n):
         t0 = time.perf_counter()
@@ -145,14 +146,9 @@ def ident_latencies(port: int, query: bytes, n: int, interval: float) -> tuple[l
             s.bind((PEER, 0))
             s.connect((HOST, port))
             s.sendall(query + b"\r\n")
-            buf = b""
-            while not buf.endswith(b"\r\n"):
-                chunk = s.recv(256)
-                if not chunk:
-                    break
-                buf += chunk
+            reply = read_lines(s, 1)
         out.append((time.perf_counter() - t0) * 1000)
-        bad += b"USERID" not in buf
+        bad += not reply or b"USERID" not in reply[0]
         time.sleep(interval)
     return out, bad
 

@@ -165,6 +165,15 @@ def describe_linked(data: bytes) -> str:
         return json.dumps(entry, sort_keys=True, ensure_ascii=False)
     req = entry.get("request") or {}
     ports = req.get("ports") or ["?", "?"]
+    return (f"recursion {_endpoint(entry.get('target'))} {req.get('type')} "
+            f"{ports[0]}, {ports[1]} sid {req.get('sid')} from {_endpoint(entry.get('local'))}: "
+            f"{outcome_result(entry)}{_when(entry)}")
+
+
+def outcome_result(entry: dict) -> str:
+    """What a recursion outcome brought back, in words (``token T``,
+    ``error NO-USER``, ``userid UNIX alice``, ``timeout (reply timeout)``);
+    ``show`` and ``trace`` print it."""
     outcome = entry.get("outcome")
     if outcome == "token":
         result = f"token {entry.get('token')}"
@@ -176,9 +185,7 @@ def describe_linked(data: bytes) -> str:
         result = str(outcome)
     if entry.get("why"):
         result += f" ({entry['why']})"
-    return (f"recursion {_endpoint(entry.get('target'))} {req.get('type')} "
-            f"{ports[0]}, {ports[1]} sid {req.get('sid')} from {_endpoint(entry.get('local'))}: "
-            f"{result}{_when(entry)}")
+    return result
 
 
 def cmd_show(store, args, out: TextIO) -> int:

@@ -107,7 +107,7 @@ def test_cycle_dead_end_and_failures_are_marked():
     assert not trace.incomplete(root)  # a cycle is the chain's shape, not a failure
     text = trace.render_text(root)
     assert "[CYCLE] token already met at hop 1" in text
-    assert "-> ERROR NO-USER  [DEAD END]" in text
+    assert "-> error NO-USER  [DEAD END]" in text
 
 
 def test_unreachable_in_the_middle_keeps_the_hops_before():

@@ -69,8 +69,8 @@ def add_parsers(sub) -> None:
     tr.add_argument("--svg", metavar="FILE", help="also draw it as SVG (needs Graphviz's dot)")
     au = sub.add_parser("audit", help="print the redemption audit trail, oldest first")
     au.add_argument("--json", action="store_true", help="one JSON object per line, as stored")
-    au.add_argument("--since", help="only events at or after this time (ISO 8601, UTC)")
-    au.add_argument("--until", help="only events before this time (ISO 8601, UTC)")
+    for flag, when in (("--since", "at or after"), ("--until", "before")):
+        au.add_argument(flag, help=f"only events {when} this time (ISO 8601, UTC)")
     au.add_argument("--identity", help="only this client identity (name or sha256: fingerprint)")
     au.add_argument("--token", help="only events about this token")
     au.add_argument("--outcome", help="only this outcome (released, unknown-token, ...)")

@@ -220,18 +220,8 @@ def outcome_text(entry: dict) -> str:
     ports = req.get("ports") or ["?", "?"]
     asked = (f"{where(str(target.get('address')), target.get('port'))} "
              f"{ports[0]}, {ports[1]} : {req.get('type')}:{req.get('sid')}")
-    outcome = entry.get("outcome")
-    if outcome == "token":
-        got = f"token {entry.get('token')}"
-    elif outcome == "error":
-        got = f"ERROR {entry.get('error')}"
-    elif outcome == "userid":
-        got = f"USERID {entry.get('opsys')} {entry.get('user')} (plain ident)"
-    else:
-        got = str(outcome)
-    if entry.get("why"):
-        got += f" ({entry['why']})"
-    return f"{asked} -> {got}"
+    from stop.ctl import outcome_result  # here: stop.ctl imports this package
+    return f"{asked} -> {outcome_result(entry)}"
 
 
 _MARKS = {

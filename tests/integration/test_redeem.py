@@ -159,7 +159,7 @@ def test_trace_rebuilds_every_hop_in_order(fleet, tmp_path):
     paths = [l.split("process  ", 1)[1] for l in lines if "process  " in l]
     assert paths == list(reversed(PATH_TEXT))
     assert out.stdout.count("(hash verified)") == 4
-    assert "192.0.2.99:113 1, 2 : SV_REC:4242 -> ERROR NO-USER  [DEAD END]" in out.stdout
+    assert "192.0.2.99:113 1, 2 : SV_REC:4242 -> error NO-USER  [DEAD END]" in out.stdout
     origin = [i for i, l in enumerate(lines) if "[ORIGIN] no inbound connection" in l]
     first = [i for i, l in enumerate(lines) if l.strip(" |`-").startswith(HOSTS[0] + ":")]
     assert len(origin) == 1 and origin[0] - first[0] == 3  # under the .11 hop, after its path
