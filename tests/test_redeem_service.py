@@ -15,6 +15,7 @@ import subprocess
 import time
 
 from twisted.internet import defer, reactor, threads
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from stop import config, records
@@ -71,6 +72,7 @@ class TLSCase(unittest.TestCase):
 
     allow = "alice\nbob net:203.0.113.0/24\ncarol type:ID"
     deny = ("mallory",)
+    host = HOST
 
     def setUp(self):
         # Not trial's mktemp: that writes under the current directory.
@@ -78,7 +80,7 @@ class TLSCase(unittest.TestCase):
         self.addCleanup(shutil.rmtree, base, True)
         self.ca = TestCA(base)
         self.other = TestCA(base, "other CA")
-        cert, key = self.ca.host(HOST)
+        cert, key = self.ca.host(self.host)
         self.data_dir = os.path.join(base, "data")
         os.mkdir(self.data_dir, 0o700)
         self.store = LinkedStore()
@@ -92,7 +94,7 @@ class TLSCase(unittest.TestCase):
             redeem_rate=600, redeem_burst=50, **self.extra_settings())
         self.gate, self.audit = build_redemption(self.settings, self.store, reactor)
         self.audit.open()
-        self.port = reactor.listenTCP(0, self.gate, interface=HOST)
+        self.port = reactor.listenTCP(0, self.gate, interface=self.host)
         self.portno = self.port.getHost().port
         self.addCleanup(self.audit.close)
         self.addCleanup(self.port.stopListening)
@@ -105,7 +107,7 @@ class TLSCase(unittest.TestCase):
         return Credentials(cert, key, self.ca.path).context()
 
     def fetch(self, token, ctx, **kw):
-        return threads.deferToThread(redeem, HOST, self.portno, token, ctx, timeout=10, **kw)
+        return threads.deferToThread(redeem, self.host, self.portno, token, ctx, timeout=10, **kw)
 
     def raw(self, ctx, path, method="GET", body=None):
         """(status, body) of one request, or the exception raised."""
@@ -461,3 +463,65 @@ class ManPageCredentialsTests(unittest.TestCase):
                                  CertificateRefused)
         yield self.assertFailure(self.serve_and_fetch(redeem_deny=(f"serial:{self.serial}",)),
                                  NotAuthorised)
+
+
+class BuildTests(unittest.TestCase):
+    """tap.build adds the service only when redeem_listen is set, and bad
+    TLS files are configuration errors naming the setting."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="stop-redeem-tap-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.ca = TestCA(self.dir)
+        self.cert, self.key = self.ca.host(HOST)
+
+    def settings(self, **kw):
+        values = dict(data_dir=os.path.join(self.dir, "data"), storage="memory",
+                      listen=("tcp:0:interface=127.0.0.1",), redeem_cert=self.cert,
+                      redeem_key=self.key, redeem_ca=self.ca.path, redeem_allow="*")
+        values.update(kw)
+        return config.Config(**values)
+
+    def names(self, svc):
+        out = [type(svc).__name__]
+        for child in getattr(svc, "services", []):
+            out += self.names(child)
+        return out
+
+    def test_off_by_default(self):
+        from stop import tap
+        daemon = tap.build(self.settings(), Clock())
+        self.assertNotIn("_AuditService", self.names(daemon.service))
+
+    def test_on_with_redeem_listen(self):
+        from stop import tap
+        daemon = tap.build(self.settings(redeem_listen="tcp:0:interface=127.0.0.1"), Clock())
+        names = self.names(daemon.service)
+        self.assertIn("_AuditService", names)
+        # After the store (it reads records), before the ident listeners.
+        self.assertLess(names.index("StoreService"), names.index("_AuditService"))
+
+    def test_bad_files_are_config_errors(self):
+        from stop import tap
+        from stop.errors import ConfigError
+        for setting, value in (("redeem_cert", "/nonexistent/c.pem"), ("redeem_key", self.ca.path),
+                               ("redeem_ca", self.key), ("redeem_crl", self.cert)):
+            with self.assertRaises(ConfigError) as caught:
+                tap.build(self.settings(redeem_listen="tcp:0", **{setting: value}), Clock())
+            self.assertIn(setting, str(caught.exception))
+
+
+class IPv6Tests(TLSCase):
+    """The service and the client over IPv6 (the host certificate names ::1)."""
+
+    allow = "*"
+    deny = ()
+    host = "::1"
+
+    @defer.inlineCallbacks
+    def test_redeem_over_ipv6(self):
+        got = yield threads.deferToThread(redeem, "::1", self.portno, self.token, self.creds(),
+                                          timeout=10)
+        self.assertEqual(got.record_bytes, self.store.records[self.token])
+        [event] = yield self.events(1)
+        self.assertEqual(event["client"]["address"], "::1")

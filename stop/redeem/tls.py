@@ -25,6 +25,7 @@ previous context and is logged.
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -107,16 +108,43 @@ def build_context(cert: str, key: str, ca: str, crl: str = ""):
     except SSL.Error as e:
         raise _load_error("redeem_ca", ca, e) from None
     if crl:
-        try:
-            # OpenSSL's PEM file lookup loads CRLs as well as certificates.
-            ctx.load_verify_locations(crl)
-        except SSL.Error as e:
-            raise _load_error("redeem_crl", crl, e) from None
-        ctx.get_cert_store().set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        store = ctx.get_cert_store()
+        for one in load_crls(crl):
+            try:
+                store.add_crl(one)  # pyOpenSSL >= 23.2 takes cryptography's CRL
+            except (TypeError, AttributeError):
+                store.add_crl(crypto.CRL.from_cryptography(one))
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     # No callback: OpenSSL verifies the chain itself (see the module doc).
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
     ctx.set_verify_depth(4)
     return ctx
+
+
+_CRL_PEM = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def load_crls(path: str) -> list:
+    """The CRLs of the PEM file ``path`` (``cryptography`` objects). Only
+    CRLs: a certificate in it would otherwise become a trusted CA.
+
+    :raise ConfigError: unreadable, no CRL, a certificate, or a CRL that
+        does not parse.
+    """
+    from cryptography import x509
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise _load_error("redeem_crl", path, e) from None
+    blocks = _CRL_PEM.findall(data)
+    if not blocks or b"-----BEGIN CERTIFICATE" in data:
+        raise ConfigError(f"redeem_crl {path}: want PEM CRLs (-----BEGIN X509 CRL-----) "
+                          "and nothing else")
+    try:
+        return [x509.load_pem_x509_crl(b) for b in blocks]
+    except ValueError as e:
+        raise ConfigError(f"redeem_crl {path}: cannot load it: {e}") from None
 
 
 @implementer(IOpenSSLServerConnectionCreator)
