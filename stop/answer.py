@@ -26,6 +26,7 @@ from stop.interfaces import IRecordStore, ISocketLookup
 from stop.limits import Gate
 from stop.model import Connection, Endpoint
 from stop.optin import OptIn
+from stop.recursion import DISABLED, WALK_FAILED
 from stop.tokens import Tokens
 
 #: Seconds between two "quota reached" warnings.
@@ -65,7 +66,7 @@ class Answerer:
                  optin: Optional[OptIn] = None,
                  account_of: Callable[[int], tuple[Optional[str], Optional[str]]] = account,
                  host_name: Optional[str] = None, process_state=None,
-                 hooks: Optional[Hooks] = None):
+                 hooks: Optional[Hooks] = None, recursion=None):
         self._config = config
         self._hooks = hooks if hooks is not None else Hooks()
         self._lookup = ISocketLookup(lookup)
@@ -80,6 +81,9 @@ class Answerer:
         self._last_quota_warning: Optional[float] = None
         #: stop.sv.ProcessState for SV/SV_REC; None: they save ID records.
         self._process_state = process_state
+        #: stop.recursion.Recursion for ID_REC/SV_REC (spec 6); None: they
+        #: are answered like ID/SV and their record says "disabled".
+        self._recursion = recursion
         self.log = Logger()
 
     @property
@@ -95,6 +99,8 @@ class Answerer:
             token = self._tokens.random()
             self._log(query, f"address form not allowed for this requester: random token {token}")
             return defer.succeed(wire.format_token(query.request.ports, token))
+        if query.request.recursive and self._recursion is not None:
+            return self._answer_recursive(query)
         d = self._gate.run(self._answer, query)
         d.addErrback(self._failed, query)
         return d
@@ -140,13 +146,17 @@ class Answerer:
         record = records.base_record(
             request=self._request_fields(request), requester=query.requester,
             server=query.server, connection=conn, user_name=name, now=now, host=self._host)
-        if request.recursive:
-            # Recursion (spec 6) is not built yet: say so in the record
-            # rather than pretend it was tried.
-            record["recursion"] = {"status": "not-implemented"}
         over_quota = self._over_quota(now)
         if over_quota:
             record["quota"] = "reached"
+        if request.recursive:
+            recursion = self._recursion
+            if recursion is not None and recursion.enabled and self._process_state is not None:
+                return self._walk_for_recursion(query, conn, name, home, record, over_quota)
+            # Answered like ID / SV; the record says why no one is asked.
+            enabled = recursion is not None and recursion.enabled
+            record["recursion"] = {"sid": request.sid, "targets": [],
+                                   "status": WALK_FAILED if enabled else DISABLED}
         if (request.type in (wire.SV, wire.SV_REC) and not over_quota
                 and self._process_state is not None):
             d = self._process_state.collect(conn)
@@ -162,7 +172,70 @@ class Answerer:
         token = self._tokens.of_record(data) if sv else self._tokens.random()
         d = self._record_store.save(token, data)
         d.addCallback(self._stored, query, conn, name, home, token, data)
+        plan = record.get("recursion")
+        if plan and plan.get("targets"):
+            d.addCallback(self._recurse_after_reply, token, query.request, plan)
         return d
+
+    # -- recursion (spec 6; stop.recursion) ---------------------------------
+
+    def _answer_recursive(self, query: Query) -> "defer.Deferred[bytes]":
+        """ID_REC / SV_REC: the loop and per-requester guards, then the
+        same path as ID / SV with a walk for the targets."""
+        recursion = self._recursion
+        if recursion.is_loop(query.request, query.requester):
+            token = self._tokens.random()
+            self._log(query, f"loop: the same sid, requester and port pair within "
+                             f"{self._config.loop_window:g} s: random token {token}, "
+                             f"not processed", warn=True)
+            return defer.succeed(wire.format_token(query.request.ports, token))
+        host = query.requester.host
+        if not recursion.admit(host):
+            d = defer.fail(Overloaded(
+                "recursive requests in progress from this address "
+                "(recursion_max_per_requester)"))
+        else:
+            d = self._gate.run(self._answer, query)
+            d.addBoth(recursion.release, host)
+        d.addErrback(self._failed, query)
+        return d
+
+    def _walk_for_recursion(self, query: Query, conn: Connection, name, home, record: dict,
+                            over_quota: bool) -> defer.Deferred:
+        """Walk the processes (for ID_REC too: the targets come from the
+        walk), put the targets in the record, save it; SV_REC keeps the
+        whole process state (not over the quota), ID_REC only the targets."""
+        request = query.request
+        recursion = self._recursion
+        sv = request.type == wire.SV_REC and not over_quota
+
+        def walked(state: dict) -> defer.Deferred:
+            full = {**record, **state} if sv else record
+            full["recursion"] = recursion.plan(request, state.get("processes"))
+            return self._save(query, conn, name, home, full, sv=sv)
+
+        def not_walked(failure: Failure) -> defer.Deferred:
+            # ID_REC does not need the walk for its own record: answer as ID.
+            self.log.failure("the process walk for {query} failed; the record has no "
+                             "recursion targets", failure, query=query)
+            record["recursion"] = recursion.plan(request, None, walk_failed=True)
+            return self._save(query, conn, name, home, record, sv=False)
+
+        d = self._process_state.collect(conn)
+        if sv:
+            d.addCallback(walked)  # an SV_REC walk that fails fails like SV's
+        else:
+            d.addCallbacks(walked, not_walked)
+        return d
+
+    def _recurse_after_reply(self, reply: bytes, token: str, request: wire.Request,
+                             plan: dict) -> bytes:
+        # The reply is formed: the server writes it when this Deferred fires,
+        # in this same call chain. The questions start in a later reactor
+        # turn, so none can go out before the reply (spec 4), and nothing
+        # they bring back can reach the requester.
+        self._clock.callLater(0, self._recursion.start, token, request, plan)
+        return reply
 
     def _stored(self, _, query: Query, conn: Connection, name, home, token: str,
                 data: bytes):

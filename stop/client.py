@@ -292,13 +292,15 @@ class _Asking:
         if end < 0:
             # CR LF not counted: room for the CR of a line of exactly limit.
             if len(self._buffer) > limit + 1:
-                self._abort("unreadable", why=f"reply line longer than {limit} bytes")
+                self._abort("unreadable", why=f"reply line longer than {limit} bytes",
+                            answered=self._clock.seconds())
             return
         line = self._buffer[:end]
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > limit:
-            self._abort("unreadable", why=f"reply line longer than {limit} bytes")
+            self._abort("unreadable", why=f"reply line longer than {limit} bytes",
+                        answered=self._clock.seconds())
             return
         self._decide(line)
 

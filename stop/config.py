@@ -76,6 +76,7 @@ class Config:
     recursion_reply_timeout: float = 30.0
     recursion_max_reply_length: int = 1000
     recursion_max_targets: int = 16
+    recursion_max_per_requester: int = 4
     loop_window: float = 120.0
     loop_table_size: int = 16384
     local_addresses: tuple[str, ...] = ("auto",)
@@ -162,7 +163,7 @@ def _check_recursion(config: "Config") -> None:
     if not 1 <= config.recursion_port <= 65535:
         raise ConfigError("recursion_port: must be 1..65535")
     for name in ("recursion_max_outbound", "recursion_max_per_host", "recursion_max_targets",
-                 "loop_table_size"):
+                 "recursion_max_per_requester", "loop_table_size"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name}: must be at least 1, not {getattr(config, name)}")
     for name in ("recursion_connect_timeout", "recursion_reply_timeout", "loop_window"):

@@ -256,6 +256,8 @@ class Recursion:
         self._clock = clock
         self.addresses = addresses or LocalAddresses(config.local_addresses, clock)
         self.loops = LoopTable(config.loop_window, config.loop_table_size, clock)
+        self.max_per_requester = config.recursion_max_per_requester
+        self._busy: dict[str, int] = {}
         self._skipped_since_warning = 0
         self._last_budget_warning: Optional[float] = None
 
@@ -263,6 +265,26 @@ class Recursion:
         """Whether ``request`` (recursive) from ``requester`` is a loop or a
         duplicate (remembered otherwise)."""
         return self.loops.seen(request.sid, requester.host, request.ports)
+
+    def admit(self, requester: str) -> bool:
+        """Whether one more recursive request from the address
+        ``requester`` may be processed now (``recursion_max_per_requester``);
+        when True, call :meth:`release` once it is answered."""
+        n = self._busy.get(requester, 0)
+        if n >= self.max_per_requester:
+            return False
+        self._busy[requester] = n + 1
+        return True
+
+    def release(self, result, requester: str):
+        """One recursive request from ``requester`` is answered; passes
+        ``result`` through (a Deferred callback)."""
+        n = self._busy.get(requester, 1) - 1
+        if n > 0:
+            self._busy[requester] = n
+        else:
+            self._busy.pop(requester, None)
+        return result
 
     def plan(self, request: wire.Request, walk: Optional[dict],
              walk_failed: bool = False) -> dict:

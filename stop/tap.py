@@ -15,6 +15,8 @@ from twisted.python import usage
 from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
+from stop.client import ClientBudget, RecursiveClient
+from stop.recursion import Recursion
 from stop.process import make_inspector
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
@@ -87,6 +89,17 @@ class StoreService(service.Service):
         return self.store.close()
 
 
+class RecursionService(service.Service):
+    """Ends the recursion's questions in flight when the daemon stops."""
+
+    def __init__(self, recursion: Recursion):
+        self.recursion = recursion
+
+    def stopService(self):
+        super().stopService()
+        return self.recursion.close()
+
+
 @dataclass
 class Daemon:
     """The parts of a running daemon, for makeService and for tests."""
@@ -116,8 +129,10 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     inspector = make_inspector(settings.process_backend, settings.index_max_age)
     process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
+    recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
+                          store, reactor)
     answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
-                        hooks=hooks)
+                        hooks=hooks, recursion=recursion)
     factory = IdentFactory(settings, answerer, reactor)
     top = service.MultiService()
     syslog = logsetup.syslog_service(settings)
@@ -127,6 +142,9 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
         HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
     StoreService(store, reactor).setServiceParent(top)
+    # Stopped after the listeners, before the store: outcomes of questions
+    # cut short are still saved.
+    RecursionService(recursion).setServiceParent(top)
     if settings.redeem_listen:  # after the store: it reads records (docs/redeem.rst)
         from stop.redeem.service import redemption_service
         redemption_service(settings, store, reactor).setServiceParent(top)

@@ -195,11 +195,14 @@ def test_quota_reached_is_noted_and_still_answers():
     assert rec["quota"] == "reached"
 
 
-def test_recursive_types_say_recursion_is_not_done():
+def test_recursive_types_without_recursion_say_so():
+    # An answerer built without a Recursion (tests, tools): the record says
+    # "disabled" (the daemon always has one: tests/test_answer_recursion.py).
     a, store = make()
     ask(a, b"40000, 6667 : ID_REC : 99")
     (rec,) = [json.loads(v) for v in store.saved.values()]
-    assert rec["request"]["sid"] == 99 and rec["recursion"] == {"status": "not-implemented"}
+    assert rec["request"]["sid"] == 99
+    assert rec["recursion"] == {"sid": 99, "status": "disabled", "targets": []}
 
 
 def test_sha256_makes_64_char_tokens():

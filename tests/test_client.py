@@ -8,15 +8,11 @@ an over-long line, and Debian's oidentd as a plain RFC 1413 upstream.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
-import threading
 import time
 
 import pytest
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -27,6 +23,8 @@ from stop.client import ClientBudget, Outcome, RecursiveClient, tcp_endpoint
 from stop.interfaces import IRecursiveClient
 from stop.model import Endpoint
 from stop.testing import FakeRecursiveClient
+from tests.upstream import (GARBAGE, DeadHost, Oidentd, Upstream, answer_token, byte_a_second,
+                            closes, oidentd_available, over_long, reply_with, silent)
 
 THEM = Endpoint("127.0.0.31", 113)
 US = Endpoint("127.0.0.32", 0)
@@ -170,6 +168,7 @@ def test_over_long_line_without_newline_is_cut_off():
     t.protocol.dataReceived(b"aa")
     [o] = h.results
     assert (o.outcome, o.why) == ("unreadable", "reply line longer than 100 bytes")
+    assert o.answered == 1764072000  # the peer decided it
     assert len(o.reply) == 100 + 3 and o.reply.endswith("...")
     assert t.disconnected  # aborted
 
@@ -302,48 +301,6 @@ FROM = "127.0.0.34"
 REAL = dict(connect_timeout=2.0, reply_timeout=2.0)
 
 
-class Upstream:
-    """A scripted "ident daemon" on a real socket, in a thread: accepts
-    connections and runs ``behaviour(conn, request_bytes)``."""
-
-    def __init__(self, behaviour, backlog=8):
-        self.listener = socket.socket()
-        self.listener.bind((UPSTREAM, 0))
-        self.listener.listen(backlog)
-        self.port = self.listener.getsockname()[1]
-        self.behaviour = behaviour
-        self.peers: list = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        self.listener.settimeout(0.2)
-        while not self.stopping.is_set():
-            try:
-                conn, peer = self.listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.peers.append(peer)
-            with conn:
-                conn.settimeout(10)
-                try:
-                    data = b""
-                    while b"\n" not in data and len(data) < 2000:
-                        chunk = conn.recv(2000)
-                        if not chunk:
-                            break
-                        data += chunk
-                    self.behaviour(conn, data, self.stopping)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.stopping.set()
-        self.thread.join(10)
-        self.listener.close()
-
-
 def run(reactor_ask):
     """Run the real reactor until the Deferred from ``reactor_ask()`` fires
     (bounded: 30 s). The global reactor runs once per process, so this is a
@@ -368,7 +325,7 @@ def ask_real(port, budget=REAL, request=QUESTION):
 
 def ask_upstream(behaviour):
     """Ask an :class:`Upstream` running ``behaviour``; (outcome, seconds, peers)."""
-    up = Upstream(behaviour)
+    up = Upstream(behaviour, UPSTREAM)
     try:
         o, took = ask_real(up.port)
     finally:
@@ -376,15 +333,8 @@ def ask_upstream(behaviour):
     return o, took, up.peers
 
 
-def reply_with(data: bytes):
-    def behaviour(conn, request, stopping):
-        conn.sendall(data)
-    return behaviour
-
-
 def test_real_token_from_the_local_address():
-    o, _, peers = ask_upstream(lambda c, req, s: c.sendall(
-        req.split(b":")[0].strip() + b" : USERID : OTHER : " + TOKEN.encode() + b"\r\n"))
+    o, _, peers = ask_upstream(answer_token(TOKEN))
     assert (o.outcome, o.token) == ("token", TOKEN)
     assert peers[0][0] == FROM  # asked from the local address of the connection
     assert o.local == Endpoint(FROM, peers[0][1])
@@ -399,61 +349,41 @@ def test_real_refused():
 
 
 def test_real_dead_host_times_out_connecting():
-    # A listener whose accept queue is full drops further SYNs: from the
-    # client's side, a host that does not answer.
-    with socket.socket() as l:
-        l.bind((UPSTREAM, 0))
-        l.listen(0)
-        fill = []
-        for _ in range(3):
-            s = socket.socket()
-            s.setblocking(False)
-            s.connect_ex(l.getsockname())
-            fill.append(s)
-        time.sleep(0.2)
-        try:
-            o, took = ask_real(l.getsockname()[1])
-        finally:
-            for s in fill:
-                s.close()
+    dead = DeadHost(UPSTREAM)
+    try:
+        o, took = ask_real(dead.port)
+    finally:
+        dead.close()
     assert (o.outcome, o.why) == ("timeout", "connect timeout")
     assert 1.5 < took < 10
 
 
 def test_real_accepts_and_never_answers():
-    o, took, _ = ask_upstream(lambda c, req, stopping: stopping.wait(10))
+    o, took, _ = ask_upstream(silent)
     assert (o.outcome, o.why) == ("timeout", "reply timeout")
     assert o.sent is not None and 1.5 < took < 10
 
 
 def test_real_a_byte_a_second():
-    def slow(conn, request, stopping):
-        for b in b"6193, 23 : ERROR : NO-USER\r\n":
-            if stopping.wait(0.5):
-                return
-            conn.sendall(bytes([b]))
-    o, took, _ = ask_upstream(slow)
+    o, took, _ = ask_upstream(byte_a_second(0.5))
     assert (o.outcome, o.why) == ("timeout", "reply timeout")
     assert o.reply and "6193" in o.reply and took < 10
 
 
 def test_real_garbage():
-    o, _, _ = ask_upstream(reply_with(b"\x00\x01\xfeSSH-2.0-OpenSSH\r\n"))
+    o, _, _ = ask_upstream(reply_with(GARBAGE))
     assert (o.outcome, o.why) == ("unreadable", "not an ident reply line")
     assert o.reply == "\\x00\\x01\\xfeSSH-2.0-OpenSSH"
 
 
 def test_real_over_long_line():
-    def flood(conn, request, stopping):
-        for _ in range(100):
-            conn.sendall(b"A" * 10000)
-    o, _, _ = ask_upstream(flood)
+    o, _, _ = ask_upstream(over_long)
     assert (o.outcome, o.why) == ("unreadable", "reply line longer than 1000 bytes")
     assert len(o.reply) == 1003
 
 
 def test_real_closed_without_a_reply():
-    o, _, _ = ask_upstream(lambda c, req, s: None)
+    o, _, _ = ask_upstream(closes)
     assert (o.outcome, o.why) == ("unreadable", "closed without a reply")
 
 
@@ -465,35 +395,15 @@ def test_real_cannot_bind_the_local_address():
 
 @pytest.fixture
 def oidentd(tmp_path):
-    """Debian's oidentd on UPSTREAM:port in the foreground (stopped by PID),
-    in a private mount namespace whose /etc/hosts names the addresses (it
-    resolves the requester for its log: no DNS query leaves the host)."""
-    if shutil.which("oidentd") is None:
-        pytest.skip("oidentd is not installed (dev/lib.sh APT_TEST installs it)")
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare (oidentd reads every user's connections)")
+    why = oidentd_available()
+    if why:
+        pytest.skip(why)
     with socket.socket() as s:
         s.bind((UPSTREAM, 0))
         port = s.getsockname()[1]
-    hosts = tmp_path / "hosts"
-    hosts.write_text(f"{UPSTREAM} upstream\n{FROM} here\n")
-    cmd = f"mount --bind {hosts} /etc/hosts && exec oidentd -i -S -a {UPSTREAM} -p {port}"
-    p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and p.poll() is None:
-            with socket.socket() as c:
-                if c.connect_ex((UPSTREAM, port)) == 0:
-                    break
-            time.sleep(0.05)
-        else:
-            pytest.fail(f"oidentd did not start: {p.stderr.read(2000)!r}")
-        yield port
-    finally:
-        from tests.integration.netns import stop_process
-        stop_process(p)
+    daemon = Oidentd(tmp_path, UPSTREAM, port, names=(FROM,))
+    yield port
+    daemon.close()
 
 
 def test_real_oidentd_upstream(oidentd):

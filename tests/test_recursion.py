@@ -7,18 +7,19 @@ import ipaddress
 import json
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from stop import wire
 from stop.client import Outcome
 from stop.config import Config
-from stop.errors import ConfigError, StoreFailed
+from stop.errors import ConfigError
 from stop.model import Endpoint
 from stop.recursion import (HostAddresses, LocalAddresses, LoopTable, Recursion,
                             interface_addresses, linked_entry, targets_of)
 from stop.storage.memory import MemoryStore
 from stop.testing import FakeRecursiveClient
+from stop.interfaces import IRecursiveClient
+from zope.interface.verify import verifyObject
 
 T0 = 1764072000.0
 TOKEN = "0123456789abcdef0123456789abcdef01234567"
@@ -210,29 +211,11 @@ def test_targets_tolerate_walks_without_direction_by():
 
 # -- Recursion: plan, ask, save -----------------------------------------------------------
 
-class LinkedStore(MemoryStore):
-    """MemoryStore plus the linked entries of contract section 1, until the
-    store helper's land (then MemoryStore itself has them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.entries: dict = {}
-
-    def save_linked(self, token, entry):
-        if self.get(token) is None:
-            return defer.fail(StoreFailed(f"unknown token {token}"))
-        self.entries.setdefault(token, []).append(entry)
-        return defer.succeed(None)
-
-    def linked(self, token):
-        return list(self.entries.get(token, []))
-
-
 def make(config=None, outcomes=None):
     config = config or Config(local_addresses=("192.0.2.10",))
     clock = clock_at()
     client = FakeRecursiveClient(outcomes)
-    store = LinkedStore()
+    store = MemoryStore()
     return Recursion(config, client, store, clock), client, store, clock
 
 
@@ -348,3 +331,17 @@ def test_is_loop_uses_sid_requester_and_ports():
     assert not r.is_loop(SV_REC, peer)
     assert r.is_loop(SV_REC, Endpoint("198.51.100.9", 52000))  # the requester's port is not part
     assert not r.is_loop(wire.Request((40000, 6667), wire.SV_REC, 4712), peer)
+
+
+def test_the_daemon_stops_questions_in_flight_before_the_store(tmp_path):
+    from stop import tap
+    d = tap.build(Config(listen=("tcp:0:interface=127.0.0.1",), data_dir=str(tmp_path),
+                         storage="memory"), Clock())
+    [rs] = [s for s in d.service if isinstance(s, tap.RecursionService)]
+    client = rs.recursion.client
+    verifyObject(IRecursiveClient, client)
+    rs.startService()
+    done = []
+    rs.stopService().addCallback(done.append)
+    assert done and client.ask(Endpoint("192.0.2.1", 113), Endpoint("", 0), SV_REC
+                               ).result.outcome == "skipped"

@@ -55,5 +55,6 @@ def test_build_wires_every_part(tmp_path):
     verifyObject(IRecordStore, d.store)
     children = list(d.service)
     assert isinstance(children[0], tap.StoreService)  # opened before any listener
-    assert len(children) == 2 and isinstance(d.service, service.MultiService)
+    assert isinstance(children[1], tap.RecursionService)  # stopped before the store
+    assert len(children) == 3 and isinstance(d.service, service.MultiService)
     assert d.factory.answerer is d.answerer

@@ -1,0 +1,190 @@
+"""Stepping-stone chains for the recursion tests: one real ``twistd stop``
+per host, relays between them, and a way to follow the tokens back.
+
+On loopback, a host is a loopback alias (127.0.0.11, .12, ...): every
+daemon listens on the same port of its own alias, asks the others on that
+port (``recursion_port``) and counts only its alias as its own
+(``local_addresses``), so a TCP connection to another alias is a
+connection to another host, as it would be between machines.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from typing import Optional
+
+from tests.integration.harness import Daemon, free_port, read_lines
+from tests.integration.svtrees import tcp_sockets, wait_for
+
+TOKEN_RE = r"[0-9a-f]{40}"
+#: Timeouts of the daemons in the tests (the defaults are 10 and 30 s).
+FAST = {"recursion_connect_timeout": 3, "recursion_reply_timeout": 4}
+TRACE_TIMEOUT = 60.0
+
+
+def settings_for(address: str, port: int, **extra) -> dict:
+    return {"recursion_port": port, "local_addresses": address, **FAST, **extra}
+
+
+class Hosts:
+    """One daemon per address, all on the same port.
+
+    :param start_daemon: the ``start_daemon`` fixture (stops them after).
+    """
+
+    def __init__(self, start_daemon, addresses, port: Optional[int] = None, **settings):
+        self.port = port or free_port(tuple(addresses))
+        self.daemons = {a: start_daemon(settings_for(a, self.port, **settings), interfaces=(a,),
+                                        port=self.port)
+                        for a in addresses}
+
+    def __getitem__(self, address: str) -> Daemon:
+        return self.daemons[address]
+
+    def show(self, address: str, token: str) -> Optional[dict]:
+        """``stopctl show --json`` on that host: {"token", "record", "linked"},
+        None for a token it does not know (exit 2)."""
+        r = self.daemons[address].stopctl("show", "--json", token)
+        if r.returncode == 2:
+            return None
+        assert r.returncode == 0, (address, token, r.stdout, r.stderr)
+        return json.loads(r.stdout)
+
+    def verify(self, address: str, token: str) -> subprocess.CompletedProcess:
+        return self.daemons[address].stopctl("verify", token)
+
+    def complete(self, address: str, token: str, timeout: float = TRACE_TIMEOUT) -> dict:
+        """The record of ``token`` once every target has its outcome saved."""
+        def done():
+            shown = self.show(address, token)
+            assert shown is not None, f"{address} has no record {token}"
+            targets = shown["record"].get("recursion", {}).get("targets", [])
+            return shown if len(shown["linked"]) >= len(targets) else None
+        return wait_for(done, timeout=timeout, what=f"outcomes of {token} on {address}")
+
+    def trace(self, address: str, token: str) -> list["Hop"]:
+        """Follow ``token`` from ``address`` back, hop by hop, through every
+        ``token`` outcome whose target is one of these hosts and has a
+        record there (a loop's random token has none)."""
+        hops, todo, seen = [], [(address, token)], set()
+        while todo:
+            address, token = todo.pop(0)
+            if (address, token) in seen or (hops and self.show(address, token) is None):
+                continue
+            seen.add((address, token))
+            shown = self.complete(address, token)
+            hop = Hop(address, token, shown["record"], shown["linked"])
+            hops.append(hop)
+            for e in hop.linked:
+                if e["outcome"] == "token" and e["target"]["address"] in self.daemons:
+                    todo.append((e["target"]["address"], e["token"]))
+        return hops
+
+    def logs(self) -> str:
+        return "\n".join(f"== {a}\n{d.read_log()}" for a, d in self.daemons.items())
+
+
+@dataclass
+class Hop:
+    address: str
+    token: str
+    record: dict
+    linked: list = field(default_factory=list)
+
+    @property
+    def recursion(self) -> dict:
+        return self.record.get("recursion", {})
+
+    @property
+    def targets(self) -> list:
+        return self.recursion.get("targets", [])
+
+
+def established(local=None, remote=None) -> Optional[object]:
+    """An established TCP socket (sock_diag) with these ends ((addr, port);
+    either may be None), or None."""
+    for s in tcp_sockets():
+        if (local is None or s.local == tuple(local)) and (remote is None or s.remote == tuple(remote)):
+            return s
+    return None
+
+
+def wait_established(local=None, remote=None, what="connection"):
+    return wait_for(lambda: established(local, remote), what=what)
+
+
+def listening(address: str, port: int) -> bool:
+    return any(s.local == (address, port) for s in tcp_sockets("LISTEN"))
+
+
+def wait_listening(address: str, port: int):
+    wait_for(lambda: listening(address, port), what=f"listener on {address}:{port}")
+
+
+class Victim:
+    """The last host: a listener the chain's last hop connects to, in this
+    process; asks that hop's daemon about the accepted connection."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.listener = socket.socket()
+        self.listener.bind((address, 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.conn: Optional[socket.socket] = None
+        self.peer = None
+        self.query_socket: Optional[socket.socket] = None
+        self.received = b""
+
+    def accept(self, timeout: float = 20.0):
+        self.listener.settimeout(timeout)
+        self.conn, self.peer = self.listener.accept()
+        return self.peer
+
+    def ask(self, daemon: Daemon, kind: str = "SV_REC : 4711") -> bytes:
+        """Ask ``daemon`` about the accepted connection (kept open: every
+        byte that ever comes back is in ``received``)."""
+        s = socket.socket()
+        s.settimeout(10)
+        s.bind((self.address, 0))
+        s.connect((self.peer[0], daemon.port))
+        s.sendall(b"%d, %d : %s\r\n" % (self.peer[1], self.port, kind.encode()))
+        [line] = read_lines(s, 1)
+        self.query_socket = s
+        self.received = line + b"\r\n"
+        return line
+
+    def rest(self) -> bytes:
+        """Everything received on the query connection after the reply
+        (read without waiting), appended to ``received``."""
+        s = self.query_socket
+        s.setblocking(False)
+        more = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                more += chunk
+        except BlockingIOError:
+            pass
+        self.received += more
+        return more
+
+    def close(self):
+        for s in (self.conn, self.query_socket, self.listener):
+            if s is not None:
+                s.close()
+
+
+def token_line(line: bytes, ports: tuple[int, int]) -> str:
+    """The token of a reply line ``P1, P2 : USERID : OTHER : <token>``
+    (asserting that it is exactly that)."""
+    m = re.fullmatch(rb"%d, %d : USERID : OTHER : (%s)" % (ports[0], ports[1],
+                                                           TOKEN_RE.encode()), line)
+    assert m, line
+    return m.group(1).decode()
