@@ -525,3 +525,49 @@ class IPv6Tests(TLSCase):
         self.assertEqual(got.record_bytes, self.store.records[self.token])
         [event] = yield self.events(1)
         self.assertEqual(event["client"]["address"], "::1")
+
+
+class StartTests(unittest.TestCase):
+    """A redemption service that cannot start stops the daemon's start with
+    one line naming what (stop(8), EXIT STATUS)."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="stop-redeem-start-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.ca = TestCA(self.dir)
+        cert, key = self.ca.host(HOST)
+        self.values = dict(data_dir=os.path.join(self.dir, "data"), redeem_cert=cert,
+                           redeem_key=key, redeem_ca=self.ca.path, redeem_allow="*")
+        os.mkdir(self.values["data_dir"], 0o700)
+
+    def test_unusable_audit_trail(self):
+        from stop.errors import StartFailed
+        from stop.redeem.service import redemption_service
+        os.symlink("/tmp", os.path.join(self.values["data_dir"], "audit"))
+        svc = redemption_service(config.Config(redeem_listen="tcp:0:interface=127.0.0.1",
+                                               **self.values), LinkedStore(), reactor)
+        with self.assertRaises(StartFailed) as caught:
+            svc.startService()
+        self.assertIn("audit", str(caught.exception))
+        svc.stopService()
+
+    def test_port_in_use(self):
+        from stop.errors import StartFailed
+        from stop.redeem.service import redemption_service
+        with socket.socket() as busy:
+            busy.bind((HOST, 0))
+            busy.listen(1)
+            port = busy.getsockname()[1]
+            svc = redemption_service(config.Config(
+                redeem_listen=f"tcp:{port}:interface={HOST}", **self.values), LinkedStore(), reactor)
+            with self.assertRaises(StartFailed) as caught:
+                svc.privilegedStartService()
+            self.assertIn("redeem_listen", str(caught.exception))
+
+    def test_bad_endpoint(self):
+        from stop.errors import ConfigError
+        from stop.redeem.service import redemption_service
+        with self.assertRaises(ConfigError) as caught:
+            redemption_service(config.Config(redeem_listen="nonsense:1", **self.values),
+                               LinkedStore(), reactor)
+        self.assertIn("redeem_listen", str(caught.exception))

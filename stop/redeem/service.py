@@ -37,14 +37,15 @@ import re
 from collections import OrderedDict, deque
 from typing import Optional
 
-from twisted.application import service, strports
-from twisted.internet import interfaces, protocol
+from twisted.application import service
+from twisted.internet import endpoints, interfaces, protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from stop import records
+from stop.errors import ConfigError
 from stop.redeem.audit import AuditFailed, AuditLog, audit_path, bounded
 from stop.redeem.policy import ClientIdentity, Policy, parse_policy
 from stop.redeem.tls import ServerTLS, handshake_failure, peer_identity
@@ -447,20 +448,19 @@ def release_body(token: str, data: bytes, linked: list, integrity: bool) -> dict
 
 class _AuditService(service.Service):
     """Opens the audit trail when the daemon starts (after privileges are
-    dropped) and closes it last; a trail that cannot be opened stops the
-    daemon, as a store that cannot be opened does."""
+    dropped) and closes it last. A trail that cannot be opened stops the
+    start, as a store that cannot be opened does: no redemption without
+    its audit."""
 
-    def __init__(self, audit: AuditLog, reactor):
+    def __init__(self, audit: AuditLog):
         self.audit = audit
-        self._reactor = reactor
 
     def startService(self):
+        from stop.errors import StartFailed
         try:
             self.audit.open()
         except AuditFailed as e:
-            log.critical("redemption: {err}; stopping", err=str(e))
-            self._reactor.callWhenRunning(self._reactor.stop)
-            return
+            raise StartFailed(f"redemption: {e}", 1) from None
         service.Service.startService(self)
 
     def stopService(self):
@@ -506,9 +506,16 @@ def redemption_service(settings, store, reactor) -> Optional[service.MultiServic
     """
     if not settings.redeem_listen:
         return None
+    from stop.tap import ListenService
+    try:
+        endpoint = endpoints.serverFromString(reactor, settings.redeem_listen)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"redeem_listen: {settings.redeem_listen!r} is not a server "
+                          f"endpoint: {e}") from None
     gate, audit = build_redemption(settings, store, reactor)
     top = service.MultiService()
-    _AuditService(audit, reactor).setServiceParent(top)
-    strports.service(settings.redeem_listen, gate, reactor=reactor).setServiceParent(top)
-    log.info("redemption service listening on {listen}", listen=settings.redeem_listen)
+    _AuditService(audit).setServiceParent(top)
+    ListenService(f"{settings.redeem_listen} (redeem_listen)", gate, reactor,
+                  endpoint=endpoint).setServiceParent(top)
+    log.info("redemption service on {listen}", listen=settings.redeem_listen)
     return top
