@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+import socket
 import subprocess
 
 import pytest
@@ -17,6 +18,7 @@ from stop.redeem import cli, trace
 from stop.errors import RedeemError
 from stop.redeem.client import Redeemed, parse_release
 from tests.chainrecords import outcome, walk_record
+from tests.testca import TestCA
 
 PATH = [(300, "ssh", "socket"), (200, "bash", "parent"), (100, "sshd", "parent")]
 
@@ -192,6 +194,20 @@ def test_process_path_fallback_and_odd_records():
     assert len(trace.process_path(loop, entry)) <= 2  # a malformed loop ends
 
 
+def test_process_path_through_local_sockets():
+    """A path that crosses sockets to this host after the holder (socat ->
+    UNIX socket -> socat; nc | nc -> local TCP -> nc | nc) is followed back
+    through every hop to the holder of the queried socket, not cut at the
+    first socket."""
+    relays = [(11, "nc", "socket"), (12, "nc", "pipe"), (13, "nc", "socket"), (14, "nc", "pipe")]
+    rec = walk_record("10.0.0.2", "nobody", 65534, relays, "10.0.0.1")
+    entry = outcome("t", "10.0.0.1", "c" * 40)
+    path = trace.process_path(rec, entry)
+    assert [(p["pid"], p["via"]) for p in path] == [(11, "socket"), (12, "pipe"), (13, "socket"),
+                                                     (14, "pipe")]
+    assert trace.path_text(path) == "nc(11) -pipe-> nc(12) -socket-> nc(13) -pipe-> nc(14)"
+
+
 def test_parse_target():
     t = "a" * 40
     assert cli.parse_target(f"{t}@192.0.2.1") == (t, "192.0.2.1", 8113)
@@ -226,3 +242,17 @@ def test_stopctl_trace_usage_errors(capsys):
     assert ctl.main(["trace", "a" * 40 + "@h"] + common, out) == cli.EXIT_FAIL
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--ca a" in err and "Traceback" not in err
+
+
+def test_stopctl_trace_unreachable_first_host(capsys, tmp_path):
+    """Nothing listens at the first host: one line, its own exit status."""
+    ca = TestCA(tmp_path)
+    cert, key = ca.client("investigator")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: a refused connect
+    status = ctl.main(["trace", f"{'a' * 40}@127.0.0.1:{port}", "--cert", cert, "--key", key,
+                       "--ca", ca.path, "--timeout", "5"], io.StringIO())
+    assert status == cli.EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"127.0.0.1:{port}: " in err and "Traceback" not in err, err

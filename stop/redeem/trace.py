@@ -169,9 +169,7 @@ def process_path(record: dict, entry: Optional[dict] = None) -> list[dict]:
             seen.add(pid)
             chain.append(procs[pid])
             reached = procs[pid].get("reached") or {}
-            if reached.get("via") == "socket":
-                break
-            pid = reached.get("from")
+            pid = reached.get("from")  # None at a holder of the queried socket
         chain.reverse()
     else:
         start = [pid for pid in state.get("start") or [] if pid in procs]
