@@ -99,11 +99,22 @@ def test_deny_wins(ca):
     ivan = identity(ca, "ivan")
     judy = identity(ca, "judy")
     policy = parse_policy("*", ("ivan", f"serial:{judy.serial.upper()}"))
-    assert policy.denied(ivan) == "cn:ivan" and policy.rules_for(ivan) == ()
-    assert policy.denied(judy) == f"serial:{judy.serial}" and policy.rules_for(judy) == ()
+    assert policy.denied(ivan) == "redeem_deny cn:ivan" and policy.rules_for(ivan) == ()
+    assert policy.denied(judy) == f"redeem_deny serial:{judy.serial}" and policy.rules_for(judy) == ()
     assert policy.rules_for(identity(ca, "ken"))
     fp = identity(ca, "leo")
     assert parse_policy("*", (fp.fingerprint,)).rules_for(fp) == ()
+
+
+def test_deny_lines_in_redeem_allow(ca):
+    """``!IDENTITY`` lines of redeem_allow refuse, wherever they stand."""
+    ivan, judy, ken = identity(ca, "ivan"), identity(ca, "judy"), identity(ca, "ken")
+    policy = parse_policy(f"*\n!ivan  # left the team\n! serial:{judy.serial}")
+    assert policy.denied(ivan) == "redeem_allow !cn:ivan" and policy.rules_for(ivan) == ()
+    assert policy.denied(judy) == f"redeem_allow !serial:{judy.serial}"
+    assert policy.rules_for(judy) == ()
+    assert policy.denied(ken) is None and policy.rules_for(ken)
+    assert parse_policy("!ivan\nivan").rules_for(ivan) == ()
 
 
 @pytest.mark.parametrize("allow, deny, word", [
@@ -114,7 +125,10 @@ def test_deny_wins(ca):
     ("sha256:abcd", (), "sha256"),
     ("dns:bad_name!", (), "DNS"),
     ("dns:*.example.org", (), "wildcard"),
-    ("serial:12", (), "redeem_deny"),
+    ("serial:12", (), "only refuse"),
+    ("!", (), "one identity"),
+    ("!alice type:SV", (), "no scope"),
+    ("!*", (), "not an identity"),
     ("zz:alice", (), "unknown identity kind"),
     ("*", ("*",), "redeem_deny"),
     ("*", ("serial:xyz",), "serial"),
@@ -163,9 +177,10 @@ def test_settings_checked():
 
 
 def test_settings_from_a_file():
-    values = config.parse("[stop]\nredeem_allow = alice net:192.0.2.0/24\n  bob\n"
+    values = config.parse("[stop]\nredeem_allow = alice net:192.0.2.0/24\n  bob\n  !serial:2e\n"
                           "redeem_deny = serial:1f cn:mallory\n")
     settings = config.Config(**{k: v for k, v in values.items()})
     assert settings.redeem_deny == ("serial:1f", "cn:mallory")
     policy = parse_policy(settings.redeem_allow, settings.redeem_deny)
     assert [str(r) for r in policy.rules] == ["cn:alice net:192.0.2.0/24", "cn:bob *"]
+    assert [str(p) for p in policy.refused] == ["serial:2e"]

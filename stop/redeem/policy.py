@@ -26,9 +26,11 @@ so are types; a rule with both wants one of each. A record is released when
 any rule for the client releases it. ``redeem_allow = *`` is the rule
 ``* *``: everyone the CA signed, every record. Empty (the default): nobody.
 
-``redeem_deny`` lists identities refused whatever ``redeem_allow`` says
-(revocation without a CRL): NAME / ``cn:``, ``dns:``, ``sha256:`` as above,
-and ``serial:HEX`` (the certificate's serial number).
+A line ``!IDENTITY`` in ``redeem_allow`` refuses that identity whatever
+the other lines say (the deny list kept with the rules); ``redeem_deny``
+lists more such identities, one word each. Both are revocation without a
+CRL: NAME / ``cn:``, ``dns:``, ``sha256:`` as above, and ``serial:HEX``
+(the certificate's serial number).
 """
 
 from __future__ import annotations
@@ -154,7 +156,8 @@ def parse_identity(text: str, setting: str, allow_any: bool = True,
                               "certificate's SHA-256 fingerprint")
     elif kind == "serial":
         if not allow_serial:
-            raise ConfigError(f"{setting}: serial: identities belong in redeem_deny")
+            raise ConfigError(f"{setting}: serial: identities only refuse (redeem_deny, or a "
+                              "!serial: line of redeem_allow)")
         value = value.replace(":", "").lower().lstrip("0") or "0"
         if not _HEX.match(value):
             raise ConfigError(f"{setting}: {text!r}: serial: wants a hexadecimal serial number")
@@ -238,16 +241,21 @@ def _parse_rule(line: str) -> Rule:
 
 @dataclass(frozen=True)
 class Policy:
-    """The parsed ``redeem_allow`` rules and ``redeem_deny`` list."""
+    """The parsed ``redeem_allow`` rules, its ``!IDENTITY`` lines and the
+    ``redeem_deny`` list."""
 
     rules: tuple[Rule, ...] = ()
-    deny: tuple[IdentityPattern, ...] = ()
+    deny: tuple[IdentityPattern, ...] = ()  # redeem_deny
+    refused: tuple[IdentityPattern, ...] = ()  # redeem_allow's !IDENTITY lines
 
     def denied(self, client: ClientIdentity) -> Optional[str]:
-        """The deny-list entry that names ``client``, or None."""
-        for pattern in self.deny:
-            if pattern.matches(client):
-                return str(pattern)
+        """The entry that refuses ``client`` (``redeem_allow !cn:NAME``,
+        ``redeem_deny serial:HEX``...), or None."""
+        for setting, mark, patterns in (("redeem_allow", "!", self.refused),
+                                        ("redeem_deny", "", self.deny)):
+            for pattern in patterns:
+                if pattern.matches(client):
+                    return f"{setting} {mark}{pattern}"
         return None
 
     def rules_for(self, client: ClientIdentity) -> tuple[Rule, ...]:
@@ -266,16 +274,23 @@ class Policy:
 def parse_policy(allow: str, deny: tuple[str, ...] = ()) -> Policy:
     """Parse the ``redeem_allow`` text and the ``redeem_deny`` words.
 
-    Lines of ``allow`` may end in a ``#`` comment; blank lines are skipped.
+    Lines of ``allow`` may end in a ``#`` comment; blank lines are skipped;
+    a line ``!IDENTITY`` (no scope) refuses that identity.
 
     :raise ConfigError: a malformed rule or identity (the message names the
         setting and the word).
     """
-    rules = []
+    rules, refused = [], []
     for raw in allow.splitlines():
         line = raw.split("#", 1)[0].strip()
-        if line:
+        if line.startswith("!"):
+            words = line[1:].split()
+            if len(words) != 1:
+                raise ConfigError(f"redeem_allow: {line!r}: '!' wants one identity and no scope")
+            refused.append(parse_identity(words[0], "redeem_allow", allow_any=False,
+                                          allow_serial=True))
+        elif line:
             rules.append(_parse_rule(line))
     patterns = tuple(parse_identity(w, "redeem_deny", allow_any=False, allow_serial=True)
                      for w in deny)
-    return Policy(tuple(rules), patterns)
+    return Policy(tuple(rules), patterns, tuple(refused))

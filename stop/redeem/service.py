@@ -12,7 +12,7 @@ text, oldest first, ``integrity`` the store's own check. Every token the
 client may not have gets the same ``404 {"error": "not found"}``, whether
 it is unknown or refused by the policy. ``403 {"error": "not authorised"}``
 means the client's identity may redeem nothing at all (no rule names it, or
-``redeem_deny`` does); ``429`` a client over its rate. Nothing else is
+it is refused: a ``!IDENTITY`` line of ``redeem_allow``, or ``redeem_deny``); ``429`` a client over its rate. Nothing else is
 served.
 
 The layers, outermost first: :class:`ConnectionGate` (at most
@@ -391,7 +391,7 @@ class Redemption(resource.Resource):
             return 429, RATE_LIMITED, "over redeem_rate", token, {"error": "rate limited"}
         denied = self.policy.denied(client)
         if denied is not None:
-            return 403, NOT_AUTHORISED, f"redeem_deny {denied}", token, {"error": "not authorised"}
+            return 403, NOT_AUTHORISED, denied, token, {"error": "not authorised"}
         rules = self.policy.rules_for(client)
         if not rules:
             return 403, NOT_AUTHORISED, "no redeem_allow rule for this identity", token, \
@@ -491,8 +491,8 @@ def build_redemption(settings, store, reactor) -> tuple[ConnectionGate, AuditLog
     gate = ConnectionGate(TLSMemoryBIOFactory(tls, False, _PlainFactory(site)), slots,
                           settings.redeem_max_connections,
                           RateLimiter(settings.redeem_rate, settings.redeem_burst, reactor), redeem)
-    log.info("redemption service: {n} redeem_allow rule(s), {d} redeem_deny entr(ies)",
-             n=len(policy.rules), d=len(policy.deny))
+    log.info("redemption service: {n} redeem_allow rule(s), {d} refused identit(ies)",
+             n=len(policy.rules), d=len(policy.deny) + len(policy.refused))
     return gate, audit
 
 

@@ -97,7 +97,7 @@ class Fleet:
             d = Daemon(base / host, {
                 "redeem_listen": f"tcp:{self.port}:interface={host}",
                 "redeem_cert": cert, "redeem_key": key, "redeem_ca": self.ca.path,
-                "redeem_allow": "investigator\n  auditor type:ID",
+                "redeem_allow": "investigator\n  auditor type:ID\n  !revoked-two",
                 "redeem_deny": "revoked-one", "redeem_rate": "600", "redeem_burst": "100",
             }, interfaces=(host,), netns=wrapper)
             seed(d.data_dir, [{"token": token, "record": records.canonical(rec).decode(),
@@ -200,6 +200,7 @@ def test_refusals_carry_nothing_and_are_audited(fleet):
         (fleet.ca.client("investigator", expired=True), EXIT_CERTIFICATE, "certificate expired"),
         (fleet.ca.client("eve"), EXIT_NOT_AUTHORISED, "not authorised"),
         (fleet.ca.client("revoked-one"), EXIT_NOT_AUTHORISED, "not authorised"),
+        (fleet.ca.client("revoked-two"), EXIT_NOT_AUTHORISED, "not authorised"),
         (fleet.ca.client("auditor"), EXIT_UNKNOWN, "not found"),  # ID records only
     ]
     for cert, status, words in cases:
@@ -216,11 +217,12 @@ def test_refusals_carry_nothing_and_are_audited(fleet):
     events = fleet.audit(host)
     refused = [(e["outcome"], e.get("identity"), e.get("why")) for e in events
                if e["outcome"] != "released"]
-    assert refused[-7:] == [
+    assert refused[-8:] == [
         ("tls-refused", None, "certificate not signed by redeem_ca"),
         ("tls-refused", None, "certificate has expired"),
         ("not-authorised", "eve", "no redeem_allow rule for this identity"),
         ("not-authorised", "revoked-one", "redeem_deny cn:revoked-one"),
+        ("not-authorised", "revoked-two", "redeem_allow !cn:revoked-two"),
         ("refused-by-policy", "auditor", "outside this identity's redeem_allow scope"),
         ("unknown-token", "investigator", None),
         ("tls-refused", None, "no client certificate"),
