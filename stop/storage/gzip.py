@@ -13,7 +13,8 @@ from __future__ import annotations
 import zlib
 from typing import Optional
 
-from stop.storage.log import _MAX_LINE, _READ_CHUNK, BadEntry, Codec, LogStore
+from stop.storage.entries import _READ_CHUNK, MAX_LINE, BadEntry, Codec, Salvaged
+from stop.storage.log import LogStore
 
 # wbits for a gzip header and trailer (CRC-32 and length, checked on read).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -48,7 +49,7 @@ class GzipCodec(Codec):
                 if p >= len(buf):
                     raise BadEntry("incomplete gzip member")
                 chunk = view[p:p + _READ_CHUNK]
-                data = dec.decompress(chunk, _MAX_LINE + 1 - size)
+                data = dec.decompress(chunk, MAX_LINE + 1 - size)
                 if dec.unconsumed_tail:
                     raise BadEntry("gzip member larger than a record may be")
                 out.append(data)
@@ -64,7 +65,7 @@ class GzipCodec(Codec):
         nxt = buf.find(_MEMBER_START, pos + 1)
         return len(buf) if nxt < 0 else nxt
 
-    def salvage(self, raw: bytes) -> Optional[tuple[str, str]]:
+    def salvage(self, raw: bytes) -> Optional[Salvaged]:
         """Decompress what can be of a bad member (no CRC check) and read
         its start."""
         if not raw.startswith(_MEMBER_START) or len(raw) < 11:
