@@ -168,6 +168,17 @@ def salvage_line(line: bytes) -> Optional[Salvaged]:
     return (m.group(1).decode("ascii"), int(m.group(2)), m.group(3).decode("ascii")) if m else None
 
 
+def salvage_fields(line: bytes) -> Optional[tuple[str, int, str, str, str]]:
+    """``(kind, seq, token, sha256, chain)`` of the start of a bad entry's
+    line when its five fields are still whole (its payload is what failed),
+    else ``None``: so ``verify --all`` can still check its place in the chain."""
+    m = _ENTRY_RE.match(line)
+    if m is None:
+        return None
+    return (m.group(1).decode("ascii"), int(m.group(2)), m.group(3).decode("ascii"),
+            m.group(4).decode("ascii"), m.group(5).decode("ascii"))
+
+
 class Codec:
     """How entries sit in a segment file: the one thing flat and gzip
     differ in. This base class stores lines as they are (flat)."""
@@ -207,11 +218,16 @@ class Codec:
         end = buf.find(b"\n", pos)
         return len(buf) if end < 0 else end + 1
 
+    def head(self, raw: bytes) -> bytes:
+        """The start of the line a bad entry's bytes ``raw`` still show
+        (as much as can be read; no check)."""
+        return raw
+
     def salvage(self, raw: bytes) -> Optional[Salvaged]:
         """``(kind, seq, token)`` read from the start of a bad entry's bytes
         when they still say it, else ``None``: so a damaged record is
         reported as damaged, not as unknown."""
-        return salvage_line(raw)
+        return salvage_line(self.head(raw))
 
 
 class Found(NamedTuple):

@@ -11,9 +11,7 @@ used here: this module's name shadows the standard :mod:`gzip` for nobody
 from __future__ import annotations
 
 import zlib
-from typing import Optional
-
-from stop.storage.entries import _READ_CHUNK, MAX_LINE, BadEntry, Codec, Salvaged
+from stop.storage.entries import _READ_CHUNK, MAX_LINE, BadEntry, Codec
 from stop.storage.log import LogStore
 
 # wbits for a gzip header and trailer (CRC-32 and length, checked on read).
@@ -65,16 +63,15 @@ class GzipCodec(Codec):
         nxt = buf.find(_MEMBER_START, pos + 1)
         return len(buf) if nxt < 0 else nxt
 
-    def salvage(self, raw: bytes) -> Optional[Salvaged]:
-        """Decompress what can be of a bad member (no CRC check) and read
-        its start."""
+    def head(self, raw: bytes) -> bytes:
+        """Decompress what can be of a bad member (no CRC check): the
+        start of its line."""
         if not raw.startswith(_MEMBER_START) or len(raw) < 11:
-            return None
+            return b""
         try:
-            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[10:], 1024)
+            return zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[10:], 1024)
         except zlib.error:
-            return None
-        return super().salvage(head)
+            return b""
 
 
 class GzipStore(LogStore):

@@ -245,6 +245,16 @@ class Index:
                            "ORDER BY token LIMIT ?", (prefix, prefix + "\x7f", limit))
         return [r[0] for r in rows]
 
+    def at_seq(self, first: int, last: int, limit: int) -> list[tuple[int, str, str]]:
+        """``(seq, kind, token)`` of indexed entries numbered ``first`` to
+        ``last``, by seq, at most ``limit`` (``verify --all`` naming the
+        entries gone from the segments; a full scan of the tables: for
+        findings, not for a hot path)."""
+        rows = self._query("SELECT seq, 'R', token FROM records WHERE seq BETWEEN ? AND ? "
+                           "UNION ALL SELECT seq, 'L', token FROM linked WHERE seq BETWEEN ? AND ? "
+                           "ORDER BY 1 LIMIT ?", (first, last, first, last, limit))
+        return [(r[0], r[1], r[2]) for r in rows]
+
     def count(self) -> int:
         """Records in the index (a full count: for stopctl, not the daemon)."""
         rows = self._query("SELECT count(*) FROM records")

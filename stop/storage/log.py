@@ -268,7 +268,8 @@ class LogStore:
         start = self._index_start()
         if start is None:
             self._wix.clear()
-            seg, off, self._head_seq, self._head_chain = 0, 0, 0, GENESIS
+            seg, off = 0, 0
+            self._head_seq, self._head_chain = self._chain_start()
         else:
             seg, off = start.seg, start.off + start.len
             self._head_seq, self._head_chain = start.seq, start.chain
@@ -740,6 +741,14 @@ class LogStore:
         except OSError as exc:
             raise oserror("cannot read", self._seg_path(seg), exc) from exc
 
+    def raw_at(self, loc: Loc) -> bytes:
+        """The stored bytes at ``loc`` (``(segment, offset, length)``), as
+        they are (``b""`` when the segment is gone).
+
+        :raise StoreFailed: an OS error.
+        """
+        return self._raw_at(loc)
+
     def _payload(self, kind: str, token: str, loc: Loc) -> bytes:
         """The checked payload of the entry of ``kind`` for ``token`` at ``loc``.
 
@@ -804,8 +813,11 @@ class LogStore:
         return self._rix.snapshot() if self._rix is not None else contextlib.nullcontext()
 
     def _chain_start(self) -> tuple[int, str]:
-        """(seq, chain) before the first entry."""
-        return 0, GENESIS
+        """(seq, chain) before the first entry: the checkpoint's after a
+        prune (:mod:`stop.storage.chain`)."""
+        from stop.storage.chain import read_checkpoint
+        cp = read_checkpoint(self.records_dir)
+        return cp.seq, cp.chain
 
     def _find(self, kind: str, token: str) -> list[Loc]:
         """Locations of ``kind`` entries of ``token`` past the index,
@@ -918,11 +930,26 @@ class LogStore:
 
     def head(self) -> tuple[int, str]:
         """The chain head: ``(count, chain)`` of the last durable entry
-        (``(0, GENESIS)`` for an empty store)."""
-        self._check_open()
+        (``(0, GENESIS)`` for an empty store, the checkpoint's when all
+        that was written is pruned). A writer's is known after ``close``
+        too (the daemon logs it at stop); a reader reads what the daemon
+        appended since.
+
+        :raise StoreFailed: never opened (a reader: closed).
+        """
+        if not self._opened or (self.readonly and self._released):
+            raise StoreFailed(f"{self.name} store {self.data_dir} is not open")
         if self.readonly:
             self._head_seq, self._head_chain = self._tail_head()
         return self._head_seq, self._head_chain
+
+    def recount_usage(self) -> None:
+        """Count the bytes under records/ again from the files (after a
+        ``stopctl prune`` removed segments; the daemon does it whenever it
+        logs the chain head). A batch being written meanwhile may be
+        counted twice until the next count."""
+        self._check_open()
+        self._count_usage()
 
     def usage(self) -> int:
         """Bytes on disk under records/: segments (tracked per batch),
