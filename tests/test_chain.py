@@ -176,6 +176,36 @@ def test_swapped_lines(store):
     assert store.items[2][1] in text and store.items[3][1] in text
 
 
+def move(store, n, to):
+    """Move entry ``n`` to be entry ``to`` (both in the first segment)."""
+    def change(parts, i):
+        parts.insert(i + to - n, parts.pop(i))
+    store.edit(n, change)
+
+
+@pytest.mark.parametrize("n, to, expect", [
+    (5, 2, [("moved", 5)]),                 # ahead of its place
+    (2, 5, [("moved", 2)]),                 # behind it
+    (2, 3, [("swapped", 2)]),               # neighbours
+])
+def test_moved_entry_is_the_one_named(store, n, to, expect):
+    assert len(store.spans(store.segments()[0])) >= 5
+    move(store, n, to)
+    report = store.findings()
+    assert kinds(report) == expect
+    assert store.items[n - 1][1] in report["findings"][0]["text"]
+
+
+def test_two_entries_far_apart_swapped(store):
+    def swap(parts, i):
+        parts[i], parts[i + 3] = parts[i + 3], parts[i]
+    store.edit(2, swap)
+    report = store.findings()
+    assert sorted(kinds(report)) == [("moved", 2), ("moved", 5)]
+    for f in report["findings"]:
+        assert store.items[f["seq"] - 1][1] in f["text"]
+
+
 def test_inserted_copy(store):
     copy = []
     store.edit(2, lambda parts, i: copy.append(parts[i]))

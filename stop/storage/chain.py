@@ -151,6 +151,22 @@ class _Gap:
     met_seq: int
     met: str                      # the entry met in their place
     unreadable: Optional[str] = None  # damaged bytes that may hold them
+    met_kind: str = RECORD
+    met_token: str = ""
+    met_digest: Optional[str] = None
+
+
+class _Ahead(NamedTuple):
+    """An entry met before its place (taken out of the sequence until its
+    place comes)."""
+
+    position: int
+    where: str
+    what: str
+    kind: str
+    token: str
+    digest: Optional[str]
+    chain: Optional[str]
 
 
 @dataclass
@@ -199,9 +215,9 @@ class _Verifier:
         self.prev_what = f"the checkpoint (entry {self.cp.seq})" if self.cp.seq else "the start"
         self.last_met: Optional[tuple[int, int]] = None   # (seq, position) of the entry just met
         self.gaps: list[_Gap] = []
+        self.ahead: dict[int, _Ahead] = {}
         self.unreadable: Optional[str] = None  # damaged bytes of unknown number just met
         self.position = 0
-        self.chains: Optional[tuple[Optional[int], str]] = None
         self.saved_at: Optional[int] = None
         #: The last entry met in order whose chain is known: the head.
         self.head: tuple[int, Optional[str]] = (self.cp.seq, self.cp.chain)
@@ -244,6 +260,7 @@ class _Verifier:
                 self.report.linked += 1
             self.place(e.kind, e.seq, e.token, e.digest, e.chain, where)
         self.report.segments = len([s for s in segments if s >= self.cp.segment])
+        self.put_back(None)
         for gap in self.gaps:
             self.gap_finding(gap)
         self.report.findings.sort(key=lambda f: (f.position or 0))
@@ -296,7 +313,29 @@ class _Verifier:
             self.unreadable = where
             self.prev_chain = None
 
+    def put_back(self, seq: Optional[int]) -> None:
+        """Entries met ahead of their place whose place has come (before
+        entry ``seq``; None: the end): each a *moved* finding, then the
+        sequence goes on from it."""
+        while self.ahead and (seq is None or self.prev_seq + 1 in self.ahead and seq > self.prev_seq + 1):
+            n = self.prev_seq + 1 if self.prev_seq + 1 in self.ahead else min(self.ahead)
+            a = self.ahead.pop(n)
+            self.add("moved", n, a.token, a.where,
+                     f"position {a.position} ({a.where}): {a.what} is out of place: it belongs "
+                     f"after {self.prev_what}" + (f", before position {self.position}" if seq else ""),
+                     position=a.position)
+            if n == self.prev_seq + 1 and a.digest is not None and self.prev_chain is not None \
+                    and chain_next(self.prev_chain, a.kind, n, a.token, a.digest) != a.chain:
+                self.add("changed", n, a.token, a.where,
+                         f"position {a.position} ({a.where}): {a.what} does not follow from "
+                         f"{self.prev_what} in the chain", position=a.position)
+            self.prev_seq, self.prev_chain, self.prev_what = n, a.chain, a.what
+            if a.chain is not None:
+                self.head = (n, a.chain)
+
     def place(self, kind, seq, token, digest, chain, where, damaged=False) -> None:
+        if self.ahead and seq > self.prev_seq + 1:
+            self.put_back(seq)
         what = _what(kind, seq, token)
         expected = self.prev_seq + 1
         link = None if digest is None else (lambda prev, n: chain_next(prev, kind, n, token, digest))
@@ -316,10 +355,11 @@ class _Verifier:
                 self.advance(expected, chain, _what(kind, expected, token), kind, token)
                 return
             self.gaps.append(_Gap(expected, seq - 1, self.prev_chain, self.position, where,
-                                  self.prev_what, seq, what, self.unreadable))
+                                  self.prev_what, seq, what, self.unreadable, kind, token, digest))
             self.advance(seq, chain, what, kind, token)
         else:
-            self.out_of_place(kind, seq, token, chain, link, what, where, here)
+            self.out_of_place(kind, seq, token, digest, chain, link, what, where, here, damaged)
+            return
         self.unreadable = None
 
     def advance(self, seq, chain, what, kind, token) -> None:
@@ -341,21 +381,34 @@ class _Verifier:
                      f"position {self.position}: entry {seq} stores record {token} again "
                      f"(the index holds entry {row[0]}); a token is never reused")
 
-    def out_of_place(self, kind, seq, token, chain, link, what, where, here) -> None:
+    def out_of_place(self, kind, seq, token, digest, chain, link, what, where, here, damaged) -> None:
+        self.unreadable = None
         gap = next((g for g in self.gaps if g.first <= seq <= g.last), None)
         if gap is None:
             self.add("inserted", seq, token, where,
                      f"{here}: {what} again, after {self.prev_what}: an entry already met, inserted")
             return
-        if gap.first == gap.last and self.last_met == (seq + 1, self.position - 1) \
-                and gap.position == self.position - 1:
+        just_opened = gap.position == self.position - 1 and self.last_met == (gap.met_seq, gap.position)
+        adjacent = just_opened and gap.first == gap.last and gap.met_seq == seq + 1
+        if just_opened and not adjacent and gap is self.gaps[-1]:
+            # The entry just met, which opened the gap, is the one out of
+            # place (it came ahead of its turn): take it out of the
+            # sequence until its place comes, and go on from before it.
+            self.ahead[gap.met_seq] = _Ahead(gap.position, gap.where, gap.met, gap.met_kind,
+                                             gap.met_token, gap.met_digest, self.prev_chain)
+            self.gaps.remove(gap)
+            self.prev_seq, self.prev_chain, self.prev_what = gap.first - 1, gap.chain_before, gap.before
+            self.unreadable = gap.unreadable
+            self.place(kind, seq, token, digest, chain, where, damaged)
+            return
+        if adjacent:
             self.add("swapped", seq, token, gap.where,
                      f"positions {gap.position} and {self.position} ({gap.where}): {gap.met} and "
                      f"{what} are swapped", position=gap.position)
         else:
             self.add("moved", seq, token, where,
-                     f"{here}: {what} is out of place: it belongs after {gap.before} "
-                     f"(position {gap.position - 1})")
+                     f"{here}: {what} is out of place: it belongs after {gap.before}, "
+                     f"before position {gap.position}")
         if link and gap.chain_before is not None and seq == gap.first and link(gap.chain_before, seq) != chain:
             self.add("changed", seq, token, where,
                      f"{here}: {what} does not follow from entry {seq - 1} in the chain")
@@ -366,7 +419,9 @@ class _Verifier:
             gap.last = seq - 1
         else:
             self.gaps.insert(self.gaps.index(gap) + 1, _Gap(seq + 1, gap.last, chain, gap.position,
-                                                           gap.where, what, gap.met_seq, gap.met))
+                                                           gap.where, what, gap.met_seq, gap.met,
+                                                           None, gap.met_kind, gap.met_token,
+                                                           gap.met_digest))
             gap.last = seq - 1
         if gap.first > gap.last:
             self.gaps.remove(gap)
