@@ -410,3 +410,14 @@ def test_prune_is_logged_to_syslog(tmp_path):
         assert "removed segments 1-" in msg[6] and "chain goes on from" in msg[6]
     finally:
         server.stop()
+
+
+def test_what_verify_all_keeps_is_bounded(store):
+    """Every other entry removed: the runs of missing entries are more than
+    the limit; the oldest become findings as they go, nothing is lost."""
+    for n in range(len(store.items) - 1, 1, -2):
+        store.edit(n, lambda parts, i: parts.pop(i))
+    s = make_store(store.name, store.dir, readonly=True)
+    s.open()
+    report = verify_all(s, limit=4)
+    assert len(report.findings) == 4 and report.dropped == len(range(len(store.items) - 1, 1, -2)) - 4

@@ -41,8 +41,10 @@ CHECKPOINT_NAME = "checkpoint"
 _MAGIC = "stop-checkpoint 1"
 #: Findings kept by verify --all (the rest are counted).
 MAX_FINDINGS = 1000
-#: Entries named from the index for one run of removed entries.
+#: Entries named from the index for one run of removed entries...
 NAMED = 3
+#: ... for the first this many runs (each costs a scan of the index).
+NAMED_RUNS = 20
 
 
 class Checkpoint(NamedTuple):
@@ -216,6 +218,7 @@ class _Verifier:
         self.last_met: Optional[tuple[int, int]] = None   # (seq, position) of the entry just met
         self.gaps: list[_Gap] = []
         self.ahead: dict[int, _Ahead] = {}
+        self.named = 0
         self.unreadable: Optional[str] = None  # damaged bytes of unknown number just met
         self.position = 0
         self.saved_at: Optional[int] = None
@@ -230,7 +233,10 @@ class _Verifier:
 
     def names(self, first: int, last: int) -> str:
         ix = getattr(self.store, "_rix", None)
-        rows = ix.at_seq(first, last, NAMED + 1) if ix is not None and ix.usable else []
+        self.named += 1
+        if ix is None or not ix.usable or self.named > NAMED_RUNS:
+            return ""
+        rows = ix.at_seq(first, last, NAMED + 1)
         if not rows:
             return ""
         shown = ", ".join(_what(k, s, t) for s, k, t in rows[:NAMED])
@@ -356,6 +362,8 @@ class _Verifier:
                 return
             self.gaps.append(_Gap(expected, seq - 1, self.prev_chain, self.position, where,
                                   self.prev_what, seq, what, self.unreadable, kind, token, digest))
+            if len(self.gaps) > self.limit:  # bounded memory: the oldest stays missing
+                self.gap_finding(self.gaps.pop(0))
             self.advance(seq, chain, what, kind, token)
         else:
             self.out_of_place(kind, seq, token, digest, chain, link, what, where, here, damaged)
@@ -396,6 +404,10 @@ class _Verifier:
             # sequence until its place comes, and go on from before it.
             self.ahead[gap.met_seq] = _Ahead(gap.position, gap.where, gap.met, gap.met_kind,
                                              gap.met_token, gap.met_digest, self.prev_chain)
+            if len(self.ahead) > self.limit:  # bounded memory
+                a = self.ahead.pop(min(self.ahead))
+                self.add("moved", None, a.token, a.where, f"position {a.position} ({a.where}): "
+                         f"{a.what} is out of place", position=a.position)
             self.gaps.remove(gap)
             self.prev_seq, self.prev_chain, self.prev_what = gap.first - 1, gap.chain_before, gap.before
             self.unreadable = gap.unreadable
