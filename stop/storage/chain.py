@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -41,6 +42,8 @@ CHECKPOINT_NAME = "checkpoint"
 _MAGIC = "stop-checkpoint 1"
 #: Findings kept by verify --all (the rest are counted).
 MAX_FINDINGS = 1000
+#: Seconds before bad bytes at the very end are read again (a batch being written).
+TAIL_WAIT = 0.2
 #: Entries named from the index for one run of removed entries...
 NAMED = 3
 #: ... for the first this many runs (each costs a scan of the index).
@@ -95,11 +98,9 @@ def write_checkpoint(records_dir: str, cp: Checkpoint) -> None:
     ``records_dir``: a prune run as root leaves it readable by the daemon's user)."""
     text = "".join([f"{_MAGIC}\nstart {cp.seq} {cp.chain} {cp.segment}\n"]
                    + [f"prune {line}\n" for line in cp.history])
-    path = checkpoint_path(records_dir)
-    write_file(path, text.encode("ascii"))
     st = os.stat(records_dir)
-    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-        os.chown(path, st.st_uid, st.st_gid)
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    write_file(checkpoint_path(records_dir), text.encode("ascii"), owner)
 
 
 def parse_head(text: str) -> tuple[Optional[int], str]:
@@ -219,6 +220,8 @@ class _Verifier:
         self.gaps: list[_Gap] = []
         self.ahead: dict[int, _Ahead] = {}
         self.named = 0
+        #: (segment, offset) of bad bytes at the very end, read again once.
+        self.tail: Optional[tuple[int, int]] = None
         self.unreadable: Optional[str] = None  # damaged bytes of unknown number just met
         self.position = 0
         self.saved_at: Optional[int] = None
@@ -250,21 +253,14 @@ class _Verifier:
         segments = self.store.segments()
         self.check_numbering(segments)
         last_seg = segments[-1] if segments else None
-        for seg, found in self.store.entries(trailing=True):
-            if seg < self.cp.segment:
-                continue  # left by an interrupted prune: reported by check_numbering
-            self.position += 1
-            where = f"{os.path.basename(self.store._seg_path(seg))} offset {found.pos}"
-            if found.entry is None:
-                self.damaged(seg, found, where, seg == last_seg)
-                continue
-            e = found.entry
-            self.report.entries += 1
-            if e.kind == RECORD:
-                self.report.records += 1
-            else:
-                self.report.linked += 1
-            self.place(e.kind, e.seq, e.token, e.digest, e.chain, where)
+        self.walk(self.store.entries(trailing=True), last_seg)
+        if self.tail is not None:
+            # Bad bytes at the very end may be a batch the daemon is
+            # writing right now: read them once more, a moment later.
+            time.sleep(TAIL_WAIT)
+            seg, pos = self.tail
+            self.tail = None
+            self.walk(self.store._walk(seg, pos, trailing=True), last_seg, again=True)
         self.report.segments = len([s for s in segments if s >= self.cp.segment])
         self.put_back(None)
         for gap in self.gaps:
@@ -274,6 +270,28 @@ class _Verifier:
         if saved is not None:
             self.check_saved(saved)
         return self.report
+
+    def walk(self, entries, last_seg: Optional[int], again: bool = False) -> None:
+        for seg, found in entries:
+            if seg < self.cp.segment:
+                continue  # left by an interrupted prune: reported by check_numbering
+            where = f"{os.path.basename(self.store._seg_path(seg))} offset {found.pos}"
+            if found.entry is None:
+                at_end = seg == last_seg and found.end >= os.path.getsize(self.store._seg_path(seg))
+                if at_end and not again:
+                    self.tail = (seg, found.pos)
+                    return
+                self.position += 1
+                self.damaged(seg, found, where, at_end)
+                continue
+            self.position += 1
+            e = found.entry
+            self.report.entries += 1
+            if e.kind == RECORD:
+                self.report.records += 1
+            else:
+                self.report.linked += 1
+            self.place(e.kind, e.seq, e.token, e.digest, e.chain, where)
 
     def check_numbering(self, segments: list[int]) -> None:
         name = self.store._seg_path
@@ -292,14 +310,15 @@ class _Verifier:
                          f"(the numbering goes on with {os.path.basename(name(s))})", position=0)
             expect = s + 1
 
-    def damaged(self, seg: int, found, where: str, last_seg: bool) -> None:
+    def damaged(self, seg: int, found, where: str, at_end: bool) -> None:
         raw = self.store.raw_at((seg, found.pos, found.end - found.pos))
         head = self.store.codec.head(raw)
         fields = salvage_fields(head)
         salvaged = salvage_line(head)
         tail = ""
-        if last_seg and found.end >= os.path.getsize(self.store._seg_path(seg)):
-            tail = " (at the very end of the store: a torn tail, or an entry being written now)"
+        if at_end:
+            tail = (" (at the very end of the store, still after a second read: a torn tail, "
+                    "which the daemon moves aside when it next starts)")
         n = found.end - found.pos
         if salvaged is not None:
             kind, seq, token = salvaged
@@ -348,6 +367,11 @@ class _Verifier:
         here = f"position {self.position} ({where})"
         if self.saved is not None and chain is not None and chain == self.saved[1]:
             self.saved_at = seq
+        if seq == expected and seq in self.ahead:
+            a = self.ahead.pop(seq)
+            self.add("inserted", seq, token, a.where,
+                     f"position {a.position} ({a.where}): {a.what} is met again at {here}, in its "
+                     f"place: the one at position {a.position} was inserted", position=a.position)
         if seq == expected:
             if link and self.prev_chain is not None and link(self.prev_chain, seq) != chain and not damaged:
                 self.add("changed", seq, token, where,
@@ -462,6 +486,10 @@ class _Verifier:
                 r.saved_head = (f"the saved head {given} is entry {self.saved_at}; "
                                 f"{r.head_seq - self.saved_at} entries were stored since")
             return
+        if count is not None and count <= self.cp.seq:
+            r.saved_head = (f"the saved head {given} is entry {count}, pruned (the checkpoint is at "
+                            f"entry {self.cp.seq}): it cannot be checked against what remains")
+            return
         r.saved_head = f"the saved head {given} is not in the store"
         if count is not None and count > r.head_seq:
             n = count - r.head_seq
@@ -469,6 +497,9 @@ class _Verifier:
                    "the saved head: entries were removed from its end (truncated)")
         else:
             why = "the chain that led to it was changed or removed"
+            if count is None and self.cp.seq:
+                why += (f", or it is an entry pruned before the checkpoint (entry {self.cp.seq}): "
+                        "give COUNT:HASH to tell")
         self.add("head", count, None, "", f"the saved head {given} is not in the store "
                  f"(its head is {head_text(r.head_seq, r.head_chain)}): {why}",
                  position=self.position + 1)
@@ -501,7 +532,9 @@ def entry_time(kind: str, payload: bytes) -> Optional[datetime.datetime]:
 
 class PrunePlan(NamedTuple):
     """The segments ``prune`` removes (a run from the first), what they
-    hold, and the checkpoint it leaves; ``kept``: why it stops there."""
+    hold, and the checkpoint it leaves; ``kept``: why it stops there;
+    ``leftover``: segments before the checkpoint that an interrupted prune
+    left (removed too, the checkpoint stays)."""
 
     segments: list[int]
     records: int
@@ -512,6 +545,7 @@ class PrunePlan(NamedTuple):
     oldest: Optional[str]
     newest: Optional[str]
     kept: str
+    leftover: list[int]
 
 
 def plan_prune(store, before: datetime.datetime) -> PrunePlan:
@@ -523,7 +557,8 @@ def plan_prune(store, before: datetime.datetime) -> PrunePlan:
     :raise StoreFailed: a segment cannot be read.
     """
     cp = read_checkpoint(store.records_dir)
-    segments = [s for s in store.segments() if s >= cp.segment]
+    every = store.segments()
+    segments = [s for s in every if s >= cp.segment]
     chosen: list[int] = []
     records = linked = 0
     first_seq = last_seq = None
@@ -568,44 +603,40 @@ def plan_prune(store, before: datetime.datetime) -> PrunePlan:
         if segments[:-1]:
             kept = f"segment {segments[-1]} is the last (the daemon appends to it)"
     return PrunePlan(chosen, records, linked, first_seq or 0, last_seq or cp.seq, last_chain,
-                     oldest, newest, kept)
+                     oldest, newest, kept, [s for s in every if s < cp.segment])
 
 
 def prune(store, plan: PrunePlan, now: str, before: str,
           log: Callable[[str], None]) -> Checkpoint:
-    """Remove the segments of ``plan``: first the checkpoint (so what
-    remains verifies, even if interrupted), then their index rows, then the
-    files. ``log`` gets one line saying what was done.
+    """Remove the segments of ``plan`` (and its leftovers): first the
+    checkpoint (so what remains verifies, even if interrupted), then their
+    index rows, then the files. ``log`` gets one line saying what was done.
 
     :raise StoreFailed: a file cannot be written or removed.
     """
     records_dir = store.records_dir
-    cp = read_checkpoint(records_dir)
-    line = (f"{now} before {before}: removed segments {plan.segments[0]}-{plan.segments[-1]}, "
-            f"entries {plan.first_seq}-{plan.last_seq} ({plan.records} records, {plan.linked} linked, "
-            f"{plan.oldest} to {plan.newest}); chain goes on from {head_text(plan.last_seq, plan.last_chain)}")
-    new = Checkpoint(plan.last_seq, plan.last_chain, plan.segments[-1] + 1, cp.history + (line,))
-    try:
-        write_checkpoint(records_dir, new)
-    except OSError as exc:
-        raise StoreFailed(f"cannot write the checkpoint in {records_dir}: {exc}") from None
+    cp = new = read_checkpoint(records_dir)
+    done = []
+    if plan.leftover:
+        done.append(f"finished an interrupted prune: removed segments {_span(plan.leftover)} "
+                    f"(before the checkpoint's first segment {cp.segment})")
+    if plan.segments:
+        line = (f"{now} before {before}: removed segments {_span(plan.segments)}, "
+                f"entries {plan.first_seq}-{plan.last_seq} ({plan.records} records, {plan.linked} linked, "
+                f"{plan.oldest} to {plan.newest}); chain goes on from {head_text(plan.last_seq, plan.last_chain)}")
+        done.append(line)
+        new = Checkpoint(plan.last_seq, plan.last_chain, plan.segments[-1] + 1, cp.history + (line,))
+        try:
+            write_checkpoint(records_dir, new)
+        except OSError as exc:
+            raise StoreFailed(f"cannot write the checkpoint in {records_dir}: {exc}") from None
     ix = Index(records_dir, readonly=False) if os.path.exists(os.path.join(records_dir, "index.sqlite")) else None
     try:
         if ix is not None:
             ix.open()
-        for s in plan.segments:
+        for s in plan.leftover + plan.segments:
             if ix is not None:
-                recs, links = [], []
-                for seg, found in store._walk(s, 0, trailing=True):
-                    if seg != s:
-                        break
-                    e = found.entry
-                    if e is not None:
-                        (recs.append(e.token) if e.kind == RECORD else links.append((e.token, e.seq)))
-                    if len(recs) + len(links) >= 10000:
-                        ix.remove(recs, links)
-                        recs, links = [], []
-                ix.remove(recs, links)
+                _unindex(store, ix, s)
             os.unlink(store._seg_path(s))
     except OSError as exc:
         raise StoreFailed(f"prune of {records_dir} stopped: {exc}; run it again") from None
@@ -616,8 +647,28 @@ def prune(store, plan: PrunePlan, now: str, before: str,
         if ix is not None:
             ix.close()
     fsync_dir(records_dir)
-    log(f"pruned {records_dir}: {line}")
+    log(f"pruned {records_dir}: {'; '.join(done)}")
     return new
+
+
+def _span(segments: list[int]) -> str:
+    return f"{segments[0]}-{segments[-1]}" if len(segments) > 1 else str(segments[0])
+
+
+def _unindex(store, ix: Index, s: int) -> None:
+    """Delete the index rows of the entries of segment ``s``."""
+    recs: list[tuple[str, int]] = []
+    links: list[tuple[str, int]] = []
+    for seg, found in store._walk(s, 0, trailing=True):
+        if seg != s:
+            break
+        e = found.entry
+        if e is not None:
+            (recs if e.kind == RECORD else links).append((e.token, e.seq))
+        if len(recs) + len(links) >= 10000:
+            ix.remove(recs, links)
+            recs, links = [], []
+    ix.remove(recs, links)
 
 
 # -- stats ---------------------------------------------------------------------
