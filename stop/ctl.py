@@ -32,6 +32,7 @@ import stop
 from stop import config as config_mod
 from stop import records
 from stop.errors import ConfigError, StopError
+from stop.redeem import cli as redeem_cli
 from stop.storage import make_store
 
 DEFAULT_CONFIG = "/etc/stop/stop.conf"
@@ -90,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--json", action="store_true", help="one JSON object")
     stats = sub.add_parser("stats", help="records, bytes, quota use, per type and per day, chain head")
     stats.add_argument("--json", action="store_true", help="one JSON object")
+    redeem_cli.add_parsers(sub)  # trace, audit (docs/redeem.rst)
     return p
 
 
@@ -614,6 +616,8 @@ COMMANDS = {"show": cmd_show, "list": cmd_list, "verify": cmd_verify, "prune": c
 
 def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout) -> int:
     args = _parser().parse_args(argv)
+    if args.command in redeem_cli.COMMANDS:  # no store needed
+        return redeem_cli.run(args, out, lambda: _settings(args))
     try:
         settings = _settings(args)
         store = make_store(settings.storage, settings.data_dir, readonly=True)
