@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import selectors
 import socket
@@ -121,20 +122,51 @@ def flood(source: str, dest: str, port: int, ports: tuple[int, int], rate: float
             "connect_failures": refused}
 
 
-def idle_connections(n: int, source: str, dest: str, port: int,
-                     timeout: float = 60.0) -> list[socket.socket]:
+def idle_connections(n: int, source: str, dest: str, port: int, accepted=None,
+                     batch: int = 40, timeout: float = 120.0) -> list[socket.socket]:
     """``n`` established connections from ``source`` to ``dest``:``port``
-    that never send anything (the caller closes them)."""
-    socks = []
+    that never send anything (the caller closes them).
+
+    :param accepted: ``() -> int``: how many the server has accepted so far;
+        when given, connections are opened ``batch`` at a time, each batch
+        once the server accepted the one before (a listen backlog is small:
+        past it the kernel drops handshakes and retries them for seconds).
+    """
+    socks: list[socket.socket] = []
     deadline = time.monotonic() + timeout
+    base = accepted() if accepted else 0
     try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.bind((source, 0))
-            s.setblocking(False)
-            s.connect_ex((dest, port))
-        sel = selectors.DefaultSelector()
+        while len(socks) < n:
+            group = []
+            for _ in range(min(batch if accepted else n, n - len(socks))):
+                s = socket.socket()
+                socks.append(s)
+                group.append(s)
+                s.bind((source, 0))
+                s.setblocking(False)
+                s.connect_ex((dest, port))
+            _wait_writable(group, deadline)
+            while accepted and accepted() - base < len(socks):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the server accepted {accepted() - base} of "
+                                       f"{len(socks)} idle connections")
+                time.sleep(0.001)
+        return socks
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def fd_count(pid: int) -> int:
+    """Open descriptors of ``pid``: the size of /proc/PID/fd (Linux >= 6.2
+    says it without a listing), else its listing."""
+    size = os.stat(f"/proc/{pid}/fd").st_size
+    return size if size else len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _wait_writable(socks: list[socket.socket], deadline: float) -> None:
+    with selectors.DefaultSelector() as sel:
         for s in socks:
             sel.register(s, selectors.EVENT_WRITE)
         pending = len(socks)
@@ -142,14 +174,8 @@ def idle_connections(n: int, source: str, dest: str, port: int,
             for key, _ in sel.select(timeout=1):
                 sel.unregister(key.fileobj)
                 pending -= 1
-        sel.close()
-        if pending:
-            raise RuntimeError(f"{pending} of {n} idle connections did not complete")
-        return socks
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
+    if pending:
+        raise RuntimeError(f"{pending} idle connections did not complete")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from stop import walk as walk_mod
 from tests.integration import svtrees
 from tests.integration.chain import Hosts, Victim, token_line, wait_established
 from tests.integration.harness import ROOT
-from tests.integration.flood import idle_connections
+from tests.integration.flood import fd_count, idle_connections
 from tests.integration.test_recursion_chain import start_many_in
 from tests.upstream import DeadHost, Upstream, silent
 
@@ -33,9 +33,11 @@ pytestmark = [
 ]
 
 HERE, FLOODER, LEGIT, IDLE = "127.0.0.11", "127.0.0.12", "127.0.0.14", "127.0.0.21"
-SILENT = ["127.0.0.51", "127.0.0.52", "127.0.0.53", "127.0.0.54"]
-DEAD = ["127.0.0.55", "127.0.0.56"]
-REFUSING = ["127.0.0.57", "127.0.0.58"]
+# 10 targets that hold a question (4 each at most: recursion_max_per_host):
+# more than the 32 in flight in all (recursion_max_outbound) could hold.
+SILENT = [f"127.0.0.{n}" for n in range(51, 59)]
+DEAD = ["127.0.0.59", "127.0.0.60"]
+REFUSING = ["127.0.0.61", "127.0.0.62"]
 IDLE_CONNECTIONS = 10000
 FLOOD_RATE, FLOOD_SECONDS = 1000, 4.0
 OPEN_STATES = ("ESTABLISHED", "SYN_SENT", "CLOSE_WAIT")
@@ -65,7 +67,7 @@ def outbound(port: int, targets) -> int:
 def many_files():
     """Room for 10,000 sockets on each side (the daemon inherits it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 2 * IDLE_CONNECTIONS + 4096
+    want = IDLE_CONNECTIONS + 4096  # per process: the test and the daemon
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
     except (ValueError, OSError):
@@ -94,9 +96,8 @@ def test_flood_of_sv_rec(start_daemon, tree, tmp_path, many_files, capsys):
         wait_established(local=(HERE, legit.peer[1]), what="the legitimate connection")
 
         rss_before = rss_kib(daemon.proc.pid)
-        idle = idle_connections(IDLE_CONNECTIONS, IDLE, HERE, port)
-        svtrees.wait_for(lambda: len(os.listdir(f"/proc/{daemon.proc.pid}/fd")) > IDLE_CONNECTIONS,
-                         timeout=60, what="the daemon to accept the idle connections")
+        idle = idle_connections(IDLE_CONNECTIONS, IDLE, HERE, port,
+                                accepted=lambda: fd_count(daemon.proc.pid))
         rss_idle = rss_kib(daemon.proc.pid)
 
         # count the daemon's open questions while the flood runs
