@@ -104,11 +104,15 @@ class Hop:
         return self.recursion.get("targets", [])
 
 
+def _matches(end, want) -> bool:
+    return want is None or all(w is None or e == w for e, w in zip(end, want))
+
+
 def established(local=None, remote=None) -> Optional[object]:
     """An established TCP socket (sock_diag) with these ends ((addr, port);
-    either may be None), or None."""
+    either end, or a part of it, may be None: any), or None."""
     for s in tcp_sockets():
-        if (local is None or s.local == tuple(local)) and (remote is None or s.remote == tuple(remote)):
+        if _matches(s.local, local) and _matches(s.remote, remote):
             return s
     return None
 
