@@ -45,6 +45,9 @@ class Users:
                         "stop recursion test (removed after the test)", name],
                        check=True, capture_output=True, timeout=60)
         self.made.append(name)
+        # No password, yet not locked: sshd without PAM refuses locked accounts ("!").
+        subprocess.run(["usermod", "--password", "*", name], check=True, capture_output=True,
+                       timeout=60)
         key = self.dir / f"{name}.key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(key)],
                        check=True, capture_output=True, timeout=60)
@@ -112,9 +115,9 @@ class User:
 
 class Sshd:
     """``sshd -D`` on ``address``:``port`` with a host key of its own,
-    public-key logins only; started detached (its parent is PID 1, as a
-    system's sshd) through ``tree`` (or ``netns``'s command), stopped by
-    the tree."""
+    public-key logins only, logging through a pipe; started detached (its
+    parent is PID 1, as a system's sshd) through ``tree`` (in ``netns``
+    when given), stopped by the tree."""
 
     def __init__(self, directory, address: str, port: int, tree: Tree, netns=None):
         self.address, self.port = address, port
@@ -142,7 +145,10 @@ class Sshd:
             "",
         ]))
         self.log = directory / f"sshd-{port}.log"
-        cmd = f"exec {SSHD} -D -e -f {config} 2>>{self.log}"
+        # Its log goes through a pipe to a writer, as a system sshd's goes to
+        # the journal: every session's sshd processes hold that pipe, which
+        # joins the sessions (the path the walk must not take).
+        cmd = f"{SSHD} -D -e -f {config} 2>&1 | cat >> {self.log}"
         self.netns = netns
         if netns is not None:
             cmd = f"exec ip netns exec {netns.name} sh -c '{cmd}'"
