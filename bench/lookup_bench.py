@@ -41,8 +41,9 @@ from typing import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from stop.lookup.netlink import NetlinkLookup, host_key  # noqa: E402
-from stop.lookup.procfs import ProcfsLookup  # noqa: E402
+from stop.os.linux.lookup import NetlinkLookup  # noqa: E402
+from stop.os.linux.procnet import ProcfsLookup  # noqa: E402
+from stop.os.linux.sockdiag import host_key  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
 
 SERVERS = [f"127.0.0.{i}" for i in range(60, 64)]  # spread over 4 listeners

@@ -36,7 +36,7 @@ from twisted.logger import globalLogBeginner, textFileLogObserver  # noqa: E402
 import compare_oidentd  # noqa: E402
 from stop import config as config_mod, wire  # noqa: E402
 from stop.answer import Answerer, Query  # noqa: E402
-from stop.lookup.netlink import NetlinkLookup  # noqa: E402
+from stop.os.linux.lookup import NetlinkLookup  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
 from stop.storage.memory import MemoryStore  # noqa: E402
 

@@ -46,10 +46,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from stop import records  # noqa: E402
 from stop.config import Config  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
-from stop.process import make_inspector  # noqa: E402
-from stop.process.sockdiag import SockDiag  # noqa: E402
+from stop.os.linux import sockdiag  # noqa: E402
 from stop.sv import ProcessState  # noqa: E402
 from tests.integration import svtrees  # noqa: E402
+from tests.integration.svtrees import make_inspector  # noqa: E402
 from tests.integration.harness import Daemon, read_lines  # noqa: E402
 
 PAPER_T1 = {"ID": 0.533, "SV": 5.718, "SV + file": 8.243}  # Linux, ms
@@ -62,7 +62,7 @@ class Requests:
 
     def __init__(self, conn, data_dir: str, open_files: bool):
         self.conn = conn
-        self.diag = SockDiag()
+        self.diag = sockdiag.SockDiag()
         self.state = ProcessState(Config(open_files=open_files), make_inspector("procfs"))
         self.dir = data_dir
         self.dirfd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -70,7 +70,8 @@ class Requests:
 
     def _record(self, sv: bool) -> bytes:
         c = self.conn
-        found = self.diag.inet_exact((c.local.host, c.local.port), (c.remote.host, c.remote.port))
+        found = sockdiag.exact(self.diag, sockdiag.host_key(c.local.host)[0], c.local.port,
+                               sockdiag.host_key(c.remote.host)[0], c.remote.port)
         assert found is not None and found.inode == c.inode
         rec = records.base_record(
             request={"type": "SV" if sv else "ID", "sid": None,

@@ -50,6 +50,54 @@ class ConfigError(StopError):
     which setting and why."""
 
 
+# -- the OS layer (stop/os/) --------------------------------------------------
+
+
+class SockDiagFailed(LookupFailed):
+    """A sock_diag request could not be made or its answer could not be read
+    whole (stop/os/linux/sockdiag.py): the socket failed, the kernel refused
+    the request, no answer came in time, or the answer was truncated,
+    malformed or never ended. Nothing partial is returned with it.
+
+    ``reason`` is short and stable for records and tests: the errno name
+    (``"EACCES"``, ``"EINVAL"``) when there is one, else ``"timeout"``,
+    ``"truncated"``, ``"malformed"``, ``"overrun"`` or ``"runaway"``.
+    """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class ProcessGone(StopError):
+    """The process exited (or its PID was never there) while being read."""
+
+
+class Unavailable(StopError):
+    """A piece of process state could not be read; ``reason`` says why
+    (an errno name such as ``EACCES``, or a short phrase)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StaleIndex(StopError):
+    """A backend's shared index (kept between walks) missed a descriptor of
+    a process the walk read, so lookups already answered from it may be
+    incomplete: the walk must start again on :attr:`rescan` ``()``, a fresh
+    scan that never raises this (so a walk restarts at most once).
+
+    Only a backend that shares an index between walks raises it (procfs).
+    """
+
+    def __init__(self, reason: str, rescan):
+        super().__init__(reason)
+        self.reason = reason
+        #: () -> a new IProcessScan on an index built after this was found.
+        self.rescan = rescan
+
+
 class UnreadableReply(StopError):
     """A reply from another host's ident daemon (to a recursive question)
     that is not an RFC 1413 / STOP reply line; the message says why."""

@@ -13,13 +13,17 @@ from zope.interface import Attribute, Interface
 class ISocketLookup(Interface):
     """Finds the established TCP connection behind an ident query.
 
-    Implementations: ``stop.lookup.netlink`` (Linux sock_diag, exact
-    4-tuple), ``stop.lookup.procfs`` (Linux ``/proc/net/tcp{,6}``).
-    Lookups are synchronous and cheap (microseconds); an implementation that
-    is not must say so in its docs.
+    Implementations (``stop.os``): ``netlink`` (Linux sock_diag, exact
+    4-tuple), ``procfs`` (Linux ``/proc/net/tcp{,6}``), ``psutil``
+    (portable). Lookups are synchronous. One that can take milliseconds or
+    block sets ``blocking = True`` and is then called in a worker thread; a
+    provider without the attribute is taken as not blocking (called in the
+    reactor thread, so it must answer in microseconds).
     """
 
     name = Attribute("Short name of the backend, e.g. 'netlink'; used in logs and config.")
+    blocking = Attribute("True when find() may take milliseconds or block (reads whole "
+                         "tables): the answerer then calls it off the reactor thread.")
 
     def find(local, remote):
         """Find the established TCP connection between ``local`` and ``remote``.
@@ -30,6 +34,7 @@ class ISocketLookup(Interface):
         :return: a :class:`stop.model.Connection` whose state is ESTABLISHED
             and whose ends equal the ones asked for, or ``None`` when there is
             none. Listening and TIME_WAIT sockets are never returned.
+            ``accepted`` is :mod:`stop.os.direction`'s decision (inbound).
         :raise stop.errors.LookupFailed: when the kernel could not be asked.
         """
 
@@ -120,13 +125,12 @@ class IRecordStore(Interface):
 class IProcessInspector(Interface):
     """Reads the processes of this host for the SV process walk (spec 5).
 
-    Implementations: ``stop.process.procfs`` (Linux ``/proc`` + sock_diag)
-    and ``stop.process.psutil_backend`` (portable). The walk itself
-    (``stop.walk``) is backend-independent: it asks for one
-    :class:`IProcessScan` per walk, so concurrent walks in threads do not
-    share mutable state; what an inspector keeps between walks (procfs: its
-    inode index, ``stop.process.fdindex``) is locked and checked before
-    each use.
+    Implementations: ``stop.os.linux.procfs`` (Linux ``/proc`` + sock_diag)
+    and ``stop.os.portable`` (psutil). The walk itself (``stop.walk``) is
+    backend-independent: it asks for one :class:`IProcessScan` per walk, so
+    concurrent walks in threads do not share mutable state; what an
+    inspector keeps between walks (procfs: its inode index,
+    ``stop.os.linux.fdindex``) is locked and checked before each use.
     """
 
     name = Attribute("Short name of the backend: 'procfs' or 'psutil'.")
@@ -148,10 +152,12 @@ class IProcessScan(Interface):
     (``inode`` when known, ``family`` as ``"AF_INET"``/``"AF_INET6"``/
     ``"AF_UNIX"``/``"unknown"``, ``type`` ``"SOCK_STREAM"``...,
     ``local``/``remote`` as ``{"address", "port"}`` for IP sockets, ``state``,
-    ``direction`` ``"inbound"``/``"outbound"`` for established TCP, ``path``
-    and ``peer_inode`` for UNIX sockets), ``"pipe"`` (``inode``) or ``"file"``
-    (``path``). A backend that cannot tell something leaves the key out and
-    names it under ``unavailable``; it never guesses.
+    ``direction`` ``"inbound"``/``"outbound"``/``"unknown"`` and
+    ``direction_by`` (the signal that decided, :mod:`stop.os.direction`) for
+    connected TCP, ``path`` and ``peer_inode`` for UNIX sockets), ``"pipe"``
+    (``inode``), ``"fifo"`` (a named pipe: ``inode`` and ``path``) or
+    ``"file"`` (``path``). A backend that cannot tell something leaves the
+    key out and names it under ``unavailable``; it never guesses.
     """
 
     truncated = Attribute(
@@ -168,11 +174,11 @@ class IProcessScan(Interface):
 
     def process(pid, fields):
         """The fields of process ``pid`` named in ``fields`` (an iterable of
-        names from ``stop.process.PROCESS_FIELDS``), as a dict; ``pid`` and
+        names from ``stop.os.common.PROCESS_FIELDS``), as a dict; ``pid`` and
         ``ppid`` are always included. What could not be read is left out and
         named in ``result["unavailable"]`` with a reason (``"EACCES"``).
 
-        :raise stop.process.ProcessGone: the process does not exist (any
+        :raise stop.errors.ProcessGone: the process does not exist (any
             more).
         """
 
@@ -181,15 +187,16 @@ class IProcessScan(Interface):
         sockets resolved, ordered by fd; regular files only when
         ``open_files``.
 
-        :raise stop.process.ProcessGone: the process exited.
-        :raise stop.process.Unavailable: the table cannot be read (the
+        :raise stop.errors.ProcessGone: the process exited.
+        :raise stop.errors.Unavailable: the table cannot be read (the
             reason says why, e.g. ``EACCES``).
         """
 
     def peers(pid, descriptor):
         """The processes at the other end of a pipe, UNIX-domain socket or
         TCP connection to this same host that ``pid`` holds as
-        ``descriptor`` (one of :meth:`descriptors`' dicts): a sorted list of
+        ``descriptor`` (one of :meth:`descriptors`' dicts; a named FIFO like
+        a pipe): a sorted list of
         ``(pid, fd)`` not including ``(pid, descriptor["fd"])`` itself.
         Built from an index of every process's descriptors, made once per
         scan. Empty for anything else (files, TCP to other hosts)."""
@@ -236,6 +243,20 @@ class ILookupPlugin(Interface):
         """Make the lookup.
 
         :return: an :class:`ISocketLookup` provider.
+        :raise stop.errors.ConfigError: a missing or bad plugin setting.
+        """
+
+
+class IProcessPlugin(Interface):
+    """Makes a process inspector (the SV walk's OS backend); selected by
+    ``process_backend = NAME``."""
+
+    name = Attribute("The name stop.conf selects it by (str).")
+
+    def build(config, reactor):
+        """Make the inspector.
+
+        :return: an :class:`IProcessInspector` provider.
         :raise stop.errors.ConfigError: a missing or bad plugin setting.
         """
 

@@ -19,7 +19,7 @@ import hashlib
 import os
 import sys
 import types
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
@@ -27,8 +27,8 @@ from zope.interface.interface import InterfaceClass
 
 import stop
 from stop.errors import ConfigError
-from stop.interfaces import (IHookPlugin, ILookupPlugin, IRecordHook, IRecordStore,
-                             ISocketLookup, IStorePlugin)
+from stop.interfaces import (IHookPlugin, ILookupPlugin, IProcessInspector, IProcessPlugin,
+                             IRecordHook, IRecordStore, ISocketLookup, IStorePlugin)
 
 log = Logger()
 
@@ -80,22 +80,26 @@ def available(interface: InterfaceClass, dirs: Iterable[str]) -> dict[str, objec
     return found
 
 
-def find(interface: InterfaceClass, name: str, dirs: Sequence[str], setting: str):
+def find(interface: InterfaceClass, name: str, dirs: Sequence[str], setting: str,
+         built_in: Iterable[str] = ()):
     """The plugin ``name`` providing ``interface`` in ``dirs``.
 
+    :param built_in: the built-in names of ``setting``, for the message.
     :raise ConfigError: there is none; the message names the setting, the
-        directories and the plugins that were found.
+        built-in choices, the directories and the plugins that were found.
     """
-    return _pick(available(interface, dirs), name, dirs, setting)
+    return _pick(available(interface, dirs), name, dirs, setting, built_in)
 
 
-def _pick(plugins: dict, name: str, dirs: Sequence[str], setting: str):
+def _pick(plugins: dict, name: str, dirs: Sequence[str], setting: str,
+          built_in: Iterable[str] = ()):
     try:
         return plugins[name]
     except KeyError:
+        choices = ", ".join(sorted(built_in))
         raise ConfigError(
-            f"{setting}: {name!r} is neither built in nor a plugin in "
-            f"{' '.join(dirs) or '(no plugin_dirs)'} (plugins found: "
+            f"{setting}: {name!r} is neither built in{f' ({choices})' if choices else ''} "
+            f"nor a plugin in {' '.join(dirs) or '(no plugin_dirs)'} (plugins found: "
             f"{', '.join(sorted(plugins)) or 'none'}; see the log for modules that failed)"
         ) from None
 
@@ -114,22 +118,49 @@ def _build(plugin, produced: InterfaceClass, config, reactor, setting: str):
     return thing
 
 
-def build_store(config, reactor) -> IRecordStore:
-    """The store of the plugin named by ``config.storage``.
+#: Backend settings -> (the plugin interface, what its build() makes).
+KINDS = {
+    "storage": (IStorePlugin, IRecordStore),
+    "lookup": (ILookupPlugin, ISocketLookup),
+    "process_backend": (IProcessPlugin, IProcessInspector),
+}
+
+
+def make(setting: str, built_in: Mapping[str, Callable], config, reactor):
+    """Build the backend of kind ``setting`` (a key of :data:`KINDS`) that
+    ``config`` names: a built-in one, ``built_in[name](config, reactor)``,
+    else the site plugin of that name. Every backend factory
+    (``stop.os.make_lookup``, ``stop.os.make_inspector``,
+    ``stop.storage.make_store``) is this with its own table.
+
+    :raise ConfigError: no such built-in or plugin, or it could not be built.
+    """
+    name = getattr(config, setting)
+    factory = built_in.get(name)
+    if factory is not None:
+        return factory(config, reactor)
+    return build(setting, config, reactor, built_in)
+
+
+def build(setting: str, config, reactor, built_in: Iterable[str] = ()):
+    """The backend of the site plugin named by ``config.<setting>``.
 
     :raise ConfigError: no such plugin, or it could not be built.
     """
-    plugin = find(IStorePlugin, config.storage, config.plugin_dirs, "storage")
-    return _build(plugin, IRecordStore, config, reactor, "storage")
+    plugin_interface, produced = KINDS[setting]
+    plugin = find(plugin_interface, getattr(config, setting), config.plugin_dirs, setting,
+                  built_in)
+    return _build(plugin, produced, config, reactor, setting)
+
+
+def build_store(config, reactor) -> IRecordStore:
+    """The store of the plugin named by ``config.storage``."""
+    return build("storage", config, reactor)
 
 
 def build_lookup(config, reactor) -> ISocketLookup:
-    """The lookup of the plugin named by ``config.lookup``.
-
-    :raise ConfigError: no such plugin, or it could not be built.
-    """
-    plugin = find(ILookupPlugin, config.lookup, config.plugin_dirs, "lookup")
-    return _build(plugin, ISocketLookup, config, reactor, "lookup")
+    """The lookup of the plugin named by ``config.lookup``."""
+    return build("lookup", config, reactor)
 
 
 def build_hooks(config, reactor) -> list:

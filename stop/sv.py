@@ -15,7 +15,7 @@ from twisted.internet import defer
 
 from stop.interfaces import IProcessInspector
 from stop.model import Connection
-from stop.process import PROCESS_FIELDS, SYSTEM_FIELDS
+from stop.os.common import PROCESS_FIELDS, SYSTEM_FIELDS
 from stop.sysinfo import system_info
 from stop.walk import Budget, walk
 

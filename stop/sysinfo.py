@@ -14,7 +14,7 @@ from typing import Iterable
 
 import psutil
 
-from stop.process import SYSTEM_FIELDS, reason_of, text
+from stop.os.common import SYSTEM_FIELDS, reason_of, text
 
 
 def _os_version(system: str) -> str | None:
@@ -49,7 +49,7 @@ def utmp_entries(users: Iterable[str]) -> list[dict]:
 
 def system_info(fields: Iterable[str] = SYSTEM_FIELDS, users: Iterable[str] = ()) -> dict:
     """The system part of an SV record, restricted to ``fields`` (names from
-    ``stop.process.SYSTEM_FIELDS``).
+    ``stop.os.common.SYSTEM_FIELDS``).
 
     :param users: login names in the record; their utmp entries are saved.
     :return: JSON-able dict; what could not be read is named under

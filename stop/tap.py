@@ -17,12 +17,11 @@ from stop import logsetup, plugins
 from stop.answer import Answerer
 from stop.client import ClientBudget, RecursiveClient
 from stop.recursion import Recursion
-from stop.process import make_inspector
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
-from stop.lookup import BACKENDS, make_lookup
+from stop.os import make_inspector, make_lookup
 from stop.server import IdentFactory
 from stop.storage import STORES, make_store
 
@@ -117,16 +116,13 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     :raise ConfigError: a backend named in the settings does not exist.
     """
     # A name that is not built in is a site plugin's (stop-plugins(7)).
-    if settings.lookup == "auto" or settings.lookup in BACKENDS:
-        lookup = make_lookup(settings.lookup)
-    else:
-        lookup = plugins.build_lookup(settings, reactor)
+    lookup = make_lookup(settings, reactor)
     if settings.storage in STORES:
         store = make_store(settings.storage, settings.data_dir, reactor=reactor,
                            fsync=settings.fsync)
     else:
         store = plugins.build_store(settings, reactor)
-    inspector = make_inspector(settings.process_backend, settings.index_max_age)
+    inspector = make_inspector(settings, reactor)
     process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
     hooks = Hooks(plugins.build_hooks(settings, reactor))
     recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),

@@ -20,6 +20,7 @@ class FakeLookup:
     """Answers from ``connections``; ``calls`` records every question."""
 
     name = "fake"
+    blocking = False
 
     def __init__(self, *connections: Connection):
         self.connections = list(connections)

@@ -18,11 +18,13 @@ import ipaddress
 from collections import deque
 from dataclasses import dataclass
 
+from stop.errors import ProcessGone, StaleIndex, Unavailable
 from stop.model import Connection
-from stop.process import PROCESS_FIELDS, ProcessGone, StaleIndex, Unavailable
+from stop.os.common import PROCESS_FIELDS
 
-#: Descriptor-list fields of a process record, and which kind fills each.
-_LISTS = {"socket": "sockets", "pipe": "pipes", "file": "files"}
+#: Descriptor-list fields of a process record, and which kind fills each
+#: (a named FIFO is a pipe with a path).
+_LISTS = {"socket": "sockets", "pipe": "pipes", "fifo": "pipes", "file": "files"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def walk(inspector, connection: Connection, budget: Budget = Budget(),
         holder when not 0, its ends otherwise).
     :param budget: the walk's :class:`Budget`.
     :param fields: per-process fields to save (names from
-        ``stop.process.PROCESS_FIELDS``; ``pid`` and ``ppid`` always).
+        ``stop.os.common.PROCESS_FIELDS``; ``pid`` and ``ppid`` always).
     :param open_files: save regular files too (the paper's "SV + open
         files"); pipes and sockets are always followed.
     :return: ``{"backend", "start", "processes": [...], "users": [...],
@@ -75,9 +77,15 @@ def walk(inspector, connection: Connection, budget: Budget = Budget(),
         again because the shared index was stale, ``"dropped"``: holders
         in it that failed validation. Each process carries ``reached``: how
         the walk got there (``{"via": "socket"}`` for the holders, else
-        ``"parent"``, ``"pipe"``, ``"socket"`` with ``from`` and ``fd``).
-        Processes that exited or could not be read are recorded with
-        ``unavailable``; this function does not raise for them.
+        ``"parent"``, ``"pipe"``, ``"fifo"``, ``"socket"`` with ``from`` and
+        ``fd``). Processes that exited or could not be read are recorded
+        with ``unavailable``; this function does not raise for them.
+
+        ``remote_connections`` lists each TCP socket to another host met in
+        the walk once (by inode, else by its ends), the queried one
+        excluded: ``{"family", "local", "remote", "direction",
+        "direction_by", "inode" (when known), "pid", "fd" (its first
+        holder), "holders": [[pid, fd], ...] (every holder met)}``.
     """
     fields = set(fields)
     save_lists = {k: v for k, v in _LISTS.items() if v in fields}
@@ -108,7 +116,7 @@ def _walk(scan, connection, budget, fields, open_files, save_lists) -> dict:
     seen: set[int] = set()
     processes: list[dict] = []
     users: set[str] = set()
-    remote: list[dict] = []
+    remote: dict = {}
     truncated_procs = False
     while queue:
         pid, reached = queue.popleft()
@@ -140,7 +148,7 @@ def _walk(scan, connection, budget, fields, open_files, save_lists) -> dict:
         "start": start,
         "processes": processes,
         "users": sorted(users),
-        "remote_connections": remote,
+        "remote_connections": list(remote.values()),
         "truncated": {"processes": truncated_procs, "descriptors": bool(scan.truncated)},
         "budget": {"max_processes": budget.max_processes, "max_fds": budget.max_fds},
         **({"index": dict(index)} if index is not None else {}),
@@ -150,7 +158,8 @@ def _walk(scan, connection, budget, fields, open_files, save_lists) -> dict:
 
 def _descriptors(scan, pid, proc, connection, open_files, save_lists, queue, remote) -> None:
     """Read ``pid``'s descriptors into ``proc``, queue the peers, note TCP
-    connections to other hosts in ``remote``."""
+    connections to other hosts in ``remote`` (key -> entry: one entry per
+    socket, however many processes hold it)."""
     try:
         descriptors = scan.descriptors(pid, open_files)
     except ProcessGone:
@@ -174,10 +183,29 @@ def _descriptors(scan, pid, proc, connection, open_files, save_lists, queue, rem
         elif (d["kind"] == "socket" and d.get("type") == "SOCK_STREAM" and "remote" in d
               and d.get("state") not in (None, "LISTEN", "CLOSE", "TIME_WAIT")
               and not queried and not _is_loopback(d["remote"]["address"])):
-            remote.append({"pid": pid, "fd": d["fd"], "family": d["family"],
-                           "local": d["local"], "remote": d["remote"],
-                           "direction": d.get("direction", "unknown")})
+            _note_remote(remote, pid, d)
         name = save_lists.get(d["kind"])
         if name is not None:
             proc[name].append(d)
 
+
+
+def _note_remote(remote: dict, pid: int, d: dict) -> None:
+    """Add holder (pid, d["fd"]) of the TCP socket ``d`` to ``remote``."""
+    inode = d.get("inode")
+    key = inode or (d["family"], d["local"]["address"], d["local"]["port"],
+                    d["remote"]["address"], d["remote"]["port"])
+    entry = remote.get(key)
+    if entry is None:
+        entry = remote[key] = {
+            "pid": pid, "fd": d["fd"], "family": d["family"],
+            "local": d["local"], "remote": d["remote"],
+            "direction": d.get("direction", "unknown"),
+            "direction_by": d.get("direction_by", "none"),
+            "holders": [],
+        }
+        if inode:
+            entry["inode"] = inode
+    holder = [pid, d["fd"]]
+    if holder not in entry["holders"]:
+        entry["holders"].append(holder)

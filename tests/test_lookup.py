@@ -1,5 +1,5 @@
-"""Tests of the socket lookup backends (stop.lookup), on real loopback
-sockets, each behaviour checked on both the netlink and procfs backends.
+"""Tests of the socket lookup backends (stop.os: netlink, procfs), on real
+loopback sockets, each behaviour checked on every backend.
 
 Loopback aliases 127.0.0.x keep the tests apart (Linux answers all of
 127/8); every socket is closed at teardown.
@@ -21,15 +21,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
-from stop.errors import ConfigError, LookupFailed
+from stop.config import Config
+from stop.errors import ConfigError, LookupFailed, SockDiagFailed
 from stop.interfaces import ISocketLookup
-from stop.lookup import BACKENDS, make_lookup
-from stop.lookup.netlink import TCP_ESTABLISHED, TCP_LISTEN, NetlinkLookup, port_filter
-from stop.lookup.procfs import ProcfsLookup, TcpRow, parse_address, parse_row
 from stop.model import Connection, Endpoint, canonical_host
+from stop.os import LOOKUPS, make_lookup
+from stop.os.linux.lookup import NetlinkLookup
+from stop.os.linux.procnet import ProcfsLookup, TcpRow, parse_address, parse_row
+from stop.os.linux.sockdiag import (TCP_ESTABLISHED, TCP_LISTEN, decode_inet, inet_dump,
+                                    port_filter)
+from tests.integration.svtrees import ipv6_loopback
 
 NOBODY = 65534
 TCP_TIME_WAIT = 6
+
+#: Every built-in backend, by name (the same answers are expected of each).
+BACKENDS = {"netlink": NetlinkLookup, "procfs": ProcfsLookup}
 
 
 # -- helpers -------------------------------------------------------------
@@ -96,15 +103,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) here")
 
 
@@ -117,7 +115,7 @@ def inode(s: socket.socket) -> int:
 
 def test_provides_interface(lookup):
     assert verifyObject(ISocketLookup, lookup)
-    assert lookup.name in BACKENDS
+    assert lookup.name in BACKENDS and lookup.name in LOOKUPS
 
 
 def test_outbound_connection_found(lookup, opened):
@@ -361,10 +359,11 @@ def test_netlink_kernel_error_raises_then_recovers(opened):
     try:
         assert nl.find(local_of(client), remote_of(client)) is not None
         # A bytecode program the kernel's audit refuses (a jump of 0).
-        bad = nl._dump_message(socket.AF_INET, 1 << TCP_LISTEN, b"\x01\x00\x00\x00")
-        with pytest.raises(LookupFailed, match="Invalid argument"):
-            nl._request(bad, dump=True)
-        assert nl._sock is None  # closed: the next call starts clean
+        bad = inet_dump(socket.AF_INET, 1 << TCP_LISTEN, b"\x01\x00\x00\x00")
+        with pytest.raises(SockDiagFailed, match="Invalid argument") as info:
+            nl.transport.request(bad, True, decode_inet)
+        assert info.value.reason == "EINVAL" and isinstance(info.value, LookupFailed)
+        assert not nl.transport.is_open  # closed: the next call starts clean
         assert nl.find(local_of(client), remote_of(client)).inode == inode(client)
     finally:
         nl.close()
@@ -376,9 +375,10 @@ def test_netlink_socket_failure_raises_then_recovers(opened):
     nl = NetlinkLookup()
     try:
         nl.probe()
-        nl._sock.close()  # pull the socket from under it
-        with pytest.raises(LookupFailed, match="netlink"):
+        nl.transport._sock.close()  # pull the socket from under it
+        with pytest.raises(SockDiagFailed, match="sock_diag: request failed") as info:
             nl.find(local_of(client), remote_of(client))
+        assert info.value.reason == "EBADF"
         assert nl.find(local_of(client), remote_of(client)).inode == inode(client)
     finally:
         nl.close()
@@ -390,9 +390,9 @@ def test_netlink_reply_reading_is_bounded():
     instead of reading on (and leaves no half-read socket behind)."""
     nl = NetlinkLookup(max_datagrams=0)
     try:
-        with pytest.raises(LookupFailed, match="no end of reply after 0 datagrams"):
+        with pytest.raises(SockDiagFailed, match="no end of the answer after 0 datagrams"):
             nl.find(Endpoint("127.0.0.1", 1), Endpoint("127.0.0.1", 2))
-        assert nl._sock is None
+        assert not nl.transport.is_open
     finally:
         nl.close()
 
@@ -403,11 +403,11 @@ def test_netlink_socket_is_reused(opened):
     nl = NetlinkLookup()
     try:
         nl.find(local_of(client), remote_of(client))
-        first = nl._sock
+        first = nl.transport._sock
         for _ in range(3):
             nl.find(local_of(client), remote_of(client))
             nl.find(local_of(client), Endpoint("127.0.0.99", 1))
-        assert nl._sock is first
+        assert nl.transport._sock is first
     finally:
         nl.close()
 
@@ -424,7 +424,8 @@ def test_port_filter_accepted_by_kernel(sport, dport, family):
     nl = NetlinkLookup()
     try:
         states = (1 << TCP_LISTEN) | (1 << TCP_ESTABLISHED)
-        for r in nl._request(nl._dump_message(family, states, port_filter(sport, dport)), dump=True):
+        for r in nl.transport.request(inet_dump(family, states, port_filter(sport, dport)), True,
+                                      decode_inet):
             assert sport is None or r.sport == sport
             assert dport is None or r.dport == dport
     finally:
@@ -538,8 +539,8 @@ def test_procfs_bad_row_fails_with_place(tmp_path):
 
 
 def test_make_lookup_by_name():
-    for name, cls in [("netlink", NetlinkLookup), ("procfs", ProcfsLookup)]:
-        backend = make_lookup(name)
+    for name, cls in BACKENDS.items():
+        backend = make_lookup(Config(lookup=name), None)
         try:
             assert type(backend) is cls and backend.name == name
         finally:
@@ -547,7 +548,7 @@ def test_make_lookup_by_name():
 
 
 def test_make_lookup_auto_prefers_netlink_when_it_answers():
-    backend = make_lookup()
+    backend = make_lookup(Config(), None)
     try:
         assert verifyObject(ISocketLookup, backend)
         # This kernel answers sock_diag (the netlink tests above pass on it).
@@ -561,10 +562,11 @@ def test_make_lookup_auto_falls_back_to_procfs(monkeypatch):
         raise LookupFailed("netlink: kernel refused the sock_diag request: Operation not supported")
 
     monkeypatch.setattr(NetlinkLookup, "probe", refuse)
-    backend = make_lookup("auto")
+    backend = make_lookup(Config(lookup="auto"), None)
     assert backend.name == "procfs"
 
 
 def test_make_lookup_unknown_name():
-    with pytest.raises(ConfigError, match="'bsd'.*auto, netlink, procfs"):
-        make_lookup("bsd")
+    with pytest.raises(ConfigError, match=r"lookup: 'bsd' is neither built in \(auto, netlink, "
+                                          r"procfs, psutil\) nor a plugin"):
+        make_lookup(Config(lookup="bsd", plugin_dirs=()), None)

@@ -1,42 +1,31 @@
-"""stop.process: the selector, text handling, and the sock_diag codec
-against the live kernel and ``ss``."""
+"""The process inspectors' selector and shared helpers (stop.os,
+stop.os.common), and the procfs backend's shared inode index
+(stop.os.linux.fdindex). The sock_diag transport: tests/test_sockdiag.py."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 from hypothesis import given, strategies as st
 
-from stop.errors import ConfigError
-from stop.process import make_inspector, reason_of, text
-from stop.process.sockdiag import SockDiag, format_address
+from stop.config import Config
+from stop.errors import ConfigError, SockDiagFailed, Unavailable
+from stop.os import make_inspector
+from stop.os.common import command_line, reason_of, text
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux")
 
 
 def test_selector():
-    assert make_inspector("psutil").name == "psutil"
+    assert make_inspector(Config(process_backend="psutil"), None).name == "psutil"
     if sys.platform.startswith("linux"):
-        assert make_inspector().name == "procfs"
-    with pytest.raises(ConfigError, match="unknown backend"):
-        make_inspector("kvm")
-
-
-@given(st.binary(min_size=4, max_size=4))
-def test_ipv4_addresses(raw):
-    assert format_address(socket.AF_INET, raw + bytes(12)) == str(ipaddress.IPv4Address(raw))
-
-
-@given(st.binary(min_size=16, max_size=16))
-def test_ipv6_addresses_are_canonical(raw):
-    addr = ipaddress.IPv6Address(raw)
-    want = str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
-    assert format_address(socket.AF_INET6, raw) == want
+        assert make_inspector(Config(), None).name == "procfs"
+        assert make_inspector(Config(index_max_age=3), None).index_cache.max_age == 3
+    with pytest.raises(ConfigError, match=r"process_backend: 'kvm' is neither built in "
+                                          r"\(auto, procfs, psutil\) nor a plugin"):
+        make_inspector(Config(process_backend="kvm", plugin_dirs=()), None)
 
 
 @given(st.binary(max_size=40))
@@ -51,41 +40,18 @@ def test_text_always_encodes(raw):
 def test_reason_names_errno():
     assert reason_of(PermissionError(13, "x")) == "EACCES"
     assert reason_of(ValueError()) == "ValueError"
+    assert reason_of(Unavailable("zombie")) == "zombie"
+    assert reason_of(SockDiagFailed("no answer", "timeout")) == "timeout"
 
 
-@linux
-def test_exact_tcp_lookup_and_unix_peer_match_the_kernel():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    client = socket.create_connection(server.getsockname())
-    accepted, _ = server.accept()
-    a, b = socket.socketpair()
-    diag = SockDiag()
-    try:
-        local, remote = client.getsockname(), client.getpeername()
-        s = diag.inet_exact(local, remote)
-        assert s.state == "ESTABLISHED"
-        assert s.inode == os.fstat(client.fileno()).st_ino
-        assert s.uid == os.geteuid()
-        peer = diag.inet_exact(remote, local)
-        assert peer.inode == os.fstat(accepted.fileno()).st_ino
-        listeners = {x.local for x in diag.inet_dump(socket.AF_INET, 1 << 10)}
-        assert server.getsockname() in listeners
-        ua = diag.unix_exact(os.fstat(a.fileno()).st_ino)
-        assert ua.peer == os.fstat(b.fileno()).st_ino
-        assert ua.type == "SOCK_STREAM"
-        # ss (iproute2) agrees on the peer.
-        ss = subprocess.run(["ss", "-xp"], capture_output=True, text=True, timeout=10).stdout
-        assert f" {ua.inode} " in ss and f" {ua.peer} " in ss
-        assert diag.unix_exact(2**32 - 2) is None
-    finally:
-        diag.close()
-        for x in (server, client, accepted, a, b):
-            x.close()
+def test_command_line_drops_trailing_padding_only():
+    assert command_line(["sshd: alice [priv]", "", "", ""]) == ["sshd: alice [priv]"]
+    assert command_line(["sh", "", "-c", "x", ""]) == ["sh", "", "-c", "x"]
+    assert command_line(["", ""]) == []
+    assert command_line([]) == []
 
 
-# -- the shared inode index cache (stop.process.fdindex) ----------------------
+# -- the shared inode index cache (stop.os.linux.fdindex) ----------------------
 
 class _Clock:
     def __init__(self):
@@ -96,7 +62,7 @@ class _Clock:
 
 
 def _builder(calls, complete=True):
-    from stop.process.fdindex import FdIndex
+    from stop.os.linux.fdindex import FdIndex
 
     def build(entries, started):
         calls.append(started)
@@ -106,7 +72,7 @@ def _builder(calls, complete=True):
 
 @linux
 def test_index_cache_reuses_until_max_age_then_rebuilds(monkeypatch):
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     clock, calls = _Clock(), []
     entries = frozenset(os.listdir("/proc"))
     monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
@@ -131,7 +97,7 @@ def test_index_cache_reuses_until_max_age_then_rebuilds(monkeypatch):
 
 @linux
 def test_index_cache_rebuilds_for_a_new_process_not_for_a_gone_one(monkeypatch):
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     calls = []
     live = frozenset(os.listdir("/proc"))
     pid = max(int(e) for e in live if e.isdigit())
@@ -148,7 +114,7 @@ def test_index_cache_rebuilds_for_a_new_process_not_for_a_gone_one(monkeypatch):
 
 @linux
 def test_index_cache_disabled_and_incomplete_indexes_are_not_shared(monkeypatch):
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     calls = []
     off = fdindex.IndexCache(0, _Clock())
     assert [off.get(_builder(calls))[1] for _ in range(3)] == ["disabled"] * 3
@@ -163,7 +129,7 @@ def test_index_cache_disabled_and_incomplete_indexes_are_not_shared(monkeypatch)
 def test_index_cache_builds_once_for_concurrent_walks(monkeypatch):
     import threading
     import time
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     entries = frozenset(os.listdir("/proc"))
     monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
     cache = fdindex.IndexCache(10.0)
@@ -184,7 +150,7 @@ def test_index_cache_builds_once_for_concurrent_walks(monkeypatch):
 
 
 def test_link_keys():
-    from stop.process.fdindex import link_key
+    from stop.os.linux.fdindex import link_key
     assert link_key("pipe:[12]") == ("pipe", 12)
     assert link_key("socket:[34]") == ("socket", 34)
     assert link_key("anon_inode:[eventfd]") is None

@@ -9,18 +9,19 @@ from zope.interface.verify import verifyObject
 
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection, Endpoint
-from stop.process import PROCESS_FIELDS, ProcessGone, Unavailable
+from stop.errors import ProcessGone, Unavailable
+from stop.os.common import PROCESS_FIELDS
 from stop.walk import Budget, walk
 
 QUERIED = Connection(Endpoint("192.0.2.1", 40000), Endpoint("198.51.100.9", 113 + 1),
                      uid=1000, inode=500, accepted=False)
 
 
-def tcp(fd, inode, local, remote, direction, state="ESTABLISHED"):
+def tcp(fd, inode, local, remote, direction, state="ESTABLISHED", by="listener"):
     return {"fd": fd, "kind": "socket", "inode": inode, "family": "AF_INET",
             "type": "SOCK_STREAM", "local": {"address": local[0], "port": local[1]},
             "remote": {"address": remote[0], "port": remote[1]}, "state": state,
-            "direction": direction}
+            "direction": direction, "direction_by": by}
 
 
 @implementer(IProcessScan)
@@ -107,7 +108,8 @@ def test_figure3_order_reasons_and_remote_connections():
     assert result["remote_connections"] == [{
         "pid": 11, "fd": 3, "family": "AF_INET",
         "local": {"address": "192.0.2.1", "port": 8888},
-        "remote": {"address": "203.0.113.5", "port": 5555}, "direction": "inbound"}]
+        "remote": {"address": "203.0.113.5", "port": 5555}, "direction": "inbound",
+        "direction_by": "listener", "inode": 501, "holders": [[11, 3]]}]
     assert result["users"] == ["u1", "u10", "u11", "u12"]
 
 

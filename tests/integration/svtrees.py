@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from stop.model import Connection, Endpoint
-from stop.process.sockdiag import SockDiag
+from stop.os.linux import sockdiag
 
 DEVNULL = subprocess.DEVNULL
 
@@ -26,6 +26,68 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_inspector(name: str, index_max_age: float = 10.0):
+    """The process inspector called ``name``, built as the daemon builds it
+    (``stop.os.make_inspector`` from the settings)."""
+    from stop import os as os_layer
+    from stop.config import Config
+    return os_layer.make_inspector(
+        Config(process_backend=name, index_max_age=index_max_age), None)
+
+
+def free_port_in(first: int, last: int, host: str = "127.0.0.1") -> int:
+    """A port in [first, last] that nobody uses on ``host`` now (random
+    tries, bounded: other suites run on this machine at the same time)."""
+    import random
+    for _ in range(200):
+        port = random.randint(first, last)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {first}..{last}")
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host has an IPv6 loopback (::1) to test on."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def ephemeral_range() -> tuple[int, int]:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        first, last = (int(x) for x in f.read().split())
+    return first, last
+
+
+def free_port_outside_range() -> int:
+    """A free port below the ephemeral range (a "service" port: the
+    direction rule's range signal sees it as one)."""
+    first, _ = ephemeral_range()
+    return free_port_in(max(1024, first - 12000), first - 1)
+
+
+def holder_of(inode: int) -> int:
+    """The PID holding socket ``inode`` (from /proc; the first found)."""
+    want = f"socket:[{inode}]"
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") == want:
+                    return int(entry)
+        except OSError:
+            continue
+    raise AssertionError(f"nobody holds {want}")
 
 
 def children(pid: int) -> list[int]:
@@ -61,10 +123,11 @@ def comm(pid: int) -> str:
 
 
 def tcp_sockets(state: str = "ESTABLISHED"):
-    diag = SockDiag()
+    diag = sockdiag.SockDiag()
     try:
         return [s for fam in (socket.AF_INET, socket.AF_INET6)
-                for s in diag.inet_dump(fam) if s.state == state]
+                for s in diag.request(sockdiag.inet_dump(fam), True, sockdiag.decode_inet)
+                if s.state_name == state]
     finally:
         diag.close()
 

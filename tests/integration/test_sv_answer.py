@@ -18,7 +18,7 @@ from stop.answer import Answerer, Query
 from stop.config import Config
 from stop.errors import ConfigError
 from stop.model import Endpoint
-from stop.process import make_inspector
+from stop.os import make_inspector
 from stop.sv import ProcessState
 from stop.testing import FakeLookup, HeldStore
 from tests.integration import svtrees
@@ -39,7 +39,7 @@ def answer(tree, line: bytes, config: Config):
     clock = Clock()
     clock.advance(1764072000)
     conn = tree.connection
-    state = ProcessState(config, make_inspector(config.process_backend))
+    state = ProcessState(config, make_inspector(config, None))
     a = Answerer(config, FakeLookup(conn), store, clock, process_state=state, host_name="h")
     out = []
     req = wire.parse_request(line)
@@ -116,6 +116,9 @@ def test_sv_settings_are_checked():
     with pytest.raises(ConfigError, match="sv_fields"):
         Config(sv_fields=("name", "password"))
     with pytest.raises(ConfigError, match="process_backend"):
-        Config(process_backend="kvm")
+        Config(process_backend="")
+    # A name that is not built in may be a site plugin's: refused when built.
+    with pytest.raises(ConfigError, match="process_backend: 'kvm' is neither built in"):
+        make_inspector(Config(process_backend="kvm", plugin_dirs=()), None)
     with pytest.raises(ConfigError, match="walk_max_fds"):
         Config(walk_max_fds=0)

@@ -19,9 +19,10 @@ import pytest
 from zope.interface.verify import verifyObject
 
 from stop.interfaces import IProcessInspector, IProcessScan
-from stop.process import PROCESS_FIELDS, make_inspector
+from stop.os.common import PROCESS_FIELDS
 from stop.walk import Budget, walk
 from tests.integration import svtrees
+from tests.integration.svtrees import make_inspector
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux trees")
 needs = pytest.mark.skipif(not (shutil.which("nc") and shutil.which("socat")),
@@ -425,7 +426,7 @@ def actors(tmp_path):
 
 def pin_process_list(monkeypatch, inspector):
     """Make the index's own /proc listing the "current" one (see above)."""
-    from stop.process import fdindex
+    from stop.os.linux import fdindex
     entries = inspector.index_cache.current.entries
     monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
 

@@ -1,8 +1,10 @@
-"""Socket lookup by reading ``/proc/net/tcp`` and ``/proc/net/tcp6``.
+"""``/proc/net`` tables: their address decoder, and the socket lookup that
+reads ``/proc/net/tcp`` and ``/proc/net/tcp6`` (the ``procfs`` backend).
 
-The fallback when sock_diag is not available: correct, but it reads the
-whole table (milliseconds at tens of thousands of sockets). Each file is
-read at most once per query.
+The lookup is the fallback when sock_diag is not available: correct, but it
+reads the whole table (milliseconds at tens of thousands of sockets), so it
+declares itself ``blocking`` and the answerer calls it in a worker thread.
+Each file is read at most once per query.
 
 Row format (``net/ipv4/tcp_ipv4.c: get_tcp4_sock``)::
 
@@ -24,7 +26,9 @@ from zope.interface import implementer
 
 from stop.errors import LookupFailed
 from stop.interfaces import ISocketLookup
-from stop.model import Connection, Endpoint, canonical_host, host_family
+from stop.model import Connection, Endpoint, host_family
+from stop.os.direction import DirectionRule, listener_covers
+from stop.os.linux.sockdiag import address_key, key_host
 
 ST_ESTABLISHED = 0x01
 ST_LISTEN = 0x0A
@@ -45,17 +49,18 @@ class TcpRow:
 
 
 def parse_address(text: str) -> Endpoint:
-    """Parse ``"0100007F:0CEA"`` (host-order hex words, then the port).
+    """Parse ``"0100007F:0CEA"`` (host-order hex words, then the port), as
+    every ``/proc/net`` table of IP sockets prints it (tcp, udp, v4 and v6).
 
     :raise ValueError: not 8 or 32 hex digits, a colon and 4 hex digits.
     """
     addr, sep, port = text.partition(":")
     words = _WORDS.get(len(addr))
     if not sep or words is None or len(port) != 4:
-        raise ValueError(f"not a /proc/net/tcp address: {text!r}")
+        raise ValueError(f"not a /proc/net address: {text!r}")
     raw = words.pack(*(int(addr[i:i + 8], 16) for i in range(0, len(addr), 8)))
     family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-    return Endpoint(canonical_host(socket.inet_ntop(family, raw)), int(port, 16))
+    return Endpoint(key_host(address_key(family, raw)), int(port, 16))
 
 
 def parse_row(line: str) -> TcpRow | None:
@@ -96,18 +101,25 @@ class ProcfsLookup:
     """:class:`~stop.interfaces.ISocketLookup` over ``<root>/net/tcp{,6}``.
 
     Same semantics as the netlink backend: only ESTABLISHED rows whose
-    ends equal the query are returned; ``accepted`` when a LISTEN row on the
-    local port is bound to the local address, ``0.0.0.0`` (IPv4 only) or
-    ``::``. The files are not a snapshot: a socket that changes while the
-    kernel prints them can be missed (then: ``None``, i.e. NO-USER).
+    ends equal the query are returned; ``accepted`` is
+    :mod:`stop.os.direction`'s rule, its listener signal read from the
+    LISTEN rows of the local port
+    (:func:`~stop.os.direction.listener_covers`). The files are not a
+    snapshot: a socket that changes while the kernel prints them can be
+    missed (then: ``None``, i.e. NO-USER).
 
     :param root: the proc mount (tests point it at fixture files).
+    :param rule: the :class:`~stop.os.direction.DirectionRule`.
     """
 
     name = "procfs"
+    #: find() reads whole tables (milliseconds): the answerer calls it in a
+    #: worker thread.
+    blocking = True
 
-    def __init__(self, root: str = "/proc"):
+    def __init__(self, root: str = "/proc", rule: DirectionRule | None = None):
         self._root = root
+        self._rule = rule or DirectionRule()
 
     def find(self, local: Endpoint, remote: Endpoint) -> Connection | None:
         """See :meth:`stop.interfaces.ISocketLookup.find`.
@@ -127,10 +139,12 @@ class ProcfsLookup:
         if local.host:
             # Equal to the query: keep the caller's spelling (scope ids).
             found = TcpRow(local, remote, found.state, found.uid, found.inode)
-        accepted = any(
-            self._scan(name, texts, lambda f: self._is_listener(f, found.local)) is not None
-            for name in self._files(found.local.host)
-        )
+        port = found.local.port
+        listeners = set()
+        for name in self._files(found.local.host):
+            self._scan(name, texts, lambda f: self._listener(f, port, listeners))
+        listening = listener_covers(listeners, _bare(found.local.host), port)
+        accepted = self._rule.decide(port, found.remote.port, listening).inbound
         return Connection(
             local=found.local, remote=found.remote, uid=found.uid, inode=found.inode, accepted=accepted
         )
@@ -188,16 +202,12 @@ class ProcfsLookup:
         return row
 
     @staticmethod
-    def _is_listener(fields: list[str], local: Endpoint) -> TcpRow | None:
-        if int(fields[3], 16) != ST_LISTEN or _port(fields[1]) != local.port:
-            return None
-        row = _row(fields)
-        bound = row.local.host
-        # "::" covers IPv4 too even if IPV6_V6ONLY (not shown in /proc): a
-        # false "accepted" only answers NO-USER, the safe side.
-        if bound == _bare(local.host) or bound == "::" or (bound == "0.0.0.0" and host_family(local.host) == 4):
-            return row
-        return None
+    def _listener(fields: list[str], port: int, into: set) -> None:
+        """Collect the LISTEN row on ``port`` into ``into`` as (host, port);
+        never stops the scan."""
+        if int(fields[3], 16) == ST_LISTEN and _port(fields[1]) == port:
+            row = _row(fields)
+            into.add((row.local.host, row.local.port))
 
 
 __all__ = ["ProcfsLookup", "TcpRow", "parse_row", "parse_address"]

@@ -18,9 +18,11 @@ from collections import defaultdict
 import psutil
 from zope.interface import implementer
 
+from stop.errors import ProcessGone, Unavailable
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection, canonical_host
-from stop.process import ProcessGone, Unavailable, UserNames, reason_of, text
+from stop.os.common import UserNames, command_line, reason_of, text
+from stop.os.direction import DirectionRule, listener_covers
 
 #: What this backend cannot give, on every platform.
 GAPS = {
@@ -58,19 +60,27 @@ def _enum_name(enum, value) -> str:
 
 @implementer(IProcessInspector)
 class PsutilInspector:
-    """Portable backend: see the module docstring."""
+    """Portable backend: see the module docstring.
+
+    :param rule: the :class:`~stop.os.direction.DirectionRule` deciding each
+        connection's direction (default: this host's port range).
+    """
 
     name = "psutil"
 
+    def __init__(self, rule: DirectionRule | None = None):
+        self.rule = rule or DirectionRule()
+
     def begin(self, max_fds: int) -> "PsutilScan":
-        return PsutilScan(max_fds)
+        return PsutilScan(max_fds, self.rule)
 
 
 @implementer(IProcessScan)
 class PsutilScan:
     """One walk through psutil (see :class:`stop.interfaces.IProcessScan`)."""
 
-    def __init__(self, max_fds: int):
+    def __init__(self, max_fds: int, rule: DirectionRule | None = None):
+        self._rule = rule or DirectionRule()
         self._max_fds = max_fds
         self._fds_read = 0
         self.truncated = False
@@ -88,11 +98,7 @@ class PsutilScan:
             except psutil.AccessDenied:
                 self.unavailable["tcp"] = "EACCES"
                 conns = []
-            for c in conns:
-                if self._fds_read >= self._max_fds:
-                    self.truncated = True
-                    break
-                self._fds_read += 1
+            for c in self._within_budget(conns):
                 if c.status == psutil.CONN_LISTEN and c.laddr:
                     self._listening.add((_host(c.laddr[0]), c.laddr[1]))
                     continue
@@ -101,6 +107,16 @@ class PsutilScan:
                     index[ends].append((c.pid, c.fd))
             self._tcp = index
         return self._tcp
+
+    def _within_budget(self, items):
+        """Yield ``items`` while the descriptor budget lasts (each counts
+        one); sets ``truncated`` when it runs out."""
+        for item in items:
+            if self._fds_read >= self._max_fds:
+                self.truncated = True
+                return
+            self._fds_read += 1
+            yield item
 
     def holders(self, connection: Connection) -> list[int]:
         remote = (connection.remote.host, connection.remote.port)
@@ -149,11 +165,7 @@ class PsutilScan:
             raise Unavailable("EACCES") from None
         self._index()  # the listening set, for direction
         out = []
-        for c in conns:
-            if self._fds_read >= self._max_fds:
-                self.truncated = True
-                break
-            self._fds_read += 1
+        for c in self._within_budget(conns):
             out.append(self._socket(c))
         for f in files:
             out.append({"fd": f.fd, "kind": "file", "path": text(f.path)})
@@ -174,11 +186,12 @@ class PsutilScan:
             d["remote"] = {"address": _host(c.raddr[0]), "port": c.raddr[1]}
         if c.status and c.status != psutil.CONN_NONE:
             d["state"] = c.status
-            if c.status != psutil.CONN_LISTEN and "local" in d and "remote" in d:
-                loc = d["local"]
-                listening = any((a, loc["port"]) in self._listening
-                                for a in (loc["address"], "0.0.0.0", "::"))
-                d["direction"] = "inbound" if listening else "outbound"
+            if c.status not in (psutil.CONN_LISTEN, psutil.CONN_TIME_WAIT, psutil.CONN_CLOSE) \
+                    and "local" in d and "remote" in d:
+                loc, rem = d["local"], d["remote"]
+                listening = listener_covers(self._listening, loc["address"], loc["port"])
+                decided = self._rule.decide(loc["port"], rem["port"], listening)
+                d["direction"], d["direction_by"] = decided
         return d
 
     def peers(self, pid: int, descriptor: dict) -> list[tuple[int, int]]:
@@ -207,7 +220,7 @@ def _terminal(scan, proc):
 
 _GETTERS = {
     "name": lambda s, p: text(p.name()),
-    "cmdline": lambda s, p: [text(a) for a in p.cmdline()],
+    "cmdline": lambda s, p: command_line(p.cmdline()),
     "pgid": lambda s, p: os.getpgid(p.pid),
     "uids": lambda s, p: _ids(p.uids()),
     "gids": lambda s, p: _ids(p.gids()),

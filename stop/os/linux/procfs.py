@@ -2,7 +2,7 @@
 
 Costs (why it is shaped this way): the question "who holds pipe or socket
 inode X" has no answer in Linux but reading every ``/proc/PID/fd``; that
-inode -> (pid, fd) index (:mod:`stop.process.fdindex`) is built by one walk
+inode -> (pid, fd) index (:mod:`stop.os.linux.fdindex`) is built by one walk
 and shared by the walks that follow while it can be trusted (its age, no new
 process, every walked process's descriptors in it; each holder taken from it
 is checked against the live descriptor before use). A walk reads the
@@ -18,17 +18,21 @@ import errno
 import glob
 import os
 import socket
-import sys
 import time
 from collections import defaultdict
 
 from zope.interface import implementer
 
+from stop.errors import ProcessGone, SockDiagFailed, StaleIndex, Unavailable
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection
-from stop.process import ProcessGone, StaleIndex, Unavailable, UserNames, reason_of, text
-from stop.process.fdindex import FdIndex, Holder, IndexCache, Key, link_key, pids_of
-from stop.process.sockdiag import LISTEN_ONLY, InetSock, SockDiag, format_address
+from stop.os.common import UserNames, command_line, reason_of, text
+from stop.os.direction import DirectionRule
+from stop.os.linux import sockdiag
+from stop.os.linux.fdindex import FdIndex, Holder, IndexCache, Key, link_key, pids_of
+from stop.os.linux.procnet import parse_address
+from stop.os.linux.sockdiag import (TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT, InetSock, SockDiag,
+                                    decode_inet, decode_unix, host_key)
 
 PROC = "/proc"
 
@@ -79,19 +83,22 @@ class ProcfsInspector:
 
     :param index_max_age: seconds the inode index may be shared between
         walks (0: every walk builds its own).
+    :param rule: the :class:`~stop.os.direction.DirectionRule` deciding each
+        connection's direction (default: this host's port range).
     """
 
     name = "procfs"
 
-    def __init__(self, index_max_age: float = 10.0) -> None:
+    def __init__(self, index_max_age: float = 10.0, rule: DirectionRule | None = None) -> None:
+        self.rule = rule or DirectionRule()
         self._clk_tck = os.sysconf("SC_CLK_TCK")
         self._boot = boot_time()
         self._ttys: dict[int, str] = {}
-        #: TCP socket inode -> (local, remote), shared by walks: a socket's
-        #: ends never change, and every use is checked by an exact lookup.
-        #: Replaced whole (never grown) on refresh, so bounded by the
-        #: number of sockets.
-        self.tcp_ends: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
+        #: TCP socket inode -> (local key, port, remote key, port), shared by
+        #: walks: a socket's ends never change, and every use is checked by
+        #: an exact lookup. Replaced whole (never grown) on refresh, so
+        #: bounded by the number of sockets.
+        self.tcp_ends: dict[int, tuple[bytes, int, bytes, int]] = {}
         #: The inode -> (pid, fd) index shared by walks.
         self.index_cache = IndexCache(index_max_age)
         self._names = UserNames()
@@ -141,10 +148,11 @@ class ProcfsScan:
         self.index: dict | None = None  # how the index was obtained (record note)
         self._tcp: dict[int, InetSock | None] = {}
         self._tcp_refreshed = False
-        self._listening: set[tuple[str, int]] | None = None
+        self._listening: dict[tuple[bytes, int], bool | None] = {}
+        self._rule = inspector.rule
         self._unix: dict[int, dict] = {}
         self._udp: dict[int, dict] | None = None
-        self._diag: SockDiag | None = None
+        self._diag_transport: SockDiag | None = None
         self._user = inspector.user_names()
 
     # -- descriptor tables and the index -----------------------------------
@@ -276,10 +284,10 @@ class ProcfsScan:
 
     # -- sockets ---------------------------------------------------------
 
-    def _diag_socket(self) -> SockDiag:
-        if self._diag is None:
-            self._diag = SockDiag()
-        return self._diag
+    def _diag(self) -> SockDiag:
+        if self._diag_transport is None:
+            self._diag_transport = SockDiag()
+        return self._diag_transport
 
     def _tcp_sock(self, inode: int) -> InetSock | None:
         """The TCP socket ``inode``, fresh from the kernel, or None when it
@@ -290,13 +298,14 @@ class ProcfsScan:
         ends = self._inspector.tcp_ends.get(inode)
         try:
             if ends is not None:
-                s = self._diag_socket().inet_exact(*ends)
-                if s is not None and s.inode == inode:
-                    found = s
+                # Any state (a listener too): the inode is the check.
+                for s in self._diag().request(sockdiag.inet_exact(*ends), False, decode_inet):
+                    if s.inode == inode:
+                        found = s
             if found is None and not self._tcp_refreshed and self._unix_sock(inode) is None:
                 found = self._refresh_tcp().get(inode)
-        except OSError as exc:
-            self.unavailable["tcp"] = reason_of(exc)
+        except SockDiagFailed as exc:
+            self.unavailable["tcp"] = exc.reason
         self._tcp[inode] = found
         return found
 
@@ -306,47 +315,50 @@ class ProcfsScan:
         self._tcp_refreshed = True
         table: dict[int, InetSock] = {}
         for family in (socket.AF_INET, socket.AF_INET6):
-            for s in self._diag_socket().inet_dump(family):
+            for s in self._diag().request(sockdiag.inet_dump(family), True, decode_inet):
                 if s.inode:
                     table[s.inode] = s
-        self._inspector.tcp_ends = {i: (s.local, s.remote) for i, s in table.items()}
+        self._inspector.tcp_ends = {i: (s.src, s.sport, s.dst, s.dport) for i, s in table.items()}
         return table
 
     def _tcp_peer(self, local: tuple[str, int], remote: tuple[str, int]) -> int:
         """Inode of the socket at the other end of a TCP connection, when it
         is on this host (0 otherwise)."""
         try:
-            s = self._diag_socket().inet_exact(remote, local)
-        except OSError as exc:
-            self.unavailable["tcp"] = reason_of(exc)
+            lkey, rkey = host_key(local[0])[0], host_key(remote[0])[0]
+        except ValueError:
             return 0
-        # An exact lookup can answer with the listener on (remote): reject.
-        if s is None or s.state == "LISTEN" or (s.local, s.remote) != (remote, local):
+        if len(lkey) != len(rkey):
             return 0
-        return s.inode
+        try:
+            s = sockdiag.exact(self._diag(), rkey, remote[1], lkey, local[1])
+        except SockDiagFailed as exc:
+            self.unavailable["tcp"] = exc.reason
+            return 0
+        return s.inode if s is not None else 0
 
-    def _is_listening(self, address: str, port: int) -> bool:
-        if self._listening is None:
-            self._listening = set()
+    def _is_listening(self, key: bytes, port: int) -> bool | None:
+        """The listener signal of :mod:`stop.os.direction`: the kernel's own
+        listener lookup, once per (address, port) and walk; None when the
+        kernel could not be asked."""
+        if (key, port) not in self._listening:
             try:
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    for s in self._diag_socket().inet_dump(family, LISTEN_ONLY):
-                        self._listening.add(s.local)
-            except OSError as exc:
-                self.unavailable["listening"] = reason_of(exc)
-        return any((a, port) in self._listening for a in (address, "0.0.0.0", "::"))
+                self._listening[key, port] = sockdiag.listening(self._diag(), key, port)
+            except SockDiagFailed as exc:
+                self.unavailable["listening"] = exc.reason
+                self._listening[key, port] = None
+        return self._listening[key, port]
 
     def _unix_sock(self, inode: int) -> dict | None:
         if inode in self._unix:
             return self._unix[inode]
         found: dict | None = None
         try:
-            u = self._diag_socket().unix_exact(inode)
-            if u is not None:
+            for u in self._diag().request(sockdiag.unix_exact(inode), False, decode_unix):
                 found = {"family": "AF_UNIX", "type": u.type, "state": u.state,
                          "path": text(u.name), "peer_inode": u.peer or None}
-        except OSError as exc:
-            found = self._unix_from_proc(inode, reason_of(exc))
+        except SockDiagFailed as exc:
+            found = self._unix_from_proc(inode, exc.reason)
         self._unix[inode] = found
         return found
 
@@ -377,24 +389,29 @@ class ProcfsScan:
                     parts = line.split()
                     if len(parts) < 10:
                         continue
-                    self._udp[int(parts[9])] = {
-                        "family": family, "type": "SOCK_DGRAM",
-                        "local": _hex_endpoint(parts[1]), "remote": _hex_endpoint(parts[2]),
-                    }
+                    try:
+                        local, remote = parse_address(parts[1]), parse_address(parts[2])
+                        inode = int(parts[9])
+                    except ValueError:
+                        continue
+                    self._udp[inode] = {"family": family, "type": "SOCK_DGRAM",
+                                        "local": local.as_dict(), "remote": remote.as_dict()}
         return self._udp
 
     def _socket(self, inode: int) -> dict:
         tcp = self._tcp_sock(inode)
         if tcp is not None:
+            (laddr, lport), (raddr, rport) = tcp.local, tcp.remote
             d = {"family": "AF_INET6" if tcp.family == socket.AF_INET6 else "AF_INET",
                  "type": "SOCK_STREAM",
-                 "local": {"address": tcp.local[0], "port": tcp.local[1]},
-                 "remote": {"address": tcp.remote[0], "port": tcp.remote[1]},
-                 "state": tcp.state}
-            if tcp.state == "LISTEN":
+                 "local": {"address": laddr, "port": lport},
+                 "remote": {"address": raddr, "port": rport},
+                 "state": tcp.state_name}
+            if tcp.state == TCP_LISTEN:
                 del d["remote"]  # a listener has no other end (as psutil says)
-            elif tcp.state not in ("TIME_WAIT", "CLOSE"):
-                d["direction"] = ("inbound" if self._is_listening(*tcp.local) else "outbound")
+            elif tcp.state not in (TCP_TIME_WAIT, TCP_CLOSE):
+                decided = self._rule.decide(lport, rport, self._is_listening(tcp.src, lport))
+                d["direction"], d["direction_by"] = decided
             return d
         unix = self._unix_sock(inode)
         if unix is not None:
@@ -451,8 +468,10 @@ class ProcfsScan:
         if "cmdline" in fields:
             try:
                 raw = _read(f"{PROC}/{pid}/cmdline")
-                out["cmdline"] = [text(a.decode("utf-8", "surrogateescape"))
-                                  for a in raw.split(b"\0")[:-1]] if raw else []
+                # NUL-terminated arguments; command_line drops the empty
+                # ones at the end (the last NUL's, a rewritten title's pad).
+                out["cmdline"] = command_line(
+                    [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")])
             except OSError as exc:
                 missing["cmdline"] = reason_of(exc)
         for field in ("cwd", "exe"):
@@ -531,17 +550,7 @@ class ProcfsScan:
         return [h for h in self._holders(key) if h != me]
 
     def close(self) -> None:
-        if self._diag is not None:
-            self._diag.close()
-            self._diag = None
+        if self._diag_transport is not None:
+            self._diag_transport.close()
+            self._diag_transport = None
 
-
-def _hex_endpoint(field: str) -> dict:
-    """``0100007F:0035`` (a /proc/net/udp address) -> {"address", "port"}."""
-    addr, port = field.split(":")
-    raw = bytes.fromhex(addr)
-    if sys.byteorder == "little":
-        # /proc/net prints each 32-bit word of the address as a host-order int.
-        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
-    return {"address": format_address(family, raw), "port": int(port, 16)}

@@ -7,7 +7,7 @@ the index is built once and shared by the walks that follow, as long as it
 can be trusted; see ``docs/sv.rst`` ("The shared index") for the rules.
 This module holds the data (:class:`FdIndex`) and the thread-safe cache
 (:class:`IndexCache`); the validation of each use is in
-:mod:`stop.process.procfs`.
+:mod:`stop.os.linux.procfs`.
 """
 
 from __future__ import annotations
