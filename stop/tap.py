@@ -16,7 +16,7 @@ from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
 from stop.client import ClientBudget, RecursiveClient
-from stop.recursion import Recursion
+from stop.recursion import LocalAddresses, Recursion
 from stop.sv import ProcessState, in_thread_pool
 from stop.errors import ConfigError, StopError
 from stop.hooks import Hooks, HooksService
@@ -123,10 +123,11 @@ def build(settings: config_mod.Config, reactor) -> Daemon:
     else:
         store = plugins.build_store(settings, reactor)
     inspector = make_inspector(settings, reactor)
-    process_state = ProcessState(settings, inspector, in_thread_pool(reactor))
+    addresses = LocalAddresses(settings.local_addresses, reactor)  # the walk's and recursion's
+    process_state = ProcessState(settings, inspector, in_thread_pool(reactor), addresses)
     hooks = Hooks(plugins.build_hooks(settings, reactor))
     recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
-                          store, reactor)
+                          store, reactor, addresses)
     answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
                         hooks=hooks, recursion=recursion)
     factory = IdentFactory(settings, answerer, reactor)
