@@ -54,10 +54,11 @@ def rss_kib(pid: int) -> int:
 def outbound(port: int, targets) -> int:
     """Connections from HERE to the recursion port of ``targets`` that are
     open now (the daemon's questions)."""
-    diag = svtrees.SockDiag()
+    diag = svtrees.sockdiag.SockDiag()
     try:
-        return sum(1 for s in diag.inet_dump(socket.AF_INET)
-                   if s.state in OPEN_STATES and s.local[0] == HERE
+        return sum(1 for s in diag.request(svtrees.sockdiag.inet_dump(socket.AF_INET), True,
+                                           svtrees.sockdiag.decode_inet)
+                   if s.state_name in OPEN_STATES and s.local[0] == HERE
                    and s.remote[1] == port and s.remote[0] in targets)
     finally:
         diag.close()
