@@ -81,6 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sockets", type=int, default=1000)
     ap.add_argument("--cprofile", action="store_true", help="also print a cProfile of the whole")
+    ap.add_argument("--sort", default="cumulative", help="cProfile order (cumulative, tottime)")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("profile_answer: run as root", file=sys.stderr)
@@ -113,7 +114,7 @@ def main() -> int:
             whole(PER_ROUND)
             prof.disable()
             out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(30)
+            pstats.Stats(prof, stream=out).sort_stats(a.sort).print_stats(30)
             print(out.getvalue())
     finally:
         holders.stop()

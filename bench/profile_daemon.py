@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--raw", help="also keep py-spy's raw output in this file")
+    ap.add_argument("--gil", action="store_true",
+                    help="only samples holding the GIL (Python CPU; no GIL waits)")
     a = ap.parse_args(argv)
     spy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
                        + os.environ.get("PATH", ""))
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
             fresh = hot_bench.FreshHolder()
         cmd = [spy, "record", "--pid", str(server.pid), "--threads", "--rate", str(a.rate),
                "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(out),
-               "--nonblocking"]
+               "--nonblocking"] + (["--gil"] if a.gil else [])
         spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
         c0, t0 = co.tree_cpu_seconds(server.pid), time.monotonic()

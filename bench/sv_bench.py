@@ -163,10 +163,10 @@ class DaemonRequests:
             for name in (n for n in files if n.endswith(".log")):  # flat segments
                 with open(os.path.join(root, name), "rb") as f:
                     lines = f.read().splitlines()
-                for line in lines:  # "<token> <sha256> <record>"
+                for line in lines:  # "... <record>": the JSON object ends the line
                     try:
-                        rec = json.loads(line.split(b" ", 2)[2])
-                    except (IndexError, ValueError):
+                        rec = json.loads(line[line.index(b" {") + 1:])
+                    except ValueError:
                         continue
                     note = rec.get("processes", {}).get("index")
                     if not note:

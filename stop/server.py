@@ -6,14 +6,20 @@ source address (refused at accept), an idle timeout, requests per
 connection, replies outstanding per connection (the pipeline: reading stops
 while it is full), and the line length (a longer line closes the
 connection). Replies go out in the order the requests came.
+
+A reply is sent straight on the socket when nothing is buffered for it:
+Twisted's ``write`` would send it only on the next reactor turn, after two
+more ``epoll_ctl`` calls (one query per connection is the common case, so
+this is on the hot path).
 """
 
 from __future__ import annotations
 
+import errno
 from collections import deque
 from typing import Optional
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, tcp
 from twisted.internet.address import IPv4Address
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -47,6 +53,9 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         self._replies: deque = deque()  # [Deferred, reply bytes or None]
         self._requests = 0
         self._finishing = False
+        # The socket, while replies may be sent on it directly: nothing of
+        # ours is in the transport's buffer (None: always transport.write).
+        self._sock = None
 
     # MAX_LENGTH (LineReceiver's own cap) is set per instance from config,
     # one more than the line limit to leave room for the CR.
@@ -57,6 +66,8 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         config: Config = self.factory.config
         self.MAX_LENGTH = config.max_line_length + 1
         self.setTimeout(config.idle_timeout)
+        if isinstance(self.transport, tcp.Connection):  # plain TCP (not TLS, not a test's)
+            self._sock = self.transport.getHandle()
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
@@ -95,12 +106,31 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         while self._replies and self._replies[0][1] is not None:
             out = self._replies.popleft()[1]
             if self.transport is not None and self.connected:
-                self.transport.write(out)
+                self._write(out)
                 self.resetTimeout()
         if self.paused and not self._finishing and len(self._replies) < self.factory.config.max_pipeline:
             self.resumeProducing()
         if self._finishing and not self._replies:
             self.transport.loseConnection()
+
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` on the socket now when nothing is buffered;
+        whatever it does not take (or any error) goes through the
+        transport, which then carries every later write (order is kept)."""
+        sock = self._sock
+        if sock is not None:
+            try:
+                sent = sock.send(data)
+            except OSError as e:
+                # Full: the transport waits for room. Anything else: the
+                # transport meets the error and closes its own way.
+                sent = 0 if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR) else -1
+            if sent == len(data):
+                return
+            self._sock = None
+            if sent > 0:
+                data = data[sent:]
+        self.transport.write(data)
 
     def _finish(self) -> None:
         """Read no more; close once every reply is written."""
@@ -123,6 +153,7 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.setTimeout(None)
         self._finishing = True
+        self._sock = None
         self.factory.connection_closed(self)
 
 

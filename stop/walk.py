@@ -60,6 +60,11 @@ from stop.os.common import PROCESS_FIELDS
 _LISTS = {"socket": "sockets", "pipe": "pipes", "fifo": "pipes", "file": "files"}
 
 
+#: Restarts of one walk after StaleIndex; a backend's rescans stop raising
+#: it before (procfs: its MAX_PATCHED_RESTARTS-th rescan builds a new index).
+MAX_RESTARTS = 4
+
+
 @dataclass(frozen=True)
 class Budget:
     """Limits of one walk, so a fork bomb cannot make a request unbounded.
@@ -140,16 +145,20 @@ def walk(inspector, connection: Connection, budget: Budget = Budget(),
         save_lists.pop("file", None)
     scan = inspector.begin(budget.max_fds)
     try:
-        try:
-            result = _Walk(scan, connection, budget, fields, open_files, save_lists, here).run()
-        except StaleIndex as stale:
-            # The backend's shared index missed a descriptor of a process
-            # walked: what was looked up in it may be incomplete. Walk
-            # again from scratch on a newer index (a rescan never raises
-            # this, so once).
-            scan.close()
-            scan = stale.rescan()
-            result = _Walk(scan, connection, budget, fields, open_files, save_lists, here).run()
+        for restarts in range(MAX_RESTARTS + 1):
+            try:
+                result = _Walk(scan, connection, budget, fields, open_files, save_lists,
+                               here).run()
+                break
+            except StaleIndex as stale:
+                # The backend's shared index missed a descriptor of a
+                # process walked: what was looked up in it may be
+                # incomplete. Walk again from scratch on an index that
+                # knows it (the backend's last rescan never raises this).
+                if restarts == MAX_RESTARTS:
+                    raise
+                scan.close()
+                scan = stale.rescan()
         result["backend"] = inspector.name
         return result
     finally:

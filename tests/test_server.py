@@ -143,3 +143,39 @@ def test_ipv4_mapped_peer_is_the_ipv4_host():
     p.dataReceived(b"40000, 6667\r\n")
     assert b"USERID : OTHER" in t.value()
     assert f.per_host == {"127.0.0.2": 1}
+
+
+class _Socket:
+    """A socket that takes ``room`` bytes, then raises ``error`` (errno)."""
+
+    def __init__(self, room, error=None):
+        self.room, self.error, self.sent = room, error, b""
+
+    def send(self, data):
+        if self.error is not None and not self.room:
+            raise OSError(self.error, "test")
+        n = min(self.room, len(data))
+        self.room -= n
+        self.sent += data[:n]
+        return n
+
+
+def test_replies_go_straight_to_the_socket_and_the_rest_through_the_transport():
+    import errno
+    f, clock, store = factory()
+    p, t = connect(f)
+    p._sock = sock = _Socket(room=10**6)
+    p.dataReceived(b"40000, 6667\r\n")
+    assert b"USERID" in sock.sent and t.value() == b""
+    # A reply the socket takes only in part: the rest, and every later
+    # reply, go through the transport, in order.
+    p._sock = sock = _Socket(room=5)
+    p.dataReceived(b"40000, 6667\r\n99, 98\r\n")
+    assert sock.sent == b"40000" and p._sock is None
+    lines = t.value().split(b"\r\n")
+    assert lines[0].startswith(b", 6667 : USERID") and lines[1] == b"99, 98 : ERROR : NO-USER"
+    # An error other than "full" leaves the reply to the transport too.
+    p2, t2 = connect(f, port=51001)
+    p2._sock = _Socket(room=0, error=errno.EPIPE)
+    p2.dataReceived(b"99, 98\r\n")
+    assert t2.value() == b"99, 98 : ERROR : NO-USER\r\n" and p2._sock is None

@@ -220,3 +220,91 @@ def test_fresh_connections_walk_as_a_full_scan_does(tmp_path):
             assert (queried[0]["direction"], queried[0]["direction_by"]) == ("unknown", "none")
     finally:
         tree.stop()
+
+
+@pytest.mark.parametrize("build", [svtrees.figure4, svtrees.socat_unix],
+                         ids=["figure4", "socat_unix"])
+def test_socket_ends_asked_of_the_socket_equal_the_table_dump(build, monkeypatch):
+    """The walk learns a TCP socket's ends from the socket itself
+    (pidfd_getfd) where it can; where it cannot it dumps the TCP table.
+    Both give the same sockets."""
+    from stop.os.linux.procfs import ProcfsScan
+    dumps = []
+    real = ProcfsScan._refresh_tcp
+
+    def counted(scan):
+        dumps.append(scan._inspector)
+        return real(scan)
+    monkeypatch.setattr(ProcfsScan, "_refresh_tcp", counted)
+    tree = build()
+    try:
+        pids = tree_pids(tree)
+        asked = make_inspector("procfs", index_max_age=0)
+        dumped = make_inspector("procfs", index_max_age=0)
+        dumped.peek_ok = False  # as when the call is refused
+        for attempt in range(2):
+            a, b = walk(asked, tree.connection), walk(dumped, tree.connection)
+            if comparable(a, pids) == comparable(b, pids):
+                break
+        assert comparable(a, pids) == comparable(b, pids)
+        tcp = [d for p in a["processes"] if p["pid"] in pids for d in p.get("sockets", [])
+               if d.get("family", "").startswith("AF_INET")]
+        assert tcp and all("local" in d for d in tcp)
+        assert asked.peek_ok is True and asked not in dumps and dumped in dumps
+    finally:
+        tree.stop()
+
+
+def test_peek_reports_a_socket_as_the_socket_itself_does():
+    import socket as so
+
+    from stop.os.linux import fdsock
+    listener = so.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = so.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    udp = so.socket(so.AF_INET, so.SOCK_DGRAM)
+    unix_a, unix_b = so.socketpair()
+    try:
+        me = os.getpid()
+        got = fdsock.peek(me, client.fileno())
+        assert (got.family, got.type) == (so.AF_INET, so.SOCK_STREAM)
+        assert got.local == client.getsockname() and got.remote == client.getpeername()
+        got = fdsock.peek(me, listener.fileno())
+        assert got.local == listener.getsockname() and got.remote is None
+        assert fdsock.peek(me, udp.fileno()).type == so.SOCK_DGRAM
+        got = fdsock.peek(me, unix_a.fileno())
+        assert got.family == so.AF_UNIX and got.local is None
+        r, w = os.pipe()
+        try:
+            with pytest.raises(OSError):
+                fdsock.peek(me, r)  # not a socket
+        finally:
+            os.close(r)
+            os.close(w)
+        # The borrowed copies are closed: the sockets still work.
+        client.sendall(b"x")
+        assert server.recv(1) == b"x"
+    finally:
+        for s in (listener, client, server, udp, unix_a, unix_b):
+            s.close()
+
+
+def test_a_refused_pidfd_getfd_falls_back_to_the_dump(monkeypatch):
+    import errno
+
+    from stop.os.linux import fdsock
+    monkeypatch.setattr(fdsock, "_syscall", lambda *a: -1)
+    monkeypatch.setattr(fdsock.ctypes, "get_errno", lambda: errno.EPERM)
+    tree = svtrees.figure3()
+    try:
+        inspector = make_inspector("procfs", index_max_age=0)
+        result = walk(inspector, tree.connection)
+        assert inspector.peek_ok is False
+        monkeypatch.undo()
+        want = walk(make_inspector("procfs", index_max_age=0), tree.connection)
+        pids = tree_pids(tree)
+        assert comparable(result, pids) == comparable(want, pids)
+    finally:
+        tree.stop()

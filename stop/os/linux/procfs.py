@@ -19,8 +19,8 @@ import glob
 import os
 import socket
 import time
-from collections import defaultdict
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from stop.errors import ProcessGone, SockDiagFailed, StaleIndex, Unavailable
@@ -28,13 +28,15 @@ from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection
 from stop.os.common import UserNames, command_line, reason_of, text
 from stop.os.direction import DirectionRule
-from stop.os.linux import sockdiag
+from stop.os.linux import fdsock, sockdiag
 from stop.os.linux.fdindex import FdIndex, Holder, IndexCache, Key, link_key, pids_of
 from stop.os.linux.procnet import parse_address
 from stop.os.linux.sockdiag import (TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT, InetSock, SockDiag,
                                     decode_inet, decode_unix, host_key)
 
 PROC = "/proc"
+
+log = Logger()
 
 
 def _read(path: str) -> bytes:
@@ -96,9 +98,11 @@ class ProcfsInspector:
         self._ttys: dict[int, str] = {}
         #: TCP socket inode -> (local key, port, remote key, port), shared by
         #: walks: a socket's ends never change, and every use is checked by
-        #: an exact lookup. Replaced whole (never grown) on refresh, so
-        #: bounded by the number of sockets.
+        #: an exact lookup. Replaced whole on refresh; grown by the ends a
+        #: socket reports itself (stop.os.linux.fdsock) up to TCP_ENDS_MAX.
         self.tcp_ends: dict[int, tuple[bytes, int, bytes, int]] = {}
+        #: False once pidfd_getfd turned out unavailable (stop.os.linux.fdsock).
+        self.peek_ok = True
         #: The inode -> (pid, fd) index shared by walks.
         self.index_cache = IndexCache(index_max_age)
         self._names = UserNames()
@@ -116,10 +120,12 @@ class ProcfsInspector:
     def begin(self, max_fds: int) -> "ProcfsScan":
         return ProcfsScan(self, max_fds)
 
-    def _rescan(self, max_fds: int, not_before: float, why: str) -> "ProcfsScan":
-        """A scan for a restarted walk: its index is built at or after
-        ``not_before``, and it never raises StaleIndex."""
-        return ProcfsScan(self, max_fds, restart=(not_before, why))
+    def _rescan(self, max_fds: int, restarts: int, why: str) -> "ProcfsScan":
+        """A scan for a restarted walk (its ``restarts``-th): on the shared
+        index, which the stale pass brought up to date with every table it
+        read; from the :data:`MAX_PATCHED_RESTARTS`-th on, on an index
+        built now, and that scan never raises StaleIndex."""
+        return ProcfsScan(self, max_fds, restart=(restarts, why))
 
 
 @implementer(IProcessScan)
@@ -129,7 +135,7 @@ class ProcfsScan:
     unavailable: dict = {}
 
     def __init__(self, inspector: ProcfsInspector, max_fds: int,
-                 restart: tuple[float, str] | None = None):
+                 restart: tuple[int, str] | None = None):
         self._inspector = inspector
         self._restart = restart
         self._max_fds = max_fds
@@ -145,6 +151,8 @@ class ProcfsScan:
         #: before this walk): its entries are validated before use.
         self._cached = False
         self._dropped = 0
+        self._added = 0     # new processes this walk read into the shared index
+        self._searched = 0  # processes read to find the holder of a new socket
         self.index: dict | None = None  # how the index was obtained (record note)
         self._tcp: dict[int, InetSock | None] = {}
         self._tcp_refreshed = False
@@ -193,25 +201,41 @@ class ProcfsScan:
     def _build_index(self, entries: frozenset, started: float) -> FdIndex:
         """Read every process among ``entries`` (the index scan, counted
         against the budget; the tables stay cached for this walk)."""
-        holders: dict[Key, list[Holder]] = defaultdict(list)
-        unreadable: dict[str, int] = defaultdict(int)
+        tables: dict[int, list[tuple[int, Key]]] = {}
+        uids: dict[int, int] = {}
+        unreadable: dict[int, str] = {}
         for pid in pids_of(entries):
-            try:
-                links = self._read_links(pid)
-            except ProcessGone:
-                continue
-            except Unavailable as exc:
-                unreadable[exc.reason] += 1
-                continue
-            for fd, target in links:
-                key = link_key(target)
-                if key is not None:
-                    holders[key].append((pid, fd))
-        return FdIndex(dict(holders), entries, started, dict(unreadable), not self.truncated)
+            got = self._table(pid)
+            if isinstance(got, tuple):
+                tables[pid], uids[pid] = got
+            elif got is not None:
+                unreadable[pid] = got
+        return FdIndex.from_tables(tables, uids, unreadable, entries, started,
+                                   not self.truncated)
+
+    def _table(self, pid: int) -> tuple[list[tuple[int, Key]], int] | str | None:
+        """``pid``'s (fd, key) pairs and uid for the index
+        (:data:`stop.os.linux.fdindex.Reader`)."""
+        try:
+            links = self._read_links(pid)
+        except ProcessGone:
+            return None
+        except Unavailable as exc:
+            return exc.reason
+        return _pairs(links), _uid_of(pid)
+
+    def _grow_table(self, pid: int):
+        """:meth:`_table` for a new process read into the shared index."""
+        self._added += 1
+        return self._table(pid)
 
     def _take_index(self, not_before: float | None = None, why: str | None = None) -> FdIndex:
-        """Get the index from the shared cache (reused or built) and note how."""
-        index, built_why, age = self._inspector.index_cache.get(self._build_index, not_before)
+        """Get the index from the shared cache (reused, grown, or built)
+        and note how."""
+        cache = self._inspector.index_cache
+        index, built_why, age = cache.get(self._build_index, not_before, self._grow_table)
+        if built_why is None and self.truncated:
+            cache.discard(index)  # grown with part of a table: not to be shared
         self._index = index
         self._cached = built_why is None
         note: dict = {"cached": self._cached, "age_s": round(age, 3),
@@ -220,6 +244,9 @@ class ProcfsScan:
             note["why"] = why or built_why
         if self._restart is not None:
             note["restarted"] = True
+            note.setdefault("why", self._restart[1])
+        if self._added:
+            note["added"] = self._added
         self.index = note
         self.unavailable.pop("descriptors", None)
         if index.unreadable:
@@ -230,8 +257,8 @@ class ProcfsScan:
 
     def _get_index(self) -> FdIndex:
         if self._index is None:
-            if self._restart is not None:
-                return self._take_index(*self._restart)
+            if self._restart is not None and self._restart[0] >= MAX_PATCHED_RESTARTS:
+                return self._take_index(time.monotonic(), self._restart[1])
             return self._take_index()
         return self._index
 
@@ -267,20 +294,36 @@ class ProcfsScan:
         return sorted(set(out))
 
     def _check(self, pid: int, links: list[tuple[int, str]]) -> None:
-        """Raise StaleIndex when a walked process holds a pipe or socket
-        descriptor the shared index lacks: lookups already answered from it
-        may have missed this process."""
-        if not self._cached or self._restart is not None:
+        """Bring the shared index up to date with ``pid``'s table, read
+        fresh by this walk; raise StaleIndex when it lacked a pipe or socket
+        descriptor of it: lookups already answered may have missed this
+        process. The restarted walk uses the index brought up to date with
+        every table this pass read, unless the descriptor names an inode
+        new to the index, or after MAX_PATCHED_RESTARTS restarts: then one
+        built from scratch (and that scan never raises)."""
+        if not self._cached or self.truncated:
             return
         index = self._index
-        for fd, target in links:
-            key = link_key(target)
-            if key is not None and not index.has(key, (pid, fd)):
-                self._inspector.index_cache.discard(index)
-                inspector, max_fds, now = self._inspector, self._max_fds, time.monotonic()
-                raise StaleIndex(
-                    f"pid {pid} fd {fd} ({target}) is not in the index",
-                    lambda: inspector._rescan(max_fds, now, "stale descriptor"))
+        pairs = _pairs(links)
+        if index.same_table(pid, pairs):
+            return
+        missing = [(fd, key) for fd, key in pairs if not index.has(key, (pid, fd))]
+        # An inode the index knows no holder of is new: a process that got
+        # it since (other than by fork: new processes are read in) is not
+        # in the index; only a new full scan finds it.
+        new_inode = any(not index.holders.get(key) for _fd, key in missing)
+        cache = self._inspector.index_cache
+        for other, other_links in self._links.items():
+            # Every table this pass read is fresh: the index learns them all.
+            cache.patch(index, other, _pairs(other_links))
+        restarts = self._restart[0] if self._restart is not None else 0
+        if missing and restarts < MAX_PATCHED_RESTARTS:
+            fd, key = missing[0]
+            inspector, max_fds = self._inspector, self._max_fds
+            then = MAX_PATCHED_RESTARTS if new_inode else restarts + 1
+            raise StaleIndex(
+                f"pid {pid} fd {fd} ({key[0]}:[{key[1]}]) is not in the index",
+                lambda: inspector._rescan(max_fds, then, "stale descriptor"))
 
     # -- sockets ---------------------------------------------------------
 
@@ -289,25 +332,69 @@ class ProcfsScan:
             self._diag_transport = SockDiag()
         return self._diag_transport
 
-    def _tcp_sock(self, inode: int) -> InetSock | None:
-        """The TCP socket ``inode``, fresh from the kernel, or None when it
-        is not a TCP socket (any more)."""
+    def _tcp_sock(self, inode: int, holder: Holder | None = None) -> InetSock | None:
+        """The TCP socket ``inode`` (held as ``holder``, (pid, fd), when
+        known), fresh from the kernel, or None when it is not a TCP socket
+        (any more)."""
         if inode in self._tcp:
             return self._tcp[inode]
         found = None
-        ends = self._inspector.tcp_ends.get(inode)
+        inspector = self._inspector
+        ends = inspector.tcp_ends.get(inode)
         try:
             if ends is not None:
                 # Any state (a listener too): the inode is the check.
-                for s in self._diag().request(sockdiag.inet_exact(*ends), False, decode_inet):
-                    if s.inode == inode:
-                        found = s
-            if found is None and not self._tcp_refreshed and self._unix_sock(inode) is None:
+                found = self._exact_inode(ends, inode)
+            tcp = True
+            if found is None and holder is not None and inspector.peek_ok:
+                found, tcp = self._peek_tcp(inode, holder)
+            if found is None and tcp and not self._tcp_refreshed and self._unix_sock(inode) is None:
                 found = self._refresh_tcp().get(inode)
         except SockDiagFailed as exc:
             self.unavailable["tcp"] = exc.reason
         self._tcp[inode] = found
         return found
+
+    def _exact_inode(self, ends: tuple[bytes, int, bytes, int], inode: int) -> InetSock | None:
+        """The TCP socket ``inode`` found by an exact lookup of ``ends``."""
+        for s in self._diag().request(sockdiag.inet_exact(*ends), False, decode_inet):
+            if s.inode == inode:
+                return s
+        return None
+
+    def _peek_tcp(self, inode: int, holder: Holder) -> tuple[InetSock | None, bool]:
+        """Ask the socket itself for its ends (:mod:`stop.os.linux.fdsock`)
+        and look it up exactly: ``(socket, True)``; ``(None, False)`` when
+        it is not a TCP socket (no dump can find it then); ``(None, True)``
+        when unsure (gone, not found by its ends: the caller dumps)."""
+        try:
+            info = fdsock.peek(*holder)
+        except fdsock.NotAvailable as exc:
+            self._inspector.peek_ok = False
+            log.info("pidfd_getfd unavailable ({why}): the SV walk dumps the TCP table to "
+                     "learn a socket's ends", why=exc.reason)
+            return None, True
+        except OSError:
+            return None, True
+        if info.family not in (socket.AF_INET, socket.AF_INET6) or info.type != socket.SOCK_STREAM:
+            return None, False
+        try:
+            lkey = host_key(info.local[0])[0]
+            # A listener (no peer): the wildcard remote end finds it.
+            rkey = host_key(info.remote[0])[0] if info.remote else b"\0" * len(lkey)
+        except ValueError:
+            return None, True
+        if len(lkey) != len(rkey):
+            return None, True
+        ends = (lkey, info.local[1], rkey, info.remote[1] if info.remote else 0)
+        s = self._exact_inode(ends, inode)
+        if s is None:
+            return None, True
+        cache = self._inspector.tcp_ends
+        if len(cache) >= TCP_ENDS_MAX:
+            cache.clear()
+        cache[inode] = ends
+        return s, True
 
     def _refresh_tcp(self) -> dict[int, InetSock]:
         """Dump every TCP socket once per walk (a socket met that the shared
@@ -398,8 +485,8 @@ class ProcfsScan:
                                         "local": local.as_dict(), "remote": remote.as_dict()}
         return self._udp
 
-    def _socket(self, inode: int) -> dict:
-        tcp = self._tcp_sock(inode)
+    def _socket(self, inode: int, holder: Holder | None = None) -> dict:
+        tcp = self._tcp_sock(inode, holder)
         if tcp is not None:
             (laddr, lport), (raddr, rport) = tcp.local, tcp.remote
             d = {"family": "AF_INET6" if tcp.family == socket.AF_INET6 else "AF_INET",
@@ -431,13 +518,41 @@ class ProcfsScan:
         if not inode:
             return []
         found = self._holders(("socket", inode))
-        if not found and self._cached:
+        if not found and self._cached and connection.uid is not None:
             # A socket newer than the shared index (the usual case for a
-            # new connection): build one now; nothing was walked yet, so
-            # there is nothing to restart.
+            # new connection): it was made by a process of its uid, most
+            # likely a young one. Read those, newest first, before any
+            # full scan; each table read brings the shared index up to date.
+            found = self._search(connection.uid, inode)
+        if not found and self._cached:
+            # Not there either (e.g. a process that changed its uid): build
+            # an index now; nothing was walked yet, so nothing to restart.
             self._take_index(time.monotonic(), "unknown socket")
             found = self._holders(("socket", inode))
         return sorted({pid for pid, _fd in found})
+
+    def _search(self, uid: int, inode: int) -> list[Holder]:
+        """Holders of socket ``inode`` among the processes whose /proc entry
+        belongs to ``uid`` (most recently active first), read fresh; stops at the first
+        that holds it. Other holders are children forked after the socket
+        was made (new processes: read into the index by :meth:`_take_index`)
+        or are met by the walk (read fresh and checked)."""
+        index, cache = self._index, self._inspector.index_cache
+        want = f"socket:[{inode}]"
+        for pid in cache.candidates(index, uid):
+            try:
+                links = self._read_links(pid)
+            except (ProcessGone, Unavailable):
+                continue
+            self._searched += 1
+            self.index["searched"] = self._searched
+            if self.truncated:
+                break
+            cache.patch(index, pid, _pairs(links))
+            fds = [fd for fd, target in links if target == want]
+            if fds:
+                return [(pid, fd) for fd in fds]
+        return []
 
     def process(self, pid: int, fields) -> dict:
         fields = set(fields)
@@ -520,7 +635,7 @@ class ProcfsScan:
             if target.startswith("socket:["):
                 inode = int(target[8:-1])
                 d = {"fd": fd, "kind": "socket", "inode": inode}
-                d.update(self._socket(inode))
+                d.update(self._socket(inode, (pid, fd)))
             elif target.startswith("pipe:["):
                 d = {"fd": fd, "kind": "pipe", "inode": int(target[6:-1])}
             elif open_files:
@@ -556,3 +671,29 @@ class ProcfsScan:
             self._diag_transport.close()
             self._diag_transport = None
 
+
+#: Most TCP socket ends remembered between walks (then forgotten at once).
+TCP_ENDS_MAX = 65536
+
+#: Restarts of one walk on the shared index brought up to date (each after a
+#: walked process turned out to hold descriptors it lacked) before the last
+#: one, on an index built from scratch.
+MAX_PATCHED_RESTARTS = 3
+
+
+def _pairs(links: list[tuple[int, str]]) -> list[tuple[int, Key]]:
+    """The (fd, key) pairs of the pipes and sockets among ``links``."""
+    out = []
+    for fd, target in links:
+        key = link_key(target)
+        if key is not None:
+            out.append((fd, key))
+    return out
+
+
+def _uid_of(pid: int) -> int:
+    """Owner of ``/proc/PID`` (the process's effective uid; -1 if gone)."""
+    try:
+        return os.stat(f"{PROC}/{pid}").st_uid
+    except OSError:
+        return -1
