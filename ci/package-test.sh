@@ -199,7 +199,31 @@ REPLY=$(query)
 echo "reply: $REPLY"
 TOKEN=$(token_of "$REPLY")
 [ -n "$TOKEN" ] || { cat "$DAEMON_LOG"; fail "no token in the reply"; }
+# SIGHUP (the unit's ExecReload): the daemon survives, logs the reload, answers.
+kill -HUP "$DAEMON"
+n=0
+until grep -q "SIGHUP: settings reloaded" "$DAEMON_LOG"; do
+    n=$((n + 1))
+    [ $n -lt 100 ] && kill -0 "$DAEMON" 2>/dev/null || { cat "$DAEMON_LOG"; fail "no reload on SIGHUP"; }
+    sleep 0.1
+done
+[ -n "$(token_of "$(query)")" ] || { cat "$DAEMON_LOG"; fail "no token after SIGHUP"; }
+grep "SIGHUP:" "$DAEMON_LOG" | cut -c1-120
 stop_daemon
+grep -q "\[stop.tap#info\] stop .* started (pid $DAEMON): listening on \[::\]:113; store flat in /var/lib/stop" \
+    "$DAEMON_LOG" || { cat "$DAEMON_LOG"; fail "no start-up line"; }
+
+step "a start failure: one line on stderr, exit status 2"
+# shellcheck disable=SC2086 # ExecStart is split into words as systemd does
+set +e
+ERR=$(ip netns exec "$NS" setpriv --reuid="$USER_" --regid="$GROUP_" --init-groups \
+    --no-new-privs $EXEC --errors loud 2>&1 >/dev/null)
+RC=$?
+set -e
+echo "exit $RC: $ERR"
+[ "$RC" = 2 ] || fail "a bad setting exited $RC, not 2"
+[ "$(echo "$ERR" | wc -l)" = 1 ] && echo "$ERR" | grep -q "^stop: cannot start: command line: errors: 'loud'" \
+    || fail "not one clear line on stderr"
 step "the record"
 stopctl show "$TOKEN" || fail "stopctl show $TOKEN"
 stopctl verify "$TOKEN" || fail "stopctl verify $TOKEN"

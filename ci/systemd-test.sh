@@ -7,6 +7,9 @@
 #   - the daemon answers on 127.0.0.1:113, saves its record, logs to the
 #     journal;
 #   - the ~/.ident opt-in works with ProtectHome=read-only and a 0700 home;
+#   - systemctl reload (ExecReload: SIGHUP) keeps the process and applies the
+#     new settings; a bad configuration exits 2 and is not restarted; a store
+#     that cannot be opened exits 1 and is restarted until it opens;
 #   - a service with the unit's [Service] lines and only its capabilities can
 #     read another user's /proc/PID/fd targets (what the SV walk needs), and
 #     cannot without CAP_SYS_PTRACE / CAP_DAC_READ_SEARCH.
@@ -71,6 +74,15 @@ s.sendall(b"%d, 113%s\r\n" % (s.getsockname()[1], kind.encode()))
 print(s.recv(1024).decode().strip())
 EOF
 
+cat > "$T/units/line.py" <<'EOF'
+# Send one request line (argv[1]) to stopd; print the reply line.
+import socket, sys
+s = socket.create_connection(("127.0.0.1", 113), 5)
+s.settimeout(30)
+s.sendall(sys.argv[1].encode() + b"\r\n")
+print(s.recv(1024).decode().strip())
+EOF
+
 cat > "$T/units/test.sh" <<'EOF'
 #!/bin/sh
 # Inside the container, as root, once stopd.service runs.
@@ -105,6 +117,50 @@ echo "verify SV:  $(echo "$verified" | tr '\n' ' ')(exit $status)"
 ls -la /var/lib/stop | head -5
 systemctl start stop-probe-all.service stop-probe-bind.service
 journalctl -u stopd --no-pager -o cat | tail -8
+# wait_for STATE: until stopd's ActiveState is STATE (at most 20 s).
+wait_for() {
+    n=0
+    until [ "$(systemctl show stopd -p ActiveState --value)" = "$1" ]; do
+        n=$((n + 1)); [ $n -lt 200 ] || break; sleep 0.1
+    done
+}
+# Reload (ExecReload: SIGHUP): same process, the new errors policy in force.
+pid=$(systemctl show stopd -p MainPID --value)
+sed -i 's/^errors = normal$/errors = unknown/' /etc/stop/stop.conf
+systemctl reload stopd; echo "reload:     exit $?"
+n=0
+until journalctl -u stopd -o cat | grep -q "SIGHUP: settings reloaded"; do
+    n=$((n + 1)); [ $n -lt 100 ] || break; sleep 0.1
+done
+[ "$(systemctl show stopd -p MainPID --value)" = "$pid" ] && same=same || same=changed
+echo "reloaded:   $(systemctl show stopd -p ActiveState --value), pid $same"
+echo "reload log: $(journalctl -u stopd -o cat | grep 'SIGHUP:' | tail -1)"
+echo "after reload: $(python3 /stoptest/line.py '1, 1')"
+journalctl -u stopd -o cat | grep "started (pid" | tail -1
+# A bad configuration: exit 2, one line, and no restart.
+cp /etc/stop/stop.conf /run/stop.conf.good
+echo "no_such_setting = 1" >> /etc/stop/stop.conf
+systemctl restart stopd
+wait_for failed
+echo "bad config: $(systemctl show stopd -p ActiveState --value) status $(systemctl show stopd -p ExecMainStatus --value) restarts $(systemctl show stopd -p NRestarts --value)"
+echo "bad config log: $(journalctl -u stopd -o cat | grep 'cannot start' | tail -1)"
+cp /run/stop.conf.good /etc/stop/stop.conf
+# A store that cannot be opened: exit 1, restarted (Restart=on-failure) until it opens.
+mv /var/lib/stop/records /var/lib/stop/records.away
+touch /var/lib/stop/records
+systemctl reset-failed stopd
+systemctl start stopd
+n=0
+until [ "$(systemctl show stopd -p NRestarts --value)" -ge 1 ]; do
+    n=$((n + 1)); [ $n -lt 200 ] || break; sleep 0.1
+done
+echo "store log: $(journalctl -u stopd -o cat | grep 'cannot start' | tail -1)"
+echo "store failure: $(journalctl -u stopd -o cat | grep 'Main process exited' | tail -1), restarts $(systemctl show stopd -p NRestarts --value)"
+rm /var/lib/stop/records
+mv /var/lib/stop/records.away /var/lib/stop/records
+wait_for active
+sleep 1
+echo "store back: $(systemctl show stopd -p ActiveState --value), $(python3 /stoptest/ask.py)"
 echo "== done"
 systemctl poweroff --no-block
 EOF
@@ -155,11 +211,23 @@ grep -q "^verify SV:  store integrity: OK OK (exit 0)" "$T/out/result.txt" \
 python3 - "$T/out/sv.json" <<'EOF' || { echo "systemd-test: FAILED: the SV walk did not reach the user's pipeline" >&2; exit 1; }
 import json, sys
 record = json.load(open(sys.argv[1]))
+record = record.get("record", record)  # show --json: {"token", "record", "linked"}
 text = json.dumps(record)
 names = sorted({p.get("name") for p in record["processes"]["processes"]})
 print("SV walk reached:", names, "| EACCES in record:", "EACCES" in text)
 assert "cat" in names and "python3" in names and "EACCES" not in text
 EOF
+grep -q "^reload:     exit 0$" "$T/out/result.txt" && grep -q "^reloaded:   active, pid same$" "$T/out/result.txt" \
+    && grep -q "^reload log: .*SIGHUP: settings reloaded: errors = unknown$" "$T/out/result.txt" \
+    && grep -q "^after reload: 1, 1 : ERROR : UNKNOWN-ERROR$" "$T/out/result.txt" \
+    || { echo "systemd-test: FAILED: systemctl reload (ExecReload, SIGHUP)" >&2; exit 1; }
+grep -q "^bad config: failed status 2 restarts 0$" "$T/out/result.txt" \
+    && grep -q "^bad config log: .*cannot start: /etc/stop/stop.conf: unknown setting 'no_such_setting'$" "$T/out/result.txt" \
+    || { echo "systemd-test: FAILED: a bad configuration must exit 2, once" >&2; exit 1; }
+grep -q "^store failure: .*code=exited, status=1/FAILURE, restarts [1-9]" "$T/out/result.txt" \
+    && grep -q "^store log: .*cannot start: cannot open the record store (storage = flat, data_dir = /var/lib/stop)" "$T/out/result.txt" \
+    && grep -q "^store back: active, [0-9]*, 113 : USERID : OTHER : [0-9a-f]\{40\}$" "$T/out/result.txt" \
+    || { echo "systemd-test: FAILED: a store failure must exit 1 and be restarted" >&2; exit 1; }
 grep -q "^stop-probe-all read another user's fds: True" "$T/out/result.txt" \
     || { echo "systemd-test: FAILED: the unit's capabilities do not reach other users' fds" >&2; exit 1; }
 grep -q "^stop-probe-bind cannot read another user's fds" "$T/out/result.txt" \

@@ -73,6 +73,7 @@ class Answerer:
         self._record_store = IRecordStore(store)
         self._clock = clock
         self._optin = optin if optin is not None else OptIn(log_paths=config.log_users)
+        self._own_optin = optin is None  # reconfigure() remakes it for log_users
         self._account_of = account_of
         self._host = host_name or socket.gethostname()
         self._tokens = Tokens(config.hash)
@@ -89,6 +90,16 @@ class Answerer:
     @property
     def tokens(self) -> Tokens:
         return self._tokens
+
+    def reconfigure(self, config: Config) -> None:
+        """Answer from now on with ``config``, a reload's new settings (only
+        those in stop.config.RELOADABLE differ from the running ones).
+        A query in progress sees the new values from its next step on."""
+        self._config = config
+        self._address_form_nets = address_networks(config.address_form)
+        self._gate.resize(config.max_lookups, config.lookup_queue)
+        if self._own_optin:
+            self._optin = OptIn(log_paths=config.log_users)
 
     # -- the public entry points -------------------------------------------
 

@@ -25,6 +25,16 @@ ERROR_POLICIES = ("normal", "unknown", "token")
 FSYNC_MODES = ("batch", "always", "never")
 HASHES = ("sha1", "sha256")
 
+# Reloaded on SIGHUP: the settings a running daemon takes from a
+# re-read config file; every other one needs a restart. stop.conf(5) marks
+# each of these "Reloaded on SIGHUP." (tests/test_docs.py checks it).
+RELOADABLE = frozenset({
+    "errors", "address_form", "user_optin", "log_users", "quota_mb",
+    "max_connections", "max_connections_per_host", "idle_timeout",
+    "max_requests_per_connection", "max_pipeline", "max_line_length",
+    "max_lookups", "lookup_queue",
+})
+
 
 @dataclass(frozen=True)
 class Config:
@@ -276,10 +286,16 @@ def load(path: Optional[str] = None, overrides: Optional[Mapping[str, Any]] = No
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not UTF-8") from None
         values.update(parse(text, path))
-    for name, value in (overrides or {}).items():
-        if value is not None:
-            values[name] = value
+    given = {name: value for name, value in (overrides or {}).items() if value is not None}
+    values.update(given)
     try:
         return Config(**values)
     except TypeError as e:  # an override with an unknown name: a bug of ours
         raise ConfigError(str(e)) from None
+    except ConfigError as e:
+        # Say where the bad value came from: the command line or the file.
+        setting = str(e).split(":", 1)[0]
+        source = "command line" if setting in given else path
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {e}") from None

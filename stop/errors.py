@@ -101,3 +101,13 @@ class StaleIndex(StopError):
 class UnreadableReply(StopError):
     """A reply from another host's ident daemon (to a recursive question)
     that is not an RFC 1413 / STOP reply line; the message says why."""
+
+
+class StartFailed(StopError):
+    """The daemon cannot start. The message is the one line shown to the
+    administrator (it names the setting or file); ``status`` is the exit
+    status (stop(8), EXIT STATUS)."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status

@@ -47,6 +47,13 @@ class Gate:
         self._waiting.append((d, f, args, kwargs))
         return d
 
+    def resize(self, active: int, queue: int) -> None:
+        """New limits (a reload). More room starts waiting calls at once;
+        less lets the calls already running or waiting finish."""
+        self._limit = active
+        self._queue = queue
+        self._pump()
+
     def _start(self, f, args, kwargs) -> defer.Deferred:
         self._running += 1
         d = defer.maybeDeferred(f, *args, **kwargs)

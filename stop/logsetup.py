@@ -7,12 +7,16 @@ datagrams, as glibc's ``syslog(3)`` does, to a UNIX datagram socket
 (``/dev/log`` by default), without ever blocking the reactor: a datagram that
 cannot be sent at once is dropped and counted, and the next event tries
 again.
+
+:func:`file_observer` makes twistd's log file observer for ``--logfile``,
+kept by the daemon so that SIGHUP can reopen the file.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import time
 from typing import Optional
@@ -25,7 +29,9 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
     globalLogPublisher,
+    textFileLogObserver,
 )
+from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from stop.errors import ConfigError
@@ -160,6 +166,17 @@ class SyslogService(Service):
         self.publisher.removeObserver(self._filtered)
         self.observer.close()
         return Service.stopService(self)
+
+
+def file_observer(path: str, reactor) -> tuple[LogFile, ILogObserver]:
+    """twistd's log file and observer for ``--logfile=path``, made as twistd
+    makes them (a :class:`LogFile` that twistd rotates at 1 MB and on
+    SIGUSR1), but kept by the daemon, which reopens the file on SIGHUP
+    (after logrotate moved it)."""
+    log_file = LogFile.fromFullPath(path)
+    if not signal.getsignal(signal.SIGUSR1):  # as twistd: unless someone else took it
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(log_file.rotate))
+    return log_file, textFileLogObserver(log_file)
 
 
 def syslog_service(config) -> Optional[SyslogService]:

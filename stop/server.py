@@ -63,7 +63,9 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         # self.requester was set by the factory, which needed it first.
         self.server = endpoint_of(self.transport.getHost())
-        config: Config = self.factory.config
+        # The limits of a connection are those in force when it was made:
+        # a reload (SIGHUP) applies to the connections made after it.
+        self.config = config = self.factory.config
         self.MAX_LENGTH = config.max_line_length + 1
         self.setTimeout(config.idle_timeout)
         if isinstance(self.transport, tcp.Connection):  # plain TCP (not TLS, not a test's)
@@ -73,7 +75,7 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
         self.resetTimeout()
         if self._finishing:
             return
-        config: Config = self.factory.config
+        config: Config = self.config
         if line.endswith(b"\r"):
             line = line[:-1]
         if len(line) > config.max_line_length:
@@ -108,7 +110,7 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
             if self.transport is not None and self.connected:
                 self._write(out)
                 self.resetTimeout()
-        if self.paused and not self._finishing and len(self._replies) < self.factory.config.max_pipeline:
+        if self.paused and not self._finishing and len(self._replies) < self.config.max_pipeline:
             self.resumeProducing()
         if self._finishing and not self._replies:
             self.transport.loseConnection()
@@ -141,13 +143,13 @@ class IdentProtocol(LineReceiver, TimeoutMixin):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.log.warn("{requester}: line longer than {max} bytes; closing",
-                      requester=str(self.requester), max=self.factory.config.max_line_length)
+                      requester=str(self.requester), max=self.config.max_line_length)
         self._finishing = True
         self.transport.abortConnection()
 
     def timeoutConnection(self) -> None:
         self.log.info("{requester}: idle for {t} s; closing", requester=str(self.requester),
-                      t=self.factory.config.idle_timeout)
+                      t=self.config.idle_timeout)
         self.transport.loseConnection()
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
@@ -188,6 +190,10 @@ class IdentFactory(protocol.ServerFactory):
         self.connections += 1
         self.per_host[host] = self.per_host.get(host, 0) + 1
         return p
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reload's settings to the connections made from now on."""
+        self.config = config
 
     def connection_closed(self, p: IdentProtocol) -> None:
         host = p._host_key

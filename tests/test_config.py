@@ -64,3 +64,15 @@ def test_types(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file .*nope"):
         config.load(str(tmp_path / "nope"))
+
+
+def test_a_bad_value_names_where_it_came_from(tmp_path):
+    conf = tmp_path / "stop.conf"
+    conf.write_text("[stop]\nerrors = loud\n")
+    with pytest.raises(ConfigError, match=f"^{conf}: errors: 'loud' is not one of"):
+        config.load(str(conf))
+    with pytest.raises(ConfigError, match="^command line: max_pipeline: must be at least 1"):
+        config.load(str(conf), {"errors": "token", "max_pipeline": 0})
+    assert config.load(str(conf), {"errors": "token"}).errors == "token"
+    with pytest.raises(ConfigError, match="^command line: errors: 'loud'"):
+        config.load(None, {"errors": "loud"})

@@ -118,3 +118,27 @@ def test_page_renders_without_warnings(name):
     assert result.returncode == 0
     assert result.stderr == b"", result.stderr.decode(errors="replace")
     assert len(result.stdout.splitlines()) > 20
+
+
+def test_reloaded_settings_are_marked_in_stop_conf_5():
+    marked = {name for name, text in setting_paragraphs().items()
+              if "Reloaded on SIGHUP." in text}
+    assert marked == config.RELOADABLE
+
+
+def test_stop_8_signals_and_exit_statuses_follow_the_code():
+    text = unroff(page("stop.8"))
+    sections = dict(re.findall(r"^\.SH ([^\n]+)\n(.*?)(?=^\.SH |\Z)", text, re.M | re.S))
+    for name in ("SIGHUP", "SIGTERM", "SIGUSR1"):
+        assert name in sections["SIGNALS"]
+    statuses = re.findall(r"^\.TP\n\.B (\d+)\n", sections["EXIT STATUS"], re.M)
+    assert statuses == [str(tap.EXIT_FAILURE), str(tap.EXIT_CONFIG)]
+    assert f"RestartPreventExitStatus={tap.EXIT_CONFIG}" in sections["EXIT STATUS"]
+
+
+def test_the_unit_reloads_and_restarts_as_stop_8_says():
+    with open(os.path.join(ROOT, "etc", "stopd.service"), encoding="utf-8") as fh:
+        lines = [line for line in fh.read().splitlines() if not line.startswith("#")]
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in lines
+    assert "Restart=on-failure" in lines
+    assert f"RestartPreventExitStatus={tap.EXIT_CONFIG}" in lines

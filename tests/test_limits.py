@@ -38,3 +38,22 @@ def test_long_queue_of_instant_calls_does_not_recurse():
         g.run(lambda i=i: i).addCallback(done.append)
     first.callback(None)
     assert done == list(range(5000)) and g.running == 0
+
+
+def test_resize_starts_waiting_calls_or_lets_running_ones_finish():
+    g = Gate(1, 2)
+    held = [defer.Deferred() for _ in range(3)]
+    for d in held:
+        g.run(lambda d=d: d)
+    assert (g.running, g.waiting) == (1, 2)
+    g.resize(2, 2)  # more room: one waiting call starts at once
+    assert (g.running, g.waiting) == (2, 1)
+    g.resize(1, 0)  # less: nothing is cancelled, no new call is queued
+    assert (g.running, g.waiting) == (2, 1)
+    refused = []
+    g.run(lambda: None).addErrback(lambda f: refused.append(f.check(Overloaded)))
+    assert refused == [Overloaded]
+    held[0].callback(None)
+    assert (g.running, g.waiting) == (1, 1)  # at the new limit: the waiting one still waits
+    held[1].callback(None)
+    assert (g.running, g.waiting) == (1, 0)

@@ -134,6 +134,20 @@ def test_connection_limits():
     assert f.per_host == {"127.0.0.2": 2, "127.0.0.4": 1}
 
 
+def test_a_reload_applies_to_new_connections_and_the_limits_at_accept():
+    f, clock, store = factory(max_line_length=20, max_connections_per_host=1)
+    old, t_old = connect(f, "127.0.0.2")
+    assert connect(f, "127.0.0.2")[0] is None
+    f.reconfigure(f.config.replace(max_line_length=100, max_connections_per_host=2))
+    new, t_new = connect(f, "127.0.0.2")  # the per-host limit is read at accept
+    assert new is not None
+    line = b"40000, 6667" + b" " * 30  # 41 bytes: over the old limit, within the new
+    new.dataReceived(line + b"\r\n")
+    assert b"USERID" in t_new.value()
+    old.dataReceived(line + b"\r\n")  # a connection keeps the limits it began with
+    assert t_old.value() == b"" and (t_old.disconnecting or t_old.disconnected)
+
+
 def test_ipv4_mapped_peer_is_the_ipv4_host():
     f, clock, store = factory()
     addr = IPv6Address("TCP", "::ffff:127.0.0.2", 51000)

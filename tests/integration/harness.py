@@ -63,15 +63,22 @@ class Daemon:
         self.twistd_args = list(twistd_args)  # twistd's own options, e.g. --profile
         self.proc: Optional[subprocess.Popen] = None
 
-    def start(self) -> "Daemon":
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    def command(self) -> list[str]:
+        """The twistd command line that runs this daemon."""
         cmd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                "--nodaemon", "--pidfile=",
                f"--logfile={self.log}"] + self.twistd_args
         cmd += ["stop", "--config", self.config] + self.args
         if self.netns is not None:
             cmd = self.netns.command(cmd)
-        self.proc = subprocess.Popen(cmd, cwd=str(self.dir), env=env,
+        return cmd
+
+    @staticmethod
+    def environment() -> dict:
+        return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def start(self) -> "Daemon":
+        self.proc = subprocess.Popen(self.command(), cwd=str(self.dir), env=self.environment(),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
