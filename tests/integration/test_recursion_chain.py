@@ -18,7 +18,7 @@ from stop import walk as walk_mod
 from tests.integration.chain import (TOKEN_RE, Hosts, Victim, established, token_line,
                                      wait_established, wait_listening)
 from tests.integration.harness import free_port
-from tests.integration.svtrees import Tree, wait_for
+from tests.integration.svtrees import wait_for
 from tests.upstream import (GARBAGE, DeadHost, Oidentd, Upstream, byte_a_second,
                             oidentd_available, over_long, reply_with, silent)
 
@@ -29,13 +29,6 @@ H0, H1, H2, H3 = "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"
 pytestmark = pytest.mark.skipif(
     "here" not in inspect.signature(walk_mod.walk).parameters,
     reason="the walk does not take this host's addresses yet (issue 9 part 3)")
-
-
-@pytest.fixture
-def tree():
-    t = Tree()
-    yield t
-    t.stop()
 
 
 def reply_line_of(entry: dict) -> str:

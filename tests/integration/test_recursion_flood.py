@@ -165,9 +165,3 @@ def cpu_seconds(pid: int) -> float:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
-
-@pytest.fixture
-def tree():
-    t = svtrees.Tree()
-    yield t
-    t.stop()

@@ -14,7 +14,6 @@ from tests.integration import sshd as sshd_mod
 from tests.integration.chain import Hosts, Victim, token_line, wait_established
 from tests.integration.harness import free_port
 from tests.integration.sshd import Sshd, Users
-from tests.integration.svtrees import Tree
 
 pytestmark = [
     pytest.mark.root,
@@ -23,13 +22,6 @@ pytestmark = [
 ]
 
 H0, H1, H2, H0B = "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.15"
-
-
-@pytest.fixture
-def tree():
-    t = Tree()
-    yield t
-    t.stop()
 
 
 @pytest.fixture
