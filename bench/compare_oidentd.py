@@ -190,16 +190,23 @@ class OidentdServer:
 
 class FloorServer:
     """bench/floor_server.py: a bare Twisted LineReceiver (no lookup, no
-    record, no log), to show what Twisted itself costs per connection here."""
+    record, no log), to show what Twisted itself costs per connection here;
+    ``durable``: plus a record in the flat store (fsync = batch) and a log
+    line per query ("floor+st"): what durability and the log line cost
+    without any of stop's own per-query work."""
 
-    name = "floor"
-
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, durable: bool = False):
         self.proc: subprocess.Popen | None = None
+        self.name = "floor+st" if durable else "floor"
+        self.args = []
+        if durable:
+            base = workdir / "floor-store"
+            base.mkdir(mode=0o700)
+            self.args = ["--store", str(base / "data"), "--log", str(base / "floor.log")]
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),
-                                      "--interface", THIS], stdout=subprocess.PIPE)
+                                      "--interface", THIS] + self.args, stdout=subprocess.PIPE)
         ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT)
         if not ready:
             raise RuntimeError("floor_server did not start")
@@ -385,6 +392,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--floor", action="store_true",
                     help="add a bare Twisted LineReceiver (bench/floor_server.py) to each point")
+    ap.add_argument("--floor-store", action="store_true",
+                    help="add the floor server with a durable record and a log line per query")
     ap.add_argument("--loadgen", choices=("c", "python"), default="c",
                     help="load generator: bench/loadgen.c built now (default) or bench/loadgen.py")
     ap.add_argument("--pin", help="run the C load generator under taskset -c PIN (e.g. 1)")
@@ -410,6 +419,8 @@ def main(argv=None) -> int:
     servers = [StopServer(workdir), OidentdServer(workdir)]
     if a.floor:
         servers.append(FloorServer(workdir))
+    if a.floor_store:
+        servers.append(FloorServer(workdir, durable=True))
     holder = None
     results: list[dict] = []
     gen = None
