@@ -6,6 +6,10 @@ daemon listens on the same port of its own alias, asks the others on that
 port (``recursion_port``) and counts only its alias as its own
 (``local_addresses``), so a TCP connection to another alias is a
 connection to another host, as it would be between machines.
+
+Across network namespaces (as root), a host is a namespace: its daemon
+listens on port 113 of each of its addresses, with the default recursion
+port and ``local_addresses`` (its own interfaces), as on a real machine.
 """
 
 from __future__ import annotations
@@ -41,6 +45,19 @@ class Hosts:
         self.daemons = {a: start_daemon(settings_for(a, self.port, **settings), interfaces=(a,),
                                         port=self.port)
                         for a in addresses}
+
+    @classmethod
+    def in_namespaces(cls, start_daemon, namespaces: dict, **settings) -> "Hosts":
+        """One daemon per namespace ({Netns: (address, ...)}), on port 113
+        of each of its addresses; every address of a host names it."""
+        hosts = cls.__new__(cls)
+        hosts.port = 113
+        hosts.daemons = {}
+        for ns, addresses in namespaces.items():
+            d = start_daemon({**FAST, **settings}, interfaces=tuple(addresses), port=113,
+                             netns=ns)
+            hosts.daemons.update(dict.fromkeys(addresses, d))
+        return hosts
 
     def __getitem__(self, address: str) -> Daemon:
         return self.daemons[address]
@@ -85,7 +102,10 @@ class Hosts:
         return hops
 
     def logs(self) -> str:
-        return "\n".join(f"== {a}\n{d.read_log()}" for a, d in self.daemons.items())
+        first = {}
+        for a, d in self.daemons.items():
+            first.setdefault(id(d), (a, d))
+        return "\n".join(f"== {a}\n{d.read_log()}" for a, d in first.values())
 
 
 @dataclass
@@ -131,11 +151,13 @@ def wait_listening(address: str, port: int):
 
 class Victim:
     """The last host: a listener the chain's last hop connects to, in this
-    process; asks that hop's daemon about the accepted connection."""
+    process (its sockets in ``netns`` when given); asks that hop's daemon
+    about the accepted connection."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, netns=None):
         self.address = address
-        self.listener = socket.socket()
+        self.netns = netns
+        self.listener = self._socket()
         self.listener.bind((address, 0))
         self.listener.listen(4)
         self.port = self.listener.getsockname()[1]
@@ -152,7 +174,7 @@ class Victim:
     def ask(self, daemon: Daemon, kind: str = "SV_REC : 4711") -> bytes:
         """Ask ``daemon`` about the accepted connection (kept open: every
         byte that ever comes back is in ``received``)."""
-        s = socket.socket()
+        s = self._socket()
         s.settimeout(10)
         s.bind((self.address, 0))
         s.connect((self.peer[0], daemon.port))
@@ -161,6 +183,9 @@ class Victim:
         self.query_socket = s
         self.received = line + b"\r\n"
         return line
+
+    def _socket(self) -> socket.socket:
+        return self.netns.socket() if self.netns is not None else socket.socket()
 
     def rest(self) -> bytes:
         """Everything received on the query connection after the reply

@@ -102,15 +102,26 @@ class User:
     def __init__(self, name: str, uid: int, key: str):
         self.name, self.uid, self.key = name, uid, key
 
+    def options(self, port: int) -> str:
+        """``ssh`` options to log in as this user to ``port`` with the key,
+        never asking anything."""
+        return (f"-i {self.key} -p {port} -o BatchMode=yes -o StrictHostKeyChecking=no "
+                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=20")
+
     def ssh(self, host: str, port: int, command: str, source: str | None = None,
             extra: str = "") -> str:
         """The ``ssh`` command line (a shell string) that logs in as this
         user to ``host``:``port`` (from ``source``) and runs ``command``."""
-        opts = (f"-i {self.key} -p {port} -o BatchMode=yes -o StrictHostKeyChecking=no "
-                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=20")
+        opts = self.options(port)
         if source:
             opts += f" -b {source}"
         return f"ssh {opts} {extra} {self.name}@{host} '{command}'"
+
+    def jump(self, host: str, port: int) -> str:
+        """An ``ssh`` option that reaches the next host through an ``ssh -W``
+        forward by ``host``:``port``'s sshd (a ``ProxyCommand``; OpenSSH's
+        ``-J`` does the same)."""
+        return f'-o "ProxyCommand=ssh {self.options(port)} -W %h:%p {self.name}@{host}"'
 
 
 class Sshd:
@@ -122,11 +133,12 @@ class Sshd:
     def __init__(self, directory, address: str, port: int, tree: Tree, netns=None):
         self.address, self.port = address, port
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
-        host_key = directory / f"sshd-{port}-host.key"
+        name = f"sshd-{address}-{port}"  # two may share a port in two namespaces
+        host_key = directory / f"{name}-host.key"
         if not host_key.exists():
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)],
                            check=True, capture_output=True, timeout=60)
-        config = directory / f"sshd-{port}.conf"
+        config = directory / f"{name}.conf"
         config.write_text("\n".join([
             f"ListenAddress {address}:{port}",
             f"HostKey {host_key}",
@@ -144,7 +156,7 @@ class Sshd:
             "MaxStartups 100",
             "",
         ]))
-        self.log = directory / f"sshd-{port}.log"
+        self.log = directory / f"{name}.log"
         # Its log goes through a pipe to a writer, as a system sshd's goes to
         # the journal: every session's sshd processes hold that pipe, which
         # joins the sessions (the path the walk must not take).
