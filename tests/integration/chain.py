@@ -172,42 +172,75 @@ class Victim:
         return self.peer
 
     def ask(self, daemon: Daemon, kind: str = "SV_REC : 4711") -> bytes:
-        """Ask ``daemon`` about the accepted connection (kept open: every
-        byte that ever comes back is in ``received``)."""
+        """Ask ``daemon`` about the accepted connection; the reply line. The
+        query connection is kept open: every byte that ever comes back is
+        in ``received`` (see :meth:`everything`)."""
         s = self._socket()
         s.settimeout(10)
         s.bind((self.address, 0))
         s.connect((self.peer[0], daemon.port))
         s.sendall(b"%d, %d : %s\r\n" % (self.peer[1], self.port, kind.encode()))
-        [line] = read_lines(s, 1)
         self.query_socket = s
-        self.received = line + b"\r\n"
-        return line
+        self.received = read_reply(s)
+        return self.received.split(b"\r\n", 1)[0]
+
+    def everything(self) -> bytes:
+        """Every byte the daemon ever sent on the query connection (see
+        :func:`read_to_end`), all in ``received``, which is returned."""
+        self.received += read_to_end(self.query_socket)
+        return self.received
 
     def _socket(self) -> socket.socket:
         return self.netns.socket() if self.netns is not None else socket.socket()
-
-    def rest(self) -> bytes:
-        """Everything received on the query connection after the reply
-        (read without waiting), appended to ``received``."""
-        s = self.query_socket
-        s.setblocking(False)
-        more = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                more += chunk
-        except BlockingIOError:
-            pass
-        self.received += more
-        return more
 
     def close(self):
         for s in (self.conn, self.query_socket, self.listener):
             if s is not None:
                 s.close()
+
+
+def read_reply(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """What ``s`` receives up to the end of the first CR LF line (all of
+    what came with it too: nothing is dropped)."""
+    s.settimeout(timeout)
+    got = b""
+    while b"\r\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def read_to_end(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """Half-close ``s`` (the daemon then closes its end) and read all that
+    is left to the end; a daemon that never closes raises a timeout."""
+    s.settimeout(timeout)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
+
+
+def assert_nothing_leaks(victim: Victim, reply: bytes, hops=(), entries=()) -> None:
+    """Spec 6, issue 9 "Nothing leaks": the requester got its one reply
+    line (a token line, as an SV gets) and not one byte more, ever; none of
+    the upstream tokens, replies or error words of ``hops`` (their linked
+    entries, and ``entries``) is in it."""
+    assert victim.everything() == reply + b"\r\n", victim.received
+    token_line(reply, (victim.peer[1], victim.port))
+    mine = reply.rsplit(b" : ", 1)[1].decode()
+    entries = [e for h in hops for e in h.linked] + list(entries)
+    upstream = {h.token for h in hops} - {mine}
+    for e in entries:
+        upstream.update(str(e[k]) for k in ("token", "reply", "error", "user") if e.get(k))
+    # (a slow upstream's first bytes, digits of the port pair it echoes,
+    # would match our own port numbers and say nothing)
+    for text in (t for t in upstream if not re.fullmatch(r"[0-9, ]*", t)):
+        assert text.encode() not in victim.received, (text, victim.received)
 
 
 def token_line(line: bytes, ports: tuple[int, int]) -> str:
