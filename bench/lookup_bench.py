@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Time the socket lookup backends side by side on N established loopback
-connections (N = 100, 1000, 10000 by default).
+"""Time every socket lookup backend side by side on N established loopback
+connections (N = 100, 1000, 10000 by default): netlink, procfs and psutil
+(forced on Linux), in one run, so their ratios hold on a shared machine.
 
     .venv/bin/python bench/lookup_bench.py [--sizes 100,1000,10000] [--lookups 2000]
 
@@ -21,14 +22,18 @@ it times, per lookup (µs, median and p99):
 pyroute2, if importable (it is not a dependency; e.g.
 ``pip install --target /tmp/pr2 pyroute2`` and ``PYTHONPATH=/tmp/pr2``),
 is timed on the same exact request through ``nlm_request``.
-procfs is slow (it reads the whole table per query): it gets
-``--slow-lookups`` samples. Ratios printed at the end: procfs/netlink and
-cost at the largest N / cost at the smallest N.
+procfs and psutil are slow (they read the whole table per query; psutil
+also every process's descriptors, to map sockets to processes): they get
+``--slow-lookups`` samples, and their answers are checked against netlink's
+first (psutil has no inode: compared with it set to 0). Ratios printed at
+the end: each backend / netlink, and cost at the largest N / cost at the
+smallest N.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import resource
@@ -43,6 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from stop.os.linux.lookup import NetlinkLookup  # noqa: E402
 from stop.os.linux.procnet import ProcfsLookup  # noqa: E402
+from stop.os.portable import PsutilLookup  # noqa: E402
 from stop.os.linux.sockdiag import host_key  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
 
@@ -200,7 +206,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="100,1000,10000")
     ap.add_argument("--lookups", type=int, default=2000, help="lookups per kind (fast backends)")
-    ap.add_argument("--slow-lookups", type=int, default=200, help="lookups per kind for procfs")
+    ap.add_argument("--slow-lookups", type=int, default=200,
+                    help="lookups per kind for procfs and psutil")
     ap.add_argument("--seed", type=int, default=113)
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -212,13 +219,13 @@ def main() -> int:
         return 1
 
     netlink = NetlinkLookup()
-    procfs = ProcfsLookup()
+    slow = {"procfs": ProcfsLookup(), "psutil": PsutilLookup()}
     pr2 = pyroute2_exact()
     backends: list[tuple[str, Callable, int, tuple[str, ...]]] = [
         ("netlink", netlink.find, args.lookups, ("hit", "miss", "miss-listen")),
         ("netlink", lambda lo, re: netlink.exact_raw(lo, re), args.lookups, ("exact",)),
-        ("procfs", procfs.find, args.slow_lookups, ("hit", "miss", "miss-listen")),
-    ]
+    ] + [(name, b.find, args.slow_lookups, ("hit", "miss", "miss-listen"))
+         for name, b in slow.items()]
     if pr2 is not None:
         backends.append(("pyroute2", pr2, args.lookups, ("exact",)))
 
@@ -233,10 +240,13 @@ def main() -> int:
             qs["exact"] = qs["hit"]
             for name, fn, count, kinds in backends:
                 for kind in kinds:
-                    if name == "procfs" and kind == "hit":
+                    if name in slow and kind == "hit":
                         # sanity: the backends must agree before we time them
                         lo, re = qs["hit"][0]
-                        assert netlink.find(lo, re) == procfs.find(lo, re)
+                        want = netlink.find(lo, re)
+                        if name == "psutil":
+                            want = dataclasses.replace(want, inode=0)
+                        assert slow[name].find(lo, re) == want, name
                     fn(*qs[kind][0])  # warm up (opens the netlink socket)
                     results[(name, kind, n)] = summary(timed(fn, qs[kind][:count]))
     finally:
@@ -246,18 +256,21 @@ def main() -> int:
             pr2.close()
 
     rows = sorted({(kind, name) for name, kind, _ in results})
-    print(f"python {sys.version.split()[0]}, kernel {os.uname().release}; "
-          f"{args.lookups} lookups per kind ({args.slow_lookups} for procfs); µs per lookup, median / p99")
+    import psutil
+    print(f"python {sys.version.split()[0]}, kernel {os.uname().release}, psutil "
+          f"{psutil.__version__}; {args.lookups} lookups per kind ({args.slow_lookups} for "
+          f"procfs and psutil); µs per lookup, median / p99")
     print(f"{'kind':<12}{'backend':<10}" + "".join(f"{f'N={n}':>22}" for n in sizes))
     for kind, name in rows:
         cells = "".join(f"{'%.1f / %.1f' % results[(name, kind, n)]:>22}" for n in sizes)
         print(f"{kind:<12}{name:<10}{cells}")
     print("\nratios of medians")
-    for kind in ("hit", "miss", "miss-listen"):
-        cells = "  ".join(
-            f"N={n}: {results[('procfs', kind, n)][0] / results[('netlink', kind, n)][0]:.0f}x" for n in sizes
-        )
-        print(f"  procfs/netlink {kind:<12} {cells}")
+    for name in slow:
+        for kind in ("hit", "miss", "miss-listen"):
+            cells = "  ".join(
+                f"N={n}: {results[(name, kind, n)][0] / results[('netlink', kind, n)][0]:.0f}x"
+                for n in sizes)
+            print(f"  {name}/netlink {kind:<12} {cells}")
     if pr2 is not None:
         cells = "  ".join(
             f"N={n}: {results[('pyroute2', 'exact', n)][0] / results[('netlink', 'exact', n)][0]:.0f}x" for n in sizes

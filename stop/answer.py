@@ -9,7 +9,6 @@ quota, and "the reply only after the record is durable".
 from __future__ import annotations
 
 import ipaddress
-import pwd
 import socket
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,10 +21,12 @@ from stop import records, wire
 from stop.config import Config, address_networks
 from stop.errors import NoUser, Overloaded, StopError
 from stop.hooks import Hooks
-from stop.interfaces import IRecordStore, ISocketLookup
+from stop.interfaces import IAccounts, IOptIn, IRecordStore, ISocketLookup
 from stop.limits import Gate
 from stop.model import Connection, Endpoint
 from stop.optin import OptIn
+from stop.os.accounts import Accounts
+from stop.os.common import synchronously
 from stop.recursion import DISABLED, WALK_FAILED
 from stop.tokens import Tokens
 
@@ -46,35 +47,36 @@ class Query:
     server: Endpoint
 
 
-def account(uid: int) -> tuple[Optional[str], Optional[str]]:
-    """(login name, home directory) of ``uid``, (None, None) when it has no
-    account: one passwd lookup serves the record and ~/.ident."""
-    try:
-        pw = pwd.getpwuid(uid)
-    except KeyError:
-        return None, None
-    return pw.pw_name, pw.pw_dir
-
-
 class Answerer:
     """Answers queries; see the module docstring.
 
     :param clock: an IReactorTime (the reactor, or a Clock in tests).
+    :param optin: the :class:`~stop.interfaces.IOptIn` (default: read
+        ``~/.ident`` in this thread at each query).
+    :param accounts: the :class:`~stop.interfaces.IAccounts` giving a uid's
+        name and home (default: passwd read in this thread, cached).
+    :param run: ``run(f, *args) -> Deferred``: where a ``blocking`` socket
+        lookup runs (:func:`stop.os.common.in_thread_pool` in the daemon; default:
+        in this thread).
     """
 
     def __init__(self, config: Config, lookup: ISocketLookup, store: IRecordStore, clock,
-                 optin: Optional[OptIn] = None,
-                 account_of: Callable[[int], tuple[Optional[str], Optional[str]]] = account,
+                 optin: Optional[IOptIn] = None, accounts: Optional[IAccounts] = None,
                  host_name: Optional[str] = None, process_state=None,
-                 hooks: Optional[Hooks] = None, recursion=None):
+                 hooks: Optional[Hooks] = None, recursion=None,
+                 run: Callable[..., defer.Deferred] = synchronously):
         self._config = config
         self._hooks = hooks if hooks is not None else Hooks()
         self._lookup = ISocketLookup(lookup)
+        # A lookup that reads whole tables (procfs, psutil) runs in a worker
+        # thread; netlink's microseconds stay in this one.
+        self._lookup_blocking = bool(getattr(lookup, "blocking", False))
+        self._run = run
         self._record_store = IRecordStore(store)
         self._clock = clock
-        self._optin = optin if optin is not None else OptIn(log_paths=config.log_users)
-        self._own_optin = optin is None  # reconfigure() remakes it for log_users
-        self._account_of = account_of
+        self._optin = IOptIn(optin) if optin is not None else OptIn(log_paths=config.log_users)
+        self._accounts = (IAccounts(accounts) if accounts is not None
+                          else Accounts.from_config(config, clock))
         self._host = host_name or socket.gethostname()
         self._tokens = Tokens(config.hash)
         self._gate = Gate(config.max_lookups, config.lookup_queue)
@@ -98,8 +100,8 @@ class Answerer:
         self._config = config
         self._address_form_nets = address_networks(config.address_form)
         self._gate.resize(config.max_lookups, config.lookup_queue)
-        if self._own_optin:
-            self._optin = OptIn(log_paths=config.log_users)
+        if isinstance(self._optin, OptIn):
+            self._optin.log_paths = config.log_users
 
     # -- the public entry points -------------------------------------------
 
@@ -150,9 +152,25 @@ class Answerer:
 
     def _answer(self, query: Query) -> defer.Deferred:
         # Plain callbacks, not inlineCallbacks: this runs for every query.
+        # The common case (netlink, a uid seen a moment ago) makes no thread
+        # hop: the lookup and the cached account are answered here.
+        if self._lookup_blocking:
+            d = self._run(self._connection, query)
+            d.addCallback(self._with_account, query)
+            return d
+        return self._with_account(self._connection(query), query)
+
+    def _with_account(self, conn: Connection, query: Query):
+        account = self._accounts.cached(conn.uid)
+        if account is None:  # NSS may stall: resolved in a worker thread
+            d = self._accounts.resolve(conn.uid)
+            d.addCallback(lambda account: self._answer_for(query, conn, *account))
+            return d
+        return self._answer_for(query, conn, *account)
+
+    def _answer_for(self, query: Query, conn: Connection, name: Optional[str],
+                    home: Optional[str]):
         request = query.request
-        conn = self._connection(query)
-        name, home = self._account_of(conn.uid)
         now = self._clock.seconds()
         record = records.base_record(
             request=self._request_fields(request), requester=query.requester,

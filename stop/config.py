@@ -90,6 +90,11 @@ class Config:
     loop_window: float = 120.0
     loop_table_size: int = 16384
     local_addresses: tuple[str, ...] = ("auto",)
+    # Accounts (the OS layer): uid -> name/home and ~/.ident, read in a
+    # worker thread and cached (NSS and NFS homes can stall).
+    account_cache_size: int = 1024
+    account_cache_age: float = 60.0
+    account_timeout: float = 10.0
     # Site plugins (stop-plugins(7)): where to look, which record hooks run.
     plugin_dirs: tuple[str, ...] = ("/etc/stop/plugins",)
     hooks: tuple[str, ...] = ()
@@ -118,6 +123,7 @@ class Config:
         address_networks(self.address_form)  # raises ConfigError when malformed
         _check_sv(self)
         _check_recursion(self)
+        _check_accounts(self)
         facility_number(self.syslog_facility)  # raises ConfigError when unknown
 
     @property
@@ -169,6 +175,15 @@ def _check_recursion(config: "Config") -> None:
     if not 64 <= config.recursion_max_reply_length <= 65536:
         raise ConfigError("recursion_max_reply_length: must be 64..65536")
     local_networks(config.local_addresses)  # raises ConfigError when malformed
+
+
+def _check_accounts(config: "Config") -> None:
+    if config.account_cache_size < 1:
+        raise ConfigError("account_cache_size: must be at least 1")
+    if not 0 <= config.account_cache_age <= 86400:
+        raise ConfigError("account_cache_age: must be 0..86400 seconds")
+    if not 0 < config.account_timeout <= 3600:
+        raise ConfigError("account_timeout: must be more than 0 and at most 3600 seconds")
 
 
 def local_networks(entries: tuple[str, ...]) -> tuple[bool, tuple]:

@@ -42,6 +42,34 @@ class ISocketLookup(Interface):
         """Release any kernel handles (netlink sockets). Idempotent."""
 
 
+class IAccounts(Interface):
+    """uid -> (login name, home directory), for records and ``~/.ident``.
+
+    Implementation: ``stop.os.accounts.Accounts``. The passwd database goes
+    through NSS, which can stall for seconds (LDAP, SSSD): lookups run in a
+    worker thread and are kept in a bounded cache, so the common case is a
+    cache hit answered in the reactor thread.
+    """
+
+    def cached(uid):
+        """(name, home) of ``uid`` when known now, without blocking, else
+        None. Either item is None when the uid has no account."""
+
+    def resolve(uid):
+        """A Deferred firing (name, home) of ``uid``; (None, None) when it
+        has no account or the lookup took longer than the configured
+        timeout. Never fails; never blocks the calling thread."""
+
+
+class IOptIn(Interface):
+    """The ``~/.ident`` opt-in (spec 3.4). Implementation: ``stop.optin.OptIn``."""
+
+    def allows(uid, home, host):
+        """A Deferred firing True when ``home/.ident``, belonging to
+        ``uid``, lists ``host`` (an address literal). Never blocks the
+        calling thread on the file system (an NFS home may hang)."""
+
+
 class IRecordStore(Interface):
     """Durable storage of records, keyed by token.
 

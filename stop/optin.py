@@ -7,6 +7,12 @@ only if it is a regular file (not a symlink: it is opened with O_NOFOLLOW),
 owned by the user, not writable by group or others, and at most 64 KiB.
 Anything else is ignored, silently for a missing file and with a log line
 otherwise, so a user cannot make the daemon read another user's file.
+
+In the daemon the file is read in a worker thread (a home on NFS can hang)
+and what was read is reused for ``account_cache_age`` seconds
+(:class:`stop.os.accounts.ThreadCache`): an edit of ``~/.ident`` counts
+from then on. A read that takes longer than ``account_timeout`` answers
+"not listed" (a token).
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ from typing import Callable
 
 from twisted.internet import defer, threads
 from twisted.logger import Logger
+from zope.interface import implementer
 
+from stop.interfaces import IOptIn
 from stop.model import canonical_host
+from stop.os.accounts import MISSING, ThreadCache
+from stop.os.common import synchronously
 
 MAX_BYTES = 65536
 FILENAME = ".ident"
@@ -89,18 +99,55 @@ def _matches(host: str, entries: list[str]) -> tuple[bool, list[str]]:
     return False, names
 
 
+@implementer(IOptIn)
 class OptIn:
-    """Answers whether a user opted in to send their name to a host."""
+    """Answers whether a user opted in to send their name to a host.
+
+    :param resolve: ``names -> Deferred[addresses]`` (default: getaddrinfo
+        in a thread).
+    :param log_paths: name the file in log lines (``log_users``).
+    :param entries: where file contents come from: a
+        :class:`~stop.os.accounts.ThreadCache` of (uid, home) -> entries
+        (:meth:`from_config`: the daemon's), or None to read the file at
+        each call in the calling thread (tests, tools).
+    """
 
     def __init__(self, resolve: Callable[[list[str]], "defer.Deferred"] = None,
-                 log_paths: bool = True):
-        self._log_paths = log_paths
+                 log_paths: bool = True, entries: ThreadCache | None = None):
+        #: Name the file in log lines (``log_users``; a reload may change it).
+        self.log_paths = log_paths
         self._resolve = resolve or (lambda names: threads.deferToThread(_resolve, names))
+        self._entries = entries
+
+    @classmethod
+    def from_config(cls, config, clock, run: Callable[..., defer.Deferred] = synchronously,
+                    **kw) -> "OptIn":
+        """The daemon's: files read by ``run`` (a worker thread), kept as the
+        ``account_cache_*`` settings say, given up on after ``account_timeout``."""
+        optin = cls(log_paths=config.log_users, **kw)
+        optin._entries = ThreadCache(optin._read, clock, run, config.account_cache_size,
+                                     config.account_cache_age, config.account_timeout,
+                                     default=[], what="~/.ident")
+        return optin
+
+    def _read(self, key: tuple[int, str]) -> list[str]:
+        uid, home = key
+        return read_entries(home, uid, self.log_paths)
 
     def allows(self, uid: int, home: str, host: str) -> "defer.Deferred[bool]":
         """Fires True when ``home/.ident``, belonging to ``uid``, lists
         ``host`` (an address literal)."""
-        matched, names = _matches(host, read_entries(home, uid, self._log_paths))
+        if self._entries is None:
+            return self._listed(read_entries(home, uid, self.log_paths), host)
+        entries = self._entries.cached((uid, home))
+        if entries is MISSING:
+            d = self._entries.fetch((uid, home))
+            d.addCallback(self._listed, host)
+            return d
+        return self._listed(entries, host)
+
+    def _listed(self, entries: list[str], host: str) -> "defer.Deferred[bool]":
+        matched, names = _matches(host, entries)
         if matched or not names:
             return defer.succeed(matched)
         canonical = canonical_host(host)

@@ -15,7 +15,7 @@ from twisted.internet import defer
 
 from stop.interfaces import IProcessInspector
 from stop.model import Connection
-from stop.os.common import PROCESS_FIELDS, SYSTEM_FIELDS
+from stop.os.common import PROCESS_FIELDS, SYSTEM_FIELDS, synchronously
 from stop.sysinfo import system_info
 from stop.walk import Budget, walk
 
@@ -27,16 +27,6 @@ def selected_fields(names: tuple[str, ...]) -> tuple[frozenset, frozenset]:
     return frozenset(chosen & set(PROCESS_FIELDS)), frozenset(chosen & set(SYSTEM_FIELDS))
 
 
-def in_thread_pool(reactor) -> Callable[..., defer.Deferred]:
-    """Run a blocking call in the reactor's (bounded) thread pool."""
-    from twisted.internet import threads
-    return lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
-
-
-def synchronously(f, *args) -> defer.Deferred:
-    """Run a call now, in this thread (tests, tools)."""
-    return defer.maybeDeferred(f, *args)
-
 
 class ProcessState:
     """Collects the process state of spec 5 for one connection.
@@ -44,7 +34,7 @@ class ProcessState:
     :param config: a :class:`stop.config.Config`.
     :param inspector: an :class:`stop.interfaces.IProcessInspector`.
     :param run: ``run(f, *args) -> Deferred``: where blocking work runs
-        (:func:`in_thread_pool` in the daemon).
+        (:func:`stop.os.common.in_thread_pool` in the daemon).
     :param addresses: which addresses are this host's (a
         :class:`stop.recursion.LocalAddresses`, read on the reactor thread
         for each walk); None: every loopback address.

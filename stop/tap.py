@@ -38,11 +38,14 @@ from stop import logsetup, plugins
 from stop.answer import Answerer
 from stop.client import ClientBudget, RecursiveClient
 from stop.recursion import LocalAddresses, Recursion
-from stop.sv import ProcessState, in_thread_pool
+from stop.sv import ProcessState
 from stop.errors import ConfigError, StartFailed, StopError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IRecordStore, ISocketLookup
+from stop.optin import OptIn
 from stop.os import make_inspector, make_lookup
+from stop.os.common import in_thread_pool
+from stop.os.accounts import Accounts
 from stop.server import IdentFactory
 from stop.storage import STORES, make_store
 
@@ -298,12 +301,17 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
     else:
         store = plugins.build_store(settings, reactor)
     inspector = make_inspector(settings, reactor)
+    in_threads = in_thread_pool(reactor)
     addresses = LocalAddresses(settings.local_addresses, reactor)  # the walk's and recursion's
-    process_state = ProcessState(settings, inspector, in_thread_pool(reactor), addresses)
+    process_state = ProcessState(settings, inspector, in_threads, addresses)
     hooks = Hooks(plugins.build_hooks(settings, reactor))
     recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
                           store, reactor, addresses)
-    answerer = Answerer(settings, lookup, store, reactor, process_state=process_state,
+    # Blocking OS calls (slow lookups, NSS, ~/.ident) run in worker threads.
+    answerer = Answerer(settings, lookup, store, reactor, run=in_threads,
+                        accounts=Accounts.from_config(settings, reactor, in_threads),
+                        optin=OptIn.from_config(settings, reactor, in_threads),
+                        process_state=process_state,
                         hooks=hooks, recursion=recursion)
     factory = IdentFactory(settings, answerer, reactor)
     listeners = [ListenService(endpoint, factory, reactor) for endpoint in settings.listen]

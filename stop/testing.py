@@ -1,6 +1,9 @@
 """Test doubles shipped with the package, for our tests and for plugin
-authors: a socket lookup answering from a table, and a store whose saves
-complete when the test says so.
+authors, one per swappable part: the OS layer's (a socket lookup answering
+from a table, accounts and an opt-in answering from dicts, a process table
+for the walk), a store whose saves complete when the test says so, and
+(appended by their owners) the others'. Each provides its interface; the
+tests check them with ``verifyObject``.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from typing import Optional
 from twisted.internet import defer
 from zope.interface import implementer
 
-from stop.errors import StoreFailed
-from stop.interfaces import IRecordStore, ISocketLookup
+from stop.errors import ProcessGone, StoreFailed, Unavailable
+from stop.interfaces import (IAccounts, IOptIn, IProcessInspector, IProcessScan, IRecordStore,
+                             ISocketLookup)
 from stop.model import Connection, Endpoint
+
+# -- The OS layer (stop.os) --------------------------------------------------
 
 
 @implementer(ISocketLookup)
@@ -38,6 +44,108 @@ class FakeLookup:
 
     def close(self) -> None:
         pass
+
+
+@implementer(IAccounts)
+class FakeAccounts:
+    """uid -> (name, home) from ``table``; (None, None) for other uids.
+    Every uid is "cached" unless listed in ``slow``: those are resolved only
+    when the test calls :meth:`release` (``pending`` holds them)."""
+
+    def __init__(self, table: Optional[dict] = None, slow=()):
+        self.table = dict(table or {})
+        self.slow = set(slow)
+        self.pending: list[tuple[int, defer.Deferred]] = []
+
+    def cached(self, uid: int):
+        return None if uid in self.slow else self.table.get(uid, (None, None))
+
+    def resolve(self, uid: int) -> defer.Deferred:
+        if uid not in self.slow:
+            return defer.succeed(self.table.get(uid, (None, None)))
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((uid, d))
+        return d
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for uid, d in pending:
+            d.callback(self.table.get(uid, (None, None)))
+
+
+@implementer(IOptIn)
+class FakeOptIn:
+    """Allows exactly the (uid, host) pairs of ``allowed``; ``asked`` lists
+    every (uid, host) asked about."""
+
+    def __init__(self, allowed=()):
+        self.allowed = set(allowed)
+        self.asked: list[tuple[int, str]] = []
+
+    def allows(self, uid: int, home: str, host: str) -> defer.Deferred:
+        self.asked.append((uid, host))
+        return defer.succeed((uid, host) in self.allowed)
+
+
+@implementer(IProcessScan)
+class TableScan:
+    """A walk's view of an in-memory process table: ``table`` is
+    {pid: (ppid, [descriptor dicts])}, ``links`` {(pid, fd): [(pid, fd)]}
+    (the peers), ``holders`` the PIDs holding any queried socket; PIDs in
+    ``gone`` exited, those in ``denied`` have unreadable descriptors.
+    ``read`` lists the PIDs whose process was read, in order."""
+
+    def __init__(self, table: dict, links: dict, holders: list, gone=(), denied=()):
+        self.table, self.links, self._holders = table, links, holders
+        self.gone, self.denied = set(gone), set(denied)
+        self.truncated = False
+        self.unavailable: dict = {}
+        self.read: list[int] = []
+
+    def holders(self, connection):
+        return self._holders
+
+    def process(self, pid, fields):
+        self.read.append(pid)
+        if pid in self.gone or pid not in self.table:
+            raise ProcessGone(pid)
+        out = {"pid": pid, "ppid": self.table[pid][0]}
+        if "name" in fields:
+            out["name"] = f"p{pid}"
+        if "users" in fields:
+            out["users"] = {"real": f"u{pid}", "effective": f"u{pid}"}
+        return out
+
+    def descriptors(self, pid, open_files):
+        if pid in self.denied:
+            raise Unavailable("EACCES")
+        return [dict(d) for d in self.table[pid][1]
+                if open_files or d["kind"] != "file"]
+
+    def peers(self, pid, descriptor):
+        return sorted(self.links.get((pid, descriptor["fd"]), []))
+
+    def close(self):
+        pass
+
+
+@implementer(IProcessInspector)
+class TableInspector:
+    """Hands out one :class:`TableScan`; ``max_fds`` is the budget the
+    last walk asked for."""
+
+    name = "table"
+
+    def __init__(self, scan: TableScan):
+        self.scan = scan
+        self.max_fds = None
+
+    def begin(self, max_fds):
+        self.max_fds = max_fds
+        return self.scan
+
+
+# -- Storage -------------------------------------------------------------------
 
 
 @implementer(IRecordStore)

@@ -12,9 +12,9 @@ from stop import wire
 from stop.answer import Answerer, Query
 from stop.config import Config
 from stop.errors import LookupFailed
-from stop.interfaces import IRecordStore, ISocketLookup
+from stop.interfaces import IAccounts, IOptIn, IRecordStore, ISocketLookup
 from stop.model import Connection, Endpoint
-from stop.testing import FakeLookup, HeldStore
+from stop.testing import FakeAccounts, FakeLookup, FakeOptIn, HeldStore
 
 HERE = "127.0.0.1"
 PEER = "127.0.0.2"
@@ -23,24 +23,14 @@ SERVICE = Connection(Endpoint(HERE, 22), Endpoint(PEER, 50000), uid=0, inode=78,
 TOKEN_RE = rb"[0-9a-f]{40}"
 
 
-class FakeOptIn:
-    def __init__(self, allowed=()):
-        self.allowed = set(allowed)
-        self.asked = []
-
-    def allows(self, uid, home, host):
-        self.asked.append((uid, host))
-        return defer.succeed((uid, host) in self.allowed)
-
-
 def make(config=None, optin=None, conns=(OUT, SERVICE), auto=True):
     store = HeldStore()
     store.auto = auto
     clock = Clock()
     clock.advance(1764072000)
     a = Answerer(config or Config(), FakeLookup(*conns), store, clock,
-                 optin=optin or FakeOptIn(), account_of=lambda uid: {1000: ("alice", "/home/alice"),
-                                           0: ("root", "/root")}.get(uid, (None, None)),
+                 optin=optin or FakeOptIn(),
+                 accounts=FakeAccounts({1000: ("alice", "/home/alice"), 0: ("root", "/root")}),
                  host_name="h1")
     return a, store
 
@@ -55,6 +45,45 @@ def ask(a, line, requester=PEER):
 def test_doubles_provide_the_interfaces():
     verifyObject(ISocketLookup, FakeLookup())
     verifyObject(IRecordStore, HeldStore())
+    verifyObject(IAccounts, FakeAccounts())
+    verifyObject(IOptIn, FakeOptIn())
+
+
+def test_a_slow_account_delays_only_its_own_queries():
+    """uid 1000's account is not cached and resolves late (NSS stalls):
+    its query waits for it; a query about another uid meanwhile does not."""
+    other = Connection(Endpoint(HERE, 40002), Endpoint(PEER, 6667), uid=0, inode=79, accepted=False)
+    a, store = make(conns=(OUT, other))
+    a._accounts.slow = {1000}
+    slow = ask(a, b"40000, 6667")
+    fast = ask(a, b"40002, 6667")
+    assert slow == [] and re.fullmatch(rb"40002, 6667 : USERID : OTHER : " + TOKEN_RE + rb"\r\n", fast[0])
+    a._accounts.release()
+    assert re.fullmatch(rb"40000, 6667 : USERID : OTHER : " + TOKEN_RE + rb"\r\n", slow[0])
+    names = sorted(json.loads(r)["user"]["name"] for r in store.saved.values())
+    assert names == ["alice", "root"]
+
+
+class BlockingLookup(FakeLookup):
+    blocking = True
+
+
+def test_a_blocking_lookup_runs_where_the_answerer_is_told():
+    ran = []
+
+    def run(f, *args):
+        ran.append(f.__name__)
+        return defer.maybeDeferred(f, *args)
+    for lookup, want in ((FakeLookup(OUT), []), (BlockingLookup(OUT), ["_connection"])):
+        store = HeldStore()
+        store.auto = True
+        a = Answerer(Config(), lookup, store, Clock(), optin=FakeOptIn(),
+                     accounts=FakeAccounts({1000: ("alice", "/home/alice")}), host_name="h1",
+                     run=run)
+        assert b"USERID : OTHER" in ask(a, b"40000, 6667")[0]
+        assert b"NO-USER" in ask(a, b"40009, 6667")[0]
+        assert ran == want * 2
+        ran.clear()
 
 
 def test_token_after_durable_save_and_record_content():

@@ -19,7 +19,7 @@ from stop.client import Outcome
 from stop.config import Config
 from stop.model import Connection, Endpoint
 from stop.recursion import Recursion
-from stop.testing import FakeLookup, FakeRecursiveClient, HeldStore
+from stop.testing import FakeAccounts, FakeLookup, FakeRecursiveClient, HeldStore
 
 HERE, PEER, OTHER_PEER = "192.0.2.10", "198.51.100.20", "198.51.100.21"
 PREV = "203.0.113.5"  # the previous host: the walk's inbound connection comes from it
@@ -79,7 +79,7 @@ class Setup:
         conns = (OUT, Connection(Endpoint(HERE, 40001), Endpoint(OTHER_PEER, 6667), 1000, 78,
                                  False))
         self.answerer = Answerer(self.config, FakeLookup(*conns), self.store, self.clock,
-                                 account_of=lambda uid: ("alice", "/home/alice"),
+                                 accounts=FakeAccounts({1000: ("alice", "/home/alice")}),
                                  host_name="h1", process_state=self.walk,
                                  recursion=self.recursion)
         self.events = []

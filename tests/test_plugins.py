@@ -18,7 +18,7 @@ from stop.errors import ConfigError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IHookPlugin, IRecordHook, IRecordStore, IStorePlugin
 from stop.model import Connection, Endpoint
-from stop.testing import FakeLookup, HeldStore
+from stop.testing import FakeAccounts, FakeLookup, HeldStore
 
 # -- settings ---------------------------------------------------------------
 
@@ -288,7 +288,7 @@ def test_answerer_calls_hooks_with_the_stored_record_and_replies_despite_failure
     good, bad = as_hook(Recorder()), as_hook(Recorder(RuntimeError("boom")))
     clock = Clock()
     answerer = Answerer(config.Config(), FakeLookup(out), store, clock,
-                        account_of=lambda uid: ("alice", "/home/alice"), host_name="h1",
+                        accounts=FakeAccounts({1000: ("alice", "/home/alice")}), host_name="h1",
                         hooks=Hooks([bad, good]))
     replies = []
     query = Query(wire.parse_request(b"40000, 6667"), Endpoint("127.0.0.2", 51000),

@@ -10,16 +10,10 @@ from stop.answer import Answerer
 from stop.config import Config
 from stop.model import Connection, Endpoint
 from stop.server import IdentFactory
-from stop.testing import FakeLookup, HeldStore
+from stop.testing import FakeLookup, FakeOptIn, HeldStore
 
 OUT = Connection(Endpoint("127.0.0.1", 40000), Endpoint("127.0.0.2", 6667), 1000, 5, False)
 TOKEN = rb"[0-9a-f]{40}"
-
-
-class NoOptIn:
-    def allows(self, uid, home, host):
-        from twisted.internet import defer
-        return defer.succeed(False)
 
 
 def factory(**settings):
@@ -27,7 +21,7 @@ def factory(**settings):
     clock = Clock()
     store = HeldStore()
     store.auto = True
-    a = Answerer(config, FakeLookup(OUT), store, clock, optin=NoOptIn(), host_name="h")
+    a = Answerer(config, FakeLookup(OUT), store, clock, optin=FakeOptIn(), host_name="h")
     return IdentFactory(config, a, clock), clock, store
 
 

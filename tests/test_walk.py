@@ -4,13 +4,12 @@ processes, remote connections and their direction, field selection."""
 from __future__ import annotations
 
 import pytest
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from stop.interfaces import IProcessInspector, IProcessScan
 from stop.model import Connection, Endpoint
-from stop.errors import ProcessGone, Unavailable
 from stop.os.common import PROCESS_FIELDS
+from stop.testing import TableInspector, TableScan
 from stop.walk import Budget, walk
 
 QUERIED = Connection(Endpoint("192.0.2.1", 40000), Endpoint("198.51.100.9", 113 + 1),
@@ -22,57 +21,6 @@ def tcp(fd, inode, local, remote, direction, state="ESTABLISHED", by="listener")
             "type": "SOCK_STREAM", "local": {"address": local[0], "port": local[1]},
             "remote": {"address": remote[0], "port": remote[1]}, "state": state,
             "direction": direction, "direction_by": by}
-
-
-@implementer(IProcessScan)
-class TableScan:
-    """A scan over a dict {pid: (ppid, [descriptors])}; links {(pid, fd): [(pid, fd)]}."""
-
-    def __init__(self, table, links, holders, gone=(), denied=()):
-        self.table, self.links, self._holders = table, links, holders
-        self.gone, self.denied = set(gone), set(denied)
-        self.truncated = False
-        self.unavailable = {}
-        self.read = []
-
-    def holders(self, connection):
-        return self._holders
-
-    def process(self, pid, fields):
-        self.read.append(pid)
-        if pid in self.gone or pid not in self.table:
-            raise ProcessGone(pid)
-        out = {"pid": pid, "ppid": self.table[pid][0]}
-        if "name" in fields:
-            out["name"] = f"p{pid}"
-        if "users" in fields:
-            out["users"] = {"real": f"u{pid}", "effective": f"u{pid}"}
-        return out
-
-    def descriptors(self, pid, open_files):
-        if pid in self.denied:
-            raise Unavailable("EACCES")
-        return [dict(d) for d in self.table[pid][1]
-                if open_files or d["kind"] != "file"]
-
-    def peers(self, pid, descriptor):
-        return sorted(self.links.get((pid, descriptor["fd"]), []))
-
-    def close(self):
-        pass
-
-
-@implementer(IProcessInspector)
-class TableInspector:
-    name = "table"
-
-    def __init__(self, scan):
-        self.scan = scan
-        self.max_fds = None
-
-    def begin(self, max_fds):
-        self.max_fds = max_fds
-        return self.scan
 
 
 def figure3_table():

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import errno
 import pwd
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorThreads
 
 from stop.errors import Unavailable
 
@@ -74,3 +78,18 @@ class UserNames:
             except KeyError:
                 self._names[uid] = None
         return self._names[uid]
+
+
+def in_thread_pool(reactor) -> Callable[..., defer.Deferred]:
+    """``run(f, *args) -> Deferred``: a blocking call in the reactor's
+    (bounded) thread pool. A reactor without threads (a ``Clock`` in tests)
+    runs it in this thread."""
+    if not IReactorThreads.providedBy(reactor):
+        return synchronously
+    from twisted.internet import threads
+    return lambda f, *a: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+
+
+def synchronously(f, *args) -> defer.Deferred:
+    """``run(f, *args) -> Deferred``: the call now, in this thread (tests, tools)."""
+    return defer.maybeDeferred(f, *args)

@@ -1,12 +1,15 @@
-"""Portable process inspection through psutil (FreeBSD, OpenBSD, macOS,
-Solaris; also runs on Linux, where ``procfs`` is the faster default).
+"""The portable OS backend, through psutil (FreeBSD, OpenBSD, macOS,
+Solaris; also runs on Linux, where netlink and procfs are faster): the
+``psutil`` socket lookup (:class:`PsutilLookup`) and process inspector
+(:class:`PsutilInspector`).
 
 What psutil cannot give is named in :attr:`PsutilScan.unavailable` and
 never guessed: it lists no pipes and no socket inodes, so pipes cannot be
 followed and UNIX-domain socket peers cannot be resolved; TCP connections
 to this host are matched by their two ends. It has no scheduling priority
-(only nice). Works with psutil 5.9 (Debian 12) and newer, where
-``Process.connections`` became ``net_connections``.
+(only nice). The lookup's limits (root, uid, cost) are in docs/lookup.rst.
+Works with psutil 5.9 (Debian 12) and newer, where ``Process.connections``
+became ``net_connections``.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from collections import defaultdict
 import psutil
 from zope.interface import implementer
 
-from stop.errors import ProcessGone, Unavailable
-from stop.interfaces import IProcessInspector, IProcessScan
-from stop.model import Connection, canonical_host
+from stop.errors import LookupFailed, ProcessGone, Unavailable
+from stop.interfaces import IProcessInspector, IProcessScan, ISocketLookup
+from stop.model import Connection, Endpoint, canonical_host, host_family
 from stop.os.common import UserNames, command_line, reason_of, text
 from stop.os.direction import DirectionRule, listener_covers
 
@@ -49,6 +52,104 @@ def _ends(conn) -> tuple[tuple[str, int], tuple[str, int]] | None:
     if not conn.laddr or not conn.raddr or isinstance(conn.laddr, str):
         return None
     return (_host(conn.laddr[0]), conn.laddr[1]), (_host(conn.raddr[0]), conn.raddr[1])
+
+
+def _bare(host: str) -> str:
+    """``host`` without its scope id."""
+    return host.partition("%")[0]
+
+
+def tcp_table() -> list:
+    """Every TCP socket of this host, as psutil lists them (``sconn``
+    tuples: fd, family, type, laddr, raddr, status, pid).
+
+    :raise LookupFailed: psutil was refused the table (macOS and AIX
+        without root) or failed.
+    """
+    try:
+        return psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied as e:
+        raise LookupFailed("psutil: the connection table needs root on this system") from e
+    except (OSError, psutil.Error) as e:
+        raise LookupFailed(f"psutil: cannot list connections: {e!r}") from e
+
+
+@implementer(ISocketLookup)
+class PsutilLookup:
+    """:class:`~stop.interfaces.ISocketLookup` over ``psutil.net_connections``.
+
+    Same semantics as the netlink backend: only ESTABLISHED connections
+    whose ends equal the query (IPv4-mapped IPv6 folded to IPv4); ``accepted``
+    is :mod:`stop.os.direction`'s rule, its listener signal read from the
+    table's LISTEN entries (:func:`~stop.os.direction.listener_covers`).
+    Differences, all from what psutil gives: ``inode`` is 0 (the walk then
+    finds the holders by the two ends); ``uid`` is the effective uid of the
+    process holding the socket (psutil has no socket owner; the two differ
+    when a socket is passed to a process of another user); a connection
+    whose holder psutil cannot see (``pid`` None: another user's process,
+    when the daemon is not root, on Linux and the BSDs) raises
+    :class:`~stop.errors.LookupFailed` rather than guess.
+
+    It reads the whole table for each query (milliseconds to tens of
+    milliseconds: ``bench/lookup_bench.py``), so it is ``blocking``: the
+    answerer calls it in a worker thread.
+
+    :param rule: the :class:`~stop.os.direction.DirectionRule`.
+    :param table: ``() -> [sconn, ...]`` (default :func:`tcp_table`).
+    """
+
+    name = "psutil"
+    blocking = True
+
+    def __init__(self, rule: DirectionRule | None = None, table=tcp_table):
+        self._rule = rule or DirectionRule()
+        self._table = table
+
+    def find(self, local: Endpoint, remote: Endpoint) -> Connection | None:
+        """See :meth:`stop.interfaces.ISocketLookup.find`.
+
+        :raise LookupFailed: the table cannot be read, or the holder of the
+            connection cannot be seen or read.
+        """
+        if local.host and host_family(local.host) != host_family(remote.host):
+            return None
+        want_local, want_remote = _bare(local.host), (_bare(remote.host), remote.port)
+        hit = None
+        listeners: set[tuple[str, int]] = set()
+        for c in self._table():
+            if c.status == psutil.CONN_LISTEN:
+                if c.laddr:
+                    listeners.add((_bare(_host(c.laddr[0])), c.laddr[1]))
+            elif hit is None and c.status == psutil.CONN_ESTABLISHED:
+                ends = _ends(c)
+                if ends is None:
+                    continue
+                (lhost, lport), (rhost, rport) = ends
+                if (lport == local.port and (_bare(rhost), rport) == want_remote
+                        and (not want_local or _bare(lhost) == want_local)):
+                    hit = c, _bare(lhost)
+        if hit is None:
+            return None
+        conn, lhost = hit
+        listening = listener_covers(listeners, lhost, local.port)
+        accepted = self._rule.decide(local.port, remote.port, listening).inbound
+        return Connection(local=local if local.host else Endpoint(lhost, local.port),
+                          remote=remote, uid=self._owner(conn), inode=0, accepted=accepted)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    @staticmethod
+    def _owner(conn) -> int:
+        if conn.pid is None:
+            raise LookupFailed("psutil: the process holding the connection is not visible "
+                               "(another user's; the daemon must run as root to see it)")
+        try:
+            return psutil.Process(conn.pid).uids().effective
+        except psutil.NoSuchProcess:
+            raise LookupFailed(f"psutil: process {conn.pid} exited while read") from None
+        except psutil.AccessDenied:
+            raise LookupFailed(f"psutil: process {conn.pid} cannot be read") from None
 
 
 def _enum_name(enum, value) -> str:

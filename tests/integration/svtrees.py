@@ -75,19 +75,34 @@ def free_port_outside_range() -> int:
     return free_port_in(max(1024, first - 12000), first - 1)
 
 
+def accepted_inode(client: Connection) -> int:
+    """The inode of the server side of ``client`` (a connection to a
+    local listener), waiting (bounded) for the server to accept it: until
+    then the kernel shows it with inode 0."""
+    ends = ((client.remote.host, client.remote.port), (client.local.host, client.local.port))
+    return wait_for(lambda: next((s.inode for s in tcp_sockets()
+                                  if (s.local, s.remote) == ends), 0),
+                    what=f"the accept of {client.local}")
+
+
 def holder_of(inode: int) -> int:
-    """The PID holding socket ``inode`` (from /proc; the first found)."""
+    """The PID holding socket ``inode`` (from /proc; the first found),
+    waiting (bounded) for it: an accepted connection has no holder until
+    the server's accept() returns."""
     want = f"socket:[{inode}]"
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            for fd in os.listdir(f"/proc/{entry}/fd"):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") == want:
-                    return int(entry)
-        except OSError:
-            continue
-    raise AssertionError(f"nobody holds {want}")
+
+    def find():
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                for fd in os.listdir(f"/proc/{entry}/fd"):
+                    if os.readlink(f"/proc/{entry}/fd/{fd}") == want:
+                        return int(entry)
+            except OSError:
+                continue
+        return None
+    return wait_for(find, what=f"a holder of {want}")
 
 
 def children(pid: int) -> list[int]:
@@ -223,7 +238,10 @@ def figure3() -> Tree:
         cmdlines = {k: open(f"/proc/{k}/cmdline", "rb").read().split(b"\0") for k in kids}
         nc_in = next(k for k, c in cmdlines.items() if b"-l" in c)
         nc_out = next(k for k in kids if k != nc_in)
-        connection_to(p1)
+        fed = connection_to(p1)
+        # The relay's side is in the kernel before nc's accept() returns,
+        # with no inode and no holder: wait for the accept too.
+        wait_for(lambda: holder_of(accepted_inode(fed)) == nc_in, what="nc -l to accept")
         tree.info = {"shell": shell.pid, "nc_in": nc_in, "nc_out": nc_out,
                      "client": client.pid, "p1": p1, "p2": p2}
         return tree
