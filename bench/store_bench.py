@@ -1,6 +1,6 @@
 """Benchmark the record stores: throughput and save latency, side by side.
 
-    .venv/bin/python bench/store_bench.py [--records 2000] [--rounds 3] [--dir PATH]
+    .venv/bin/python bench/store_bench.py [--records 2000] [--rounds 3] [--dir PATH] [--code DIR]
 
 For flat and gzip, fsync=always and fsync=batch, with 1 and 50 concurrent
 savers (each saver saves its next record as soon as the previous one
@@ -8,7 +8,13 @@ fired: a closed loop, like clients waiting for their replies), it reports
 records/s (median over the rounds) and the per-record latency from
 ``save()`` to its Deferred firing (median and p99 over all rounds), then the
 ratios batch/always and gzip/flat, and the bytes per record on disk for a
-~300-byte ID record.
+~300-byte ID record. Then the CPU the whole process (reactor and writer
+thread) spends per record with ``fsync=never`` (so the disk does not
+dominate): what a save costs in Python, the figure a hot path cares about.
+
+``--code DIR`` imports ``stop`` from DIR instead of this checkout, to
+measure an older version side by side (e.g. ``git archive <commit> stop |
+tar -x -C DIR``); run the two alternately, since the machine is shared.
 
 The store lives under --dir (default: a fresh directory in ./var/), which
 must be on a real disk: on tmpfs fsync costs nothing and the figures say
@@ -21,15 +27,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 
-from twisted.internet import defer, reactor
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+def _code_dir() -> str:
+    if "--code" in sys.argv[1:-1]:
+        return os.path.abspath(sys.argv[sys.argv.index("--code") + 1])
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+sys.path.insert(0, _code_dir())
+
+from twisted.internet import defer, reactor  # noqa: E402
 
 from stop.storage import make_store  # noqa: E402
 
@@ -57,10 +71,16 @@ def id_record(i: int) -> bytes:
     return json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 @defer.inlineCallbacks
-def run_one(base: str, store_name: str, fsync: str, savers: int, n: int, start: int):
+def run_one(base: str, store_name: str, fsync: str, savers: int, n: int, start: int, cpu=None):
     """Save ``n`` records with ``savers`` closed-loop savers.
 
+    :param cpu: a list to append the process CPU seconds per record to.
     :return: (records per second, list of latencies in seconds).
     """
     data_dir = tempfile.mkdtemp(dir=base)
@@ -76,9 +96,11 @@ def run_one(base: str, store_name: str, fsync: str, savers: int, n: int, start: 
             yield store.save("b%d" % i, id_record(i))
             latencies.append(time.perf_counter() - t0)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     yield defer.gatherResults([saver() for _ in range(savers)], consumeErrors=True)
     elapsed = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append((cpu_seconds() - c0) / n)
     yield store.close()
     shutil.rmtree(data_dir)
     return n / elapsed, latencies
@@ -114,12 +136,14 @@ def main(args):
     base = tempfile.mkdtemp(prefix="store-bench-", dir=args.dir)
     try:
         configs = [(s, f, c) for s in STORES for f in FSYNCS for c in SAVERS]
-        rates = {k: [] for k in configs}
-        lats = {k: [] for k in configs}
+        cpu_configs = [(s, "never", c) for s in STORES for c in SAVERS]
+        rates = {k: [] for k in configs + cpu_configs}
+        lats = {k: [] for k in configs + cpu_configs}
+        cpus = {k: [] for k in cpu_configs}
         start = 0
         for _ in range(args.rounds):
-            for key in configs:
-                rate, lat = yield run_one(base, *key, args.records, start)
+            for key in configs + cpu_configs:
+                rate, lat = yield run_one(base, *key, args.records, start, cpus.get(key))
                 start += args.records
                 rates[key].append(rate)
                 lats[key].extend(lat)
@@ -129,7 +153,7 @@ def main(args):
 
     rec = len(id_record(0))
     print(f"store bench: {args.records} records x {args.rounds} rounds per row, ID record {rec} bytes, "
-          f"dir {args.dir}, Python {sys.version.split()[0]}")
+          f"dir {args.dir}, Python {sys.version.split()[0]}, code {os.path.abspath(_code_dir())}")
     print()
     print(f"{'store':5} {'fsync':6} {'savers':>6} {'records/s':>10} {'lat med ms':>10} {'lat p99 ms':>10}")
     for key in configs:
@@ -151,6 +175,12 @@ def main(args):
     for name, (seg, idx) in sizes.items():
         print(f"  {name:5} {seg:7.1f} + {idx:5.1f} = {seg + idx:7.1f}")
     print(f"  gzip/flat segment bytes = {sizes['gzip'][0] / sizes['flat'][0]:.2f}")
+    print()
+    print("process CPU per record, fsync=never (reactor + writer thread; median of rounds):")
+    print(f"{'store':5} {'savers':>6} {'records/s':>10} {'cpu us/rec':>10}")
+    for key in cpu_configs:
+        print(f"{key[0]:5} {key[2]:6d} {statistics.median(rates[key]):10.0f} "
+              f"{statistics.median(cpus[key]) * 1e6:10.1f}")
 
 
 def cli() -> None:
@@ -159,6 +189,8 @@ def cli() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all configurations")
     parser.add_argument("--dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "var"),
                         help="directory on the disk to measure (default ./var)")
+    parser.add_argument("--code", default=None,
+                        help="import stop from this directory (an older version, to compare)")
     args = parser.parse_args()
     failure = []
     d = main(args)

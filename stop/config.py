@@ -49,6 +49,7 @@ class Config:
     fsync: str = "batch"
     quota_mb: int = 1024
     hash: str = "sha1"
+    head_log_interval: float = 300.0
     # Answering.
     lookup: str = "auto"
     errors: str = "normal"
@@ -113,7 +114,7 @@ class Config:
                      "max_pipeline", "max_lookups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, not {getattr(self, name)}")
-        for name in ("quota_mb", "lookup_queue"):
+        for name in ("quota_mb", "lookup_queue", "head_log_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative")
         if not 1 <= self.max_line_length <= 65536:

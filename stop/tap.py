@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, NoReturn, Optional
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.logger import ILogObserver, Logger
 from twisted.python import components, usage
 from twisted.python.failure import Failure
@@ -152,11 +152,22 @@ class Twistd:
 
 class StoreService(service.Service):
     """Opens the store when the daemon starts (after twistd dropped its
-    privileges, so files belong to the daemon's user) and closes it last."""
+    privileges, so files belong to the daemon's user) and closes it last.
 
-    def __init__(self, store: IRecordStore, data_dir: str):
+    The head of a chained store (``head()``: count and hash) is logged once
+    it is open, every ``head_interval`` seconds (setting
+    ``head_log_interval``; 0: not in between) and once it is closed: a copy
+    held elsewhere (syslog) is what ``stopctl verify --all --head`` checks a
+    truncated store against.
+    """
+
+    def __init__(self, store: IRecordStore, data_dir: str, head_interval: float = 0.0,
+                 reactor=None):
         self.store = store
         self._data_dir = data_dir
+        self._head_interval = head_interval
+        self._reactor = reactor
+        self._head_loop: Optional[task.LoopingCall] = None
 
     def startService(self) -> None:
         try:
@@ -167,10 +178,37 @@ class StoreService(service.Service):
                               f"data_dir = {self._data_dir}): {e}", EXIT_FAILURE) from None
         super().startService()
         log.info("record store {name} open", name=self.store.name)
+        if getattr(self.store, "head", None) is None:
+            return
+        self.log_head("at start")
+        if self._head_interval > 0:
+            self._head_loop = task.LoopingCall(self.log_head, "every %g s" % self._head_interval)
+            if self._reactor is not None:
+                self._head_loop.clock = self._reactor
+            self._head_loop.start(self._head_interval, now=False)
+
+    def log_head(self, when: str) -> None:
+        """Log the chain head (never raises: a LoopingCall that raises stops for good)."""
+        try:
+            if when != "at stop" and getattr(self.store, "recount_usage", None) is not None:
+                self.store.recount_usage()  # segments a prune removed stop counting
+            count, chain = self.store.head()
+            log.info("record store chain head {when}: {head} ({name} in {data_dir}); "
+                     "stopctl verify --all --head {head} checks the store against it",
+                     when=when, head=f"{count}:{chain}", name=self.store.name,
+                     data_dir=self._data_dir)
+        except Exception:
+            log.failure("cannot log the record store's chain head")
 
     def stopService(self):
         super().stopService()
-        return self.store.close()
+        if self._head_loop is not None and self._head_loop.running:
+            self._head_loop.stop()
+        self._head_loop = None
+        d = self.store.close()
+        if getattr(self.store, "head", None) is not None:
+            d.addCallback(lambda _: self.log_head("at stop"))
+        return d
 
 
 class ListenService(service.Service):
@@ -321,7 +359,7 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
     if hooks.hooks:  # stopped after the listeners: no record meets a closed hook
         HooksService(hooks).setServiceParent(top)
     # The store starts before the listeners, so no query meets a closed store.
-    StoreService(store, settings.data_dir).setServiceParent(top)
+    StoreService(store, settings.data_dir, settings.head_log_interval, reactor).setServiceParent(top)
     # Stopped after the listeners, before the store: outcomes of questions
     # cut short are still saved.
     RecursionService(recursion).setServiceParent(top)

@@ -41,3 +41,19 @@ class WriterThreadTests(unittest.TestCase):
         self.w.stop()
         self.assertEqual(done, [1])
         self.assertFalse(self.w.started)
+
+    @defer.inlineCallbacks
+    def test_then_runs_after_the_result_and_before_the_next_call(self):
+        seen = []
+        first = self.w.call(lambda: seen.append("f") or 1, then=lambda: seen.append("then"))
+        second = self.w.call(lambda: seen.append("next"))
+        self.assertEqual((yield first), 1)
+        yield second
+        self.assertEqual(seen, ["f", "then", "next"])
+
+    @defer.inlineCallbacks
+    def test_a_failing_then_is_logged_and_the_thread_goes_on(self):
+        d = self.w.call(lambda: "ok", then=lambda: 1 / 0)
+        self.assertEqual((yield d), "ok")
+        self.assertEqual((yield self.w.call(lambda: "still here")), "still here")
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

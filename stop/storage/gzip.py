@@ -11,9 +11,8 @@ used here: this module's name shadows the standard :mod:`gzip` for nobody
 from __future__ import annotations
 
 import zlib
-from typing import Optional
-
-from stop.storage.log import _MAX_LINE, _READ_CHUNK, BadEntry, Codec, LogStore
+from stop.storage.entries import _READ_CHUNK, MAX_LINE, BadEntry, Codec
+from stop.storage.log import LogStore
 
 # wbits for a gzip header and trailer (CRC-32 and length, checked on read).
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
@@ -48,7 +47,7 @@ class GzipCodec(Codec):
                 if p >= len(buf):
                     raise BadEntry("incomplete gzip member")
                 chunk = view[p:p + _READ_CHUNK]
-                data = dec.decompress(chunk, _MAX_LINE + 1 - size)
+                data = dec.decompress(chunk, MAX_LINE + 1 - size)
                 if dec.unconsumed_tail:
                     raise BadEntry("gzip member larger than a record may be")
                 out.append(data)
@@ -64,16 +63,15 @@ class GzipCodec(Codec):
         nxt = buf.find(_MEMBER_START, pos + 1)
         return len(buf) if nxt < 0 else nxt
 
-    def salvage(self, raw: bytes) -> Optional[tuple[str, str]]:
-        """Decompress what can be of a bad member (no CRC check) and read
-        its start."""
+    def head(self, raw: bytes) -> bytes:
+        """Decompress what can be of a bad member (no CRC check): the
+        start of its line."""
         if not raw.startswith(_MEMBER_START) or len(raw) < 11:
-            return None
+            return b""
         try:
-            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[10:], 1024)
+            return zlib.decompressobj(-zlib.MAX_WBITS).decompress(raw[10:], 1024)
         except zlib.error:
-            return None
-        return super().salvage(head)
+            return b""
 
 
 class GzipStore(LogStore):

@@ -1,39 +1,36 @@
-"""The append-only, chained log engine shared by the ``flat`` and ``gzip`` stores.
+"""The append-only, chained log store shared by the ``flat`` and ``gzip`` stores.
 
 Layout under ``data_dir`` (see docs/storage.rst)::
 
     records/                    0700
         format                  0600, "stop-store 2": the format of the entries
         seg-00000001.log[.gz]   0600, append-only entries, rotated at segment_bytes
+        index.sqlite[-wal|-shm] 0600, a cache: token -> where (stop.storage.index)
+        checkpoint              0600, where the chain starts after a prune (stop.storage.chain)
         torn-<segment>-<offset> 0600, bytes of a torn tail moved aside on open
 
-An entry is one line::
-
-    <kind> <seq> <token> <sha256-of-payload> <chain> <payload>\\n
-
-``kind`` is ``R`` (a record, saved under its token) or ``L`` (an entry
-linked to the record of ``token``); ``seq`` numbers the entries of the
-store from 1; ``chain`` is the SHA-256 (hex) of the previous entry's chain
-followed by a space and this entry's first four fields (the first entry's
-predecessor is :data:`GENESIS`), so every entry commits to every one before
-it. A line is stored as is (flat) or as its own gzip member (gzip); a codec
-(:class:`Codec`) is the only difference between the two stores.
+The entries and their chain are described in :mod:`stop.storage.entries`; a
+codec (:class:`~stop.storage.entries.Codec`) is the only difference between
+the flat and gzip stores.
 
 Writes: ``save``/``save_linked`` queue the entry; one worker thread writes
 each batch with one write and one ``fdatasync`` (group commit), then every
-Deferred of the batch fires on the reactor thread. Reads are synchronous
-``pread`` calls and verify the payload's SHA-256 every time.
+Deferred of the batch fires on the reactor thread; after that, in the same
+thread, the batch's rows go into the index (one SQLite commit, no fsync).
+Reads are synchronous: an index lookup, then a ``pread`` whose payload is
+checked against its SHA-256 every time. Nothing is kept in memory per
+record: the daemon's memory does not grow with the store.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import collections
+import contextlib
 import os
 import re
-import stat
+import sqlite3
 from collections.abc import Iterator
-from typing import NamedTuple, Optional
+from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -41,6 +38,14 @@ from zope.interface import implementer
 
 from stop.errors import ConfigError, StoreFailed
 from stop.interfaces import IRecordStore
+from stop.storage import index as index_mod
+# The entry format, re-exported: other modules and tests import it from here.
+from stop.storage.entries import (  # noqa: F401
+    DEFAULT_SEGMENT_BYTES, FORMAT_LINE, GENESIS, LINKED, MAX_LINE, MAX_RECORD_BYTES,
+    MAX_TOKEN_CHARS, RECORD, BadEntry, Codec, Entry, Found, check_dir, check_entry,
+    check_linked, chain_next, format_entry, fsync_dir, iter_entries, make_dir, open_file,
+    oserror, parse_entry, read_entries, write_all, write_file)
+from stop.storage.index import Index, IndexBroken, Last
 from stop.storage.writer import WriterThread
 
 # Module-level names so tests can observe or fail them (monkeypatch).
@@ -50,259 +55,16 @@ pwrite = os.pwrite
 
 #: The ``fsync`` settings: one fdatasync per batch, per record, or none.
 FSYNC_MODES = ("batch", "always", "never")
-#: Default segment size at which a new segment file is started (bytes).
-DEFAULT_SEGMENT_BYTES = 64 * 2**20
-#: Largest record (or linked entry) accepted (bytes); bounds memory when a segment is scanned.
-MAX_RECORD_BYTES = 4 * 2**20
-#: Longest token accepted (characters).
-MAX_TOKEN_CHARS = 256
-#: Entry kinds: a record, and an entry linked to a record.
-RECORD, LINKED = "R", "L"
-#: The chain value before the first entry of a store.
-GENESIS = "0" * 64
-#: What ``records/format`` holds for the entry format written here.
-FORMAT_LINE = b"stop-store 2\n"
-
-_TOKEN_RE = re.compile(rb"[!-~]{1,%d}\Z" % MAX_TOKEN_CHARS)
-_HEX64 = rb"[0-9a-f]{64}"
-_ENTRY_RE = re.compile(rb"([RL]) ([1-9][0-9]{0,19}) ([!-~]{1,%d}) (%s) (%s) " % (MAX_TOKEN_CHARS, _HEX64, _HEX64))
-_MAX_LINE = 2 + 21 + MAX_TOKEN_CHARS + 2 * 65 + 1 + MAX_RECORD_BYTES + 1
-_READ_CHUNK = 4096
+#: Read-only segment descriptors kept open at most (least recently used go).
+MAX_READ_FDS = 16
+#: Index rows written per transaction while (re)building the index on open.
+_BUILD_ROWS = 10000
+#: The writer commits index rows once this many are waiting...
+INDEX_ROWS = 256
+#: ... or this many seconds after the first of them (whichever comes first).
+INDEX_DELAY = 1.0
 
 log = Logger()
-
-
-def check_entry(token: str, record: bytes) -> None:
-    """Check that ``token`` and ``record`` can be stored (every store,
-    ``memory`` too, accepts exactly the same).
-
-    :raise stop.errors.StoreFailed: ``token`` is not 1..256 printable ASCII
-        characters without space, or ``record`` is not bytes, holds a
-        newline, or is larger than :data:`MAX_RECORD_BYTES`.
-    """
-    if not isinstance(token, str) or not _TOKEN_RE.match(token.encode("utf-8")):
-        raise StoreFailed(f"bad token {token!r}: want 1..{MAX_TOKEN_CHARS} printable ASCII characters, no space")
-    if not isinstance(record, bytes):
-        raise StoreFailed(f"record for {token} is {type(record).__name__}, not bytes")
-    if b"\n" in record:
-        raise StoreFailed(f"record for {token} holds a newline (not canonical JSON)")
-    if len(record) > MAX_RECORD_BYTES:
-        raise StoreFailed(f"record for {token} is {len(record)} bytes, over {MAX_RECORD_BYTES}")
-
-
-def check_linked(token: str, entry: bytes) -> None:
-    """Check a linked entry as every store does: the rules of
-    :func:`check_entry`, and ``entry`` is the canonical JSON of one object
-    (``stop.records.canonical``).
-
-    :raise stop.errors.StoreFailed: it is not.
-    """
-    check_entry(token, entry)
-    try:
-        obj = json.loads(entry.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise StoreFailed(f"entry linked to {token} is not JSON") from None
-    if not isinstance(obj, dict):
-        raise StoreFailed(f"entry linked to {token} is not a JSON object")
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                           allow_nan=False).encode("utf-8")
-    if canonical != entry:
-        raise StoreFailed(f"entry linked to {token} is not canonical JSON (stop.records.canonical)")
-
-
-def chain_next(prev: str, kind: str, seq: int, token: str, digest: str) -> str:
-    """The chain value of an entry: SHA-256 (hex) of ``prev`` (the previous
-    entry's chain, or :data:`GENESIS`), a space, and the entry's first four
-    fields ``kind seq token digest`` separated by single spaces."""
-    return hashlib.sha256(f"{prev} {kind} {seq} {token} {digest}".encode("ascii")).hexdigest()
-
-
-class Entry(NamedTuple):
-    """One parsed, digest-checked entry."""
-
-    kind: str
-    seq: int
-    token: str
-    digest: str
-    chain: str
-    payload: bytes
-
-
-def format_entry(kind: str, seq: int, token: str, payload: bytes, prev: str) -> tuple[bytes, str]:
-    """The uncompressed line of an entry, and its chain value.
-
-    :param prev: the chain value of the entry before it.
-    """
-    digest = hashlib.sha256(payload).hexdigest()
-    chain = chain_next(prev, kind, seq, token, digest)
-    return b"%s %d %s %s %s %s\n" % (kind.encode("ascii"), seq, token.encode("ascii"),
-                                       digest.encode("ascii"), chain.encode("ascii"), payload), chain
-
-
-class BadEntry(Exception):
-    """An entry that is incomplete or fails its checks (``str()`` says why)."""
-
-
-def parse_entry(line: bytes) -> Entry:
-    """Split one uncompressed entry (with its newline) and check its
-    payload against its SHA-256. The chain is not checked here (that needs
-    the previous entry: see ``stopctl verify --all``).
-
-    :raise BadEntry: wrong shape, or the payload's SHA-256 differs.
-    """
-    if not line.endswith(b"\n") or line.count(b"\n") != 1:
-        raise BadEntry("not one newline-terminated line")
-    m = _ENTRY_RE.match(line)
-    if m is None:
-        raise BadEntry("not '<kind> <seq> <token> <sha256> <chain> <payload>'")
-    payload = line[m.end():-1]
-    digest = m.group(4)
-    if hashlib.sha256(payload).hexdigest().encode("ascii") != digest:
-        raise BadEntry("payload does not match its SHA-256")
-    return Entry(m.group(1).decode("ascii"), int(m.group(2)), m.group(3).decode("ascii"),
-                 digest.decode("ascii"), m.group(5).decode("ascii"), payload)
-
-
-class Codec:
-    """How entries sit in a segment file: the one thing flat and gzip
-    differ in. This base class stores lines as they are (flat)."""
-
-    #: Segment file name suffix.
-    suffix = ".log"
-
-    def encode(self, line: bytes) -> bytes:
-        """The bytes appended to a segment for one entry ``line``."""
-        return line
-
-    def next_entry(self, buf: bytes, pos: int) -> tuple[bytes, int]:
-        """Read the entry starting at ``buf[pos]``.
-
-        :return: ``(line, end)``: the uncompressed line and the offset just
-            past the stored entry.
-        :raise BadEntry: incomplete or malformed (not yet hash-checked).
-        """
-        end = buf.find(b"\n", pos, pos + _MAX_LINE)
-        if end < 0:
-            raise BadEntry("no newline: incomplete entry")
-        return buf[pos:end + 1], end + 1
-
-    def decode(self, raw: bytes) -> bytes:
-        """The line of exactly one stored entry ``raw`` (for ``get``).
-
-        :raise BadEntry: ``raw`` is not exactly one entry.
-        """
-        line, end = self.next_entry(raw, 0)
-        if end != len(raw):
-            raise BadEntry("entry length differs from the index")
-        return line
-
-    def resync(self, buf: bytes, pos: int) -> int:
-        """Where the next entry may start after a bad one at ``buf[pos]``
-        (``len(buf)`` when nowhere): past the next newline."""
-        end = buf.find(b"\n", pos)
-        return len(buf) if end < 0 else end + 1
-
-    def salvage(self, raw: bytes) -> Optional[tuple[str, str]]:
-        """``(kind, token)`` read from the start of a bad entry's bytes
-        when they still say it, else ``None``: so a damaged record is
-        reported as damaged, not as unknown."""
-        m = _ENTRY_RE.match(raw)
-        return (m.group(1).decode("ascii"), m.group(3).decode("ascii")) if m else None
-
-
-class Found(NamedTuple):
-    """What :func:`iter_entries` met at ``buf[pos:end]``: a sound ``entry``,
-    or bad bytes (``entry`` None, ``why`` says why, ``salvaged`` the
-    ``(kind, token)`` they still show, if any)."""
-
-    pos: int
-    end: int
-    entry: Optional[Entry]
-    why: Optional[str]
-    salvaged: Optional[tuple[str, str]]
-
-
-def iter_entries(codec: Codec, buf: bytes, pos: int = 0) -> Iterator[Found]:
-    """Every entry of ``buf`` from ``pos``, in order; a run of bad bytes is
-    one :class:`Found` without entry, and the walk goes on at the next place
-    an entry may start (a damaged entry never hides the ones after it)."""
-    while pos < len(buf):
-        try:
-            line, end = codec.next_entry(buf, pos)
-            yield Found(pos, end, parse_entry(line), None, None)
-            pos = end
-            continue
-        except BadEntry as exc:
-            why = str(exc)
-        end = codec.resync(buf, pos)
-        # Bad bytes run until the next sound entry.
-        while end < len(buf):
-            try:
-                line, _ = codec.next_entry(buf, end)
-                parse_entry(line)
-                break
-            except BadEntry:
-                end = codec.resync(buf, end)
-        yield Found(pos, end, None, why, codec.salvage(buf[pos:end]))
-        pos = end
-
-
-def _oserror(what: str, path: str, exc: OSError) -> StoreFailed:
-    text = os.strerror(exc.errno) if exc.errno else str(exc)
-    return StoreFailed(f"{what} {path}: {text} (errno {exc.errno})")
-
-
-def _open_file(path: str, flags: int) -> int:
-    """os.open that never follows a symlink and forces mode 0600 on a file
-    it creates, whatever the umask."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        if flags & os.O_CREAT:
-            os.fchmod(fd, 0o600)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _check_dir(path: str, readonly: bool) -> None:
-    """Refuse a directory an attacker could have planted or can write.
-
-    :raise StoreFailed: ``path`` is a symlink, not a directory, owned by
-        another uid (a root reader may read any), or group/world-writable.
-    """
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise StoreFailed(f"store directory {path} is a symlink; refusing it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise StoreFailed(f"store directory {path} is not a directory")
-    uid = os.getuid()
-    if st.st_uid != uid and not (readonly and uid == 0):
-        raise StoreFailed(f"store directory {path} is owned by uid {st.st_uid}, not by uid {uid}")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise StoreFailed(f"store directory {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):o})")
-
-
-def _make_dir(path: str) -> None:
-    """Create ``path`` 0700 (whatever the umask) and make it durable."""
-    os.mkdir(path, 0o700)
-    os.chmod(path, 0o700)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
 
 #: Where an entry is: (segment number, offset, stored length).
 Loc = tuple[int, int, int]
@@ -323,8 +85,8 @@ class LogStore:
     :param segment_bytes: start a new segment file before one would grow
         past this size (a single entry larger than it gets its own segment).
     :param readonly: open for reading only (``stopctl``): no thread, no
-        repair, no writes; reads rescan the tail to see what the daemon
-        appended since.
+        repair, no writes; reads also scan what the daemon appended past
+        the index.
     :raise stop.errors.ConfigError: bad ``fsync`` or ``segment_bytes``.
     """
 
@@ -346,22 +108,21 @@ class LogStore:
         self.readonly = readonly
         self._opened = False
         self._closed = False
-        # token -> loc of its record; insertion order is log order.
-        self._index: dict[str, Loc] = {}
-        # token -> locs of its linked entries, oldest first.
-        self._linked: dict[str, list[Loc]] = {}
-        # Where the next scan starts: (segment, offset) past the last known entry.
-        self._scan_seg = 0
-        self._scan_off = 0
-        # The chain head: seq and chain value of the last entry (on the
-        # reactor thread: of the last entry known durable).
+        # The index: the writer's connection (its thread; open) and one for
+        # reads on the reactor thread (both, in a reader, the same).
+        self._wix: Optional[Index] = None
+        self._rix: Optional[Index] = None
+        # The chain head (reactor thread): seq and chain of the last entry
+        # known durable.
         self._head_seq = 0
         self._head_chain = GENESIS
-        self._usage = 0
-        self._read_fds: dict[int, int] = {}
+        # usage(): segment bytes (tracked per batch), other files, index files.
+        self._seg_bytes = 0
+        self._other_bytes = 0
+        self._index_bytes = 0
+        self._read_fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._released = False
-        self._found_on_open: list = []
-        # Writer state; the worker thread owns _seg_*, _w_* while a batch is in flight.
+        # Writer state; the worker thread owns _seg_*, _w_*, _rows while a batch is in flight.
         self._pool: WriterThread | None = None
         self._shutdown_trigger = None
         self._seg_no = 0
@@ -370,6 +131,10 @@ class LogStore:
         self._dir_dirty = False
         self._w_seq = 0
         self._w_chain = GENESIS
+        self._w_last: Optional[Last] = None   # the newest durable entry (the index's "last")
+        self._ix_rows = 0              # rows in the writer's open index transaction
+        self._ix_stale = False         # the index missed entries: catch up before the next batch
+        self._index_timer = None
         self._pending: list[tuple[str, str, bytes, defer.Deferred]] = []
         self._reserved: set[str] = set()
         self._flushing = False
@@ -380,7 +145,7 @@ class LogStore:
     def _seg_path(self, seg: int) -> str:
         return os.path.join(self.records_dir, "seg-%08d%s" % (seg, self.codec.suffix))
 
-    def _segments(self) -> list[int]:
+    def segments(self) -> list[int]:
         """Segment numbers present on disk, ascending.
 
         :raise StoreFailed: segments of another codec are there.
@@ -399,8 +164,11 @@ class LogStore:
     # -- open --------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the store: check the directories and the format, scan the
-        segments, and (writer) move a torn tail aside.
+        """Open the store: check the directories and the format (a writer
+        converts a store of stop 0.1.0 first), open the index and check it
+        against the segments (rebuilding it when it does not describe
+        them), index what the segments hold past it, and (writer) move a
+        torn tail aside.
 
         :raise StoreFailed: unsafe or unusable directory, a store of another
             format, an OS error, or ``open`` called twice.
@@ -410,26 +178,36 @@ class LogStore:
         try:
             self._open_dirs()
             self._check_format()
-            self._load()
-            if not self.readonly:
+            if self.readonly:
+                self._rix = Index(self.records_dir, readonly=True)
+                self._rix.open()
+                self._head_seq, self._head_chain = self._tail_head()
+            else:
+                self._open_index()
+                self._load()
                 self._open_writer()
+            self._count_usage()
         except OSError as exc:
             self._release_fds()
-            raise _oserror("cannot open store", getattr(exc, "filename", None) or self.data_dir, exc) from exc
+            raise oserror("cannot open store", getattr(exc, "filename", None) or self.data_dir, exc) from exc
         except StoreFailed:
             self._release_fds()
             raise
         self._opened = True
-        log.info("{name} store {dir} open{ro}: {n} records, {usage} bytes, head {seq} {chain}",
+        log.info("{name} store {dir} open{ro}: {usage} bytes, head {seq} {chain}",
                  name=self.name, dir=self.data_dir, ro=" (read-only)" if self.readonly else "",
-                 n=len(self._index), usage=self._usage, seq=self._head_seq, chain=self._head_chain)
+                 usage=self.usage(), seq=self._head_seq, chain=self._head_chain)
 
     def _open_dirs(self) -> None:
         for path in (self.data_dir, self.records_dir):
             if not self.readonly and not os.path.lexists(path):
-                _make_dir(path)
+                if path == self.records_dir:
+                    from stop.storage import migrate
+                    if migrate.resume(self):
+                        continue
+                make_dir(path)
             try:
-                _check_dir(path, self.readonly)
+                check_dir(path, self.readonly)
             except FileNotFoundError:
                 raise StoreFailed(f"store directory {path} does not exist") from None
         if not self.readonly:
@@ -437,21 +215,23 @@ class LogStore:
             os.chmod(self.records_dir, 0o700)
 
     def _check_format(self) -> None:
-        """Check ``records/format``; a writer creates it in a new store.
+        """Check ``records/format``; a writer creates it in a new store and
+        converts a store of stop 0.1.0 (:mod:`stop.storage.migrate`).
 
-        :raise StoreFailed: segments without a format file (the format of
-            stop 0.1.0), or a format this code does not know.
+        :raise StoreFailed: (reader) a store of stop 0.1.0; a format this
+            code does not know.
         """
         try:
-            fd = _open_file(self.format_path, os.O_RDONLY)
+            fd = open_file(self.format_path, os.O_RDONLY)
         except FileNotFoundError:
-            if self._segments():
-                raise StoreFailed(
-                    f"{self.records_dir} holds segments of the record format of stop 0.1.0 "
-                    "(no records/format file), which this version does not read; "
-                    "see docs/storage.rst, 'Stores of stop 0.1.0'") from None
+            if self.segments():
+                from stop.storage import migrate
+                if self.readonly:
+                    raise StoreFailed(migrate.reader_message(self)) from None
+                migrate.convert(self)
+                return self._check_format()
             if not self.readonly:
-                self._write_format()
+                write_file(self.format_path, FORMAT_LINE)
             return
         try:
             found = os.read(fd, 100)
@@ -461,71 +241,108 @@ class LogStore:
             raise StoreFailed(f"{self.format_path} says {found[:40]!r}, not {FORMAT_LINE!r}: "
                               "a store of another version of stop")
 
-    def _write_format(self) -> None:
-        tmp = self.format_path + ".tmp"
-        fd = _open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    def _open_index(self) -> None:
+        """Writer: open the index, replacing a broken one."""
+        self._wix = Index(self.records_dir, readonly=False)
         try:
-            _write_all(fd, FORMAT_LINE)
-            fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.format_path)
-        _fsync_dir(self.records_dir)
+            self._wix.open()
+        except IndexBroken as exc:
+            log.warn("{path}: unusable ({why}); rebuilding it from the segments",
+                     path=self._wix.path, why=str(exc))
+            for path in index_mod.files(self.records_dir):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+            self._wix = Index(self.records_dir, readonly=False)
+            try:
+                self._wix.open()
+            except IndexBroken as exc2:
+                raise StoreFailed(f"cannot make the index {self._wix.path}: {exc2}") from None
+        self._rix = Index(self.records_dir, readonly=True)
+        self._rix.open()
 
     def _load(self) -> None:
-        """Index every entry of the segments (moving a torn tail aside when
-        writing) and count the bytes on disk."""
-        segments = self._segments()
-        self._found_on_open = self._scan(segments, repair=not self.readonly)
-        self._usage = sum(os.stat(self._seg_path(s)).st_size for s in self._segments())
-        for entry in os.listdir(self.records_dir):
-            if entry == "format" or entry.startswith("torn-"):
-                self._usage += os.lstat(os.path.join(self.records_dir, entry)).st_size
-
-    def _note(self, entry: Entry, loc: Loc, path: str) -> bool:
-        """Index one sound entry found by a scan; False when it is a record
-        whose token is already stored (reported, not indexed)."""
-        if entry.kind == RECORD:
-            if entry.token in self._index:
-                log.error("{path}: token {token} stored twice (offset {off}); keeping the first",
-                          path=path, token=entry.token, off=loc[1])
-                return False
-            self._index[entry.token] = loc
+        """Writer: check the index against the segments, then index every
+        entry past it (moving a torn tail aside)."""
+        start = self._index_start()
+        if start is None:
+            self._wix.clear()
+            seg, off = 0, 0
+            self._head_seq, self._head_chain = self._chain_start()
         else:
-            self._linked.setdefault(entry.token, []).append(loc)
-        return True
+            seg, off = start.seg, start.off + start.len
+            self._head_seq, self._head_chain = start.seq, start.chain
+        self._w_last = start
+        self._index_past(seg, off)
 
-    def _scan(self, segments: list[int], repair: bool) -> list:
-        """Index every good entry past (_scan_seg, _scan_off).
+    def _index_start(self) -> Optional[Last]:
+        """The index's newest entry when the index describes these
+        segments, else None (rebuild from the start).
 
-        :param repair: move a torn tail of the last segment aside (writer).
-        :return: the new ``(entry, loc)`` pairs, in order.
+        It does when the entry it names is there: sound with the same seq
+        and chain, or damaged but still showing that seq (an entry the
+        index lists was durable, so damage to it is reported by reads, not
+        taken for a torn tail).
         """
-        found = []
-        todo = [s for s in segments if s >= self._scan_seg]
-        for seg in todo:
-            start = self._scan_off if seg == self._scan_seg else 0
-            path = self._seg_path(seg)
-            fd = _open_file(path, os.O_RDONLY)
+        last = self._wix.last()
+        if last is None:
+            return None
+        path = self._seg_path(last.seg)
+        try:
+            raw = os.pread(_open_read(path, self._read_fds, last.seg), last.len, last.off)
+        except (OSError, StoreFailed):
+            raw = b""
+        why = None
+        if len(raw) != last.len:
+            why = "it names an entry past the end of the segments"
+        else:
             try:
-                size = os.fstat(fd).st_size
-                buf = os.pread(fd, size - start, start) if size > start else b""
-            finally:
-                os.close(fd)
-            pos = 0
-            last = seg == segments[-1]
-            for item in iter_entries(self.codec, buf):
-                loc = (seg, start + item.pos, item.end - item.pos)
-                if item.entry is not None:
-                    if self._note(item.entry, loc, path):
-                        found.append((item.entry, loc))
-                    self._head_seq, self._head_chain = item.entry.seq, item.entry.chain
-                elif last and item.end == len(buf):
-                    # Bad bytes after the last sound entry of the last
-                    # segment: a torn tail, or bytes the writer is adding
-                    # right now (a reader leaves them for the next scan).
-                    if repair:
-                        self._move_torn_tail(seg, start + item.pos, buf[item.pos:], item.why)
+                entry = parse_entry(self.codec.decode(raw))
+            except BadEntry as exc:
+                salvaged = self.codec.salvage(raw)
+                if salvaged is None or not self._indexed_at(salvaged, last):
+                    why = f"its newest entry is not there ({exc})"
+                else:
+                    log.error("{path}: entry {seq} at offset {off} is damaged ({why})",
+                              path=path, seq=last.seq, off=last.off, why=str(exc))
+            else:
+                if (entry.seq, entry.chain) != (last.seq, last.chain):
+                    why = f"its newest entry {last.seq} is entry {entry.seq} there"
+        if why is None:
+            return last
+        log.warn("{path} does not describe the segments ({why}); rebuilding it by a full scan",
+                 path=self._wix.path, why=why)
+        return None
+
+    def _indexed_at(self, salvaged: tuple[str, int, str], last: Last) -> bool:
+        """Does the index hold the entry ``salvaged`` says, as ``last``?"""
+        kind, seq, token = salvaged
+        rows = [self._wix.record(token)] if kind == RECORD else self._wix.linked(token)
+        return (last.seq, last.loc) in rows
+
+    def _index_past(self, seg: int, off: int, repair: bool = True) -> None:
+        """Writer: index every entry from (seg, off) to the end,
+        ``_BUILD_ROWS`` rows per commit; with ``repair`` (on open) move a
+        torn tail aside, else leave it unindexed."""
+        records: list = []
+        linked: list = []
+        skipped = 0
+        segments = [s for s in self.segments() if s >= seg]
+        last = self._w_last
+        for s in segments:
+            path = self._seg_path(s)
+            tail_end = None
+            for item in read_entries(self.codec, path, off if s == seg else 0):
+                loc = (s, item.pos, item.end - item.pos)
+                entry = item.entry
+                if entry is not None:
+                    row = (entry.token, entry.seq, *loc)
+                    (records if entry.kind == RECORD else linked).append(row)
+                    self._head_seq, self._head_chain = entry.seq, entry.chain
+                    last = Last(entry.seq, *loc, entry.chain)
+                elif s == segments[-1] and item.end == os.path.getsize(path):
+                    tail_end = item if repair else None  # torn tail: moved aside below
                     break
                 else:
                     # Followed by sound entries, or in an older segment
@@ -536,32 +353,45 @@ class LogStore:
                     log.error("{path}: bad entry at offset {off} ({why}), {n} bytes",
                               path=path, off=loc[1], why=item.why, n=loc[2])
                     if item.salvaged and item.salvaged[0] == RECORD:
-                        self._index.setdefault(item.salvaged[1], loc)
-                pos = item.end
-            self._scan_seg, self._scan_off = seg, start + pos
-        return found
+                        records.append((item.salvaged[2], item.salvaged[1], *loc))
+                if len(records) + len(linked) >= _BUILD_ROWS:
+                    skipped += self._wix.add(records, linked, last)
+                    self._wix.commit()
+                    records, linked = [], []
+            if tail_end is not None:
+                self._move_torn_tail(s, tail_end.pos, tail_end.why)
+        if records or linked or last != self._w_last:
+            skipped += self._wix.add(records, linked, last)
+            self._wix.commit()
+        if skipped:
+            log.error("{dir}: {n} records reuse a token stored before them; the index keeps the first",
+                      dir=self.records_dir, n=skipped)
+        self._w_last = last
 
-    def _move_torn_tail(self, seg: int, offset: int, tail: bytes, why: str) -> None:
+    def _move_torn_tail(self, seg: int, offset: int, why: str) -> None:
         """Copy a torn tail to ``torn-<seg>-<offset>`` (0600, durable), then
         truncate the segment to its last good entry."""
+        seg_path = self._seg_path(seg)
+        with open(seg_path, "rb") as f:
+            f.seek(offset)
+            tail = f.read()
         base = os.path.join(self.records_dir, "torn-%08d-%d" % (seg, offset))
         for n in range(1000):  # bounded: same name again only after repeated crashes at one spot
             path = base if n == 0 else f"{base}.{n}"
             try:
-                fd = _open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 break
             except FileExistsError:
                 continue
         else:
             raise StoreFailed(f"cannot name a torn-tail file next to {base}")
         try:
-            _write_all(fd, tail)
+            write_all(fd, tail)
             fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.records_dir)
-        seg_path = self._seg_path(seg)
-        fd = _open_file(seg_path, os.O_WRONLY)
+        fsync_dir(self.records_dir)
+        fd = open_file(seg_path, os.O_WRONLY)
         try:
             os.ftruncate(fd, offset)
             fsync(fd)
@@ -570,11 +400,24 @@ class LogStore:
         log.warn("{seg}: torn tail of {n} bytes at offset {off} ({why}), from a crash before its reply; "
                  "moved to {path} and truncated", seg=seg_path, n=len(tail), off=offset, why=why, path=path)
 
+    def _count_usage(self) -> None:
+        self._seg_bytes = self._other_bytes = self._index_bytes = 0
+        index_files = set(os.path.basename(p) for p in index_mod.files(self.records_dir))
+        seg_re = re.compile(r"seg-[0-9]{8}%s\Z" % re.escape(self.codec.suffix))
+        for entry in os.listdir(self.records_dir):
+            size = os.lstat(os.path.join(self.records_dir, entry)).st_size
+            if seg_re.match(entry):
+                self._seg_bytes += size
+            elif entry in index_files:
+                self._index_bytes += size
+            else:
+                self._other_bytes += size
+
     def _open_writer(self) -> None:
-        segments = self._segments()
+        segments = self.segments()
         if segments:
             self._seg_no = segments[-1]
-            self._seg_fd = _open_file(self._seg_path(self._seg_no), os.O_WRONLY)
+            self._seg_fd = open_file(self._seg_path(self._seg_no), os.O_WRONLY)
             self._seg_size = os.fstat(self._seg_fd).st_size
         self._w_seq, self._w_chain = self._head_seq, self._head_chain
         if self._reactor is None:
@@ -601,7 +444,7 @@ class LogStore:
         try:
             self._check_writable()
             check_entry(token, record)
-            if token in self._index or token in self._reserved:
+            if token in self._reserved:
                 raise StoreFailed(f"token {token} is already stored; a token is never reused")
         except StoreFailed:
             return defer.fail()
@@ -619,8 +462,6 @@ class LogStore:
         try:
             self._check_writable()
             check_linked(token, entry)
-            if token not in self._index and token not in self._reserved:
-                raise StoreFailed(f"no record for token {token}: nothing to link an entry to")
         except StoreFailed:
             return defer.fail()
         return self._queue(LINKED, token, entry)
@@ -634,45 +475,45 @@ class LogStore:
 
     def _flush(self) -> None:
         """Hand the queued entries to the worker as one batch ("always":
-        one entry per batch)."""
+        one entry per batch); their index rows follow once the Deferreds
+        are on their way."""
         take = 1 if self._fsync == "always" else len(self._pending)
         batch, self._pending = self._pending[:take], self._pending[take:]
         self._flushing = True
         items = [(kind, token, payload) for kind, token, payload, _ in batch]
-        d = self._pool.call(self._commit, items)
+        d = self._pool.call(self._commit, items, then=self._index_some)
         d.addBoth(self._committed, batch)
+        if self._index_timer is None:
+            self._index_timer = self._reactor.callLater(INDEX_DELAY, self._index_due)
+
+    def _index_due(self) -> None:
+        """Reactor: INDEX_DELAY after a batch, have the writer commit the
+        rows still waiting (queued behind the batches in flight)."""
+        self._index_timer = None
+        if self._pool is not None and self._pool.started:
+            self._pool.call(self._index_commit)
 
     def _committed(self, result, batch) -> None:
-        """Reactor thread: record where the batch went, fire its Deferreds,
-        start the next batch. ``_flushing`` stays set while the Deferreds
-        fire, so a callback's ``save`` queues and its ``close`` waits."""
+        """Reactor thread: fire the batch's Deferreds, start the next batch.
+        ``_flushing`` stays set while the Deferreds fire, so a callback's
+        ``save`` queues and its ``close`` waits."""
         if isinstance(result, tuple):
             outcomes, added, head = result
         else:  # not an OSError: a bug; fail the batch, keep the store going
             log.failure("{name} store: batch of {n} failed", result, name=self.name, n=len(batch))
             error = StoreFailed(f"{self.name} store: internal error: {result.value!r}")
             outcomes, added, head = [error] * len(batch), 0, None
-        self._usage += added
+        self._seg_bytes += added
         if head is not None:
             self._head_seq, self._head_chain = head
-        failed = 0
-        for (kind, token, _, _), outcome in zip(batch, outcomes):
-            if not isinstance(outcome, Exception):
-                if kind == RECORD:
-                    self._index[token] = outcome
-                else:
-                    self._linked.setdefault(token, []).append(outcome)
-                self._scan_seg, self._scan_off = outcome[0], outcome[1] + outcome[2]
-            else:
-                failed += 1
-        if failed:
-            first = next(o for o in outcomes if isinstance(o, Exception))
+        errors = [o for o in outcomes if o is not None]
+        if errors:
             log.error("{name} store: {n} of {m} entries not stored: {error}",
-                      name=self.name, n=failed, m=len(batch), error=first)
+                      name=self.name, n=len(errors), m=len(batch), error=errors[0])
         for (kind, token, _, d), outcome in zip(batch, outcomes):
             if kind == RECORD:
                 self._reserved.discard(token)
-            if isinstance(outcome, Exception):
+            if outcome is not None:
                 d.errback(outcome)
             else:
                 d.callback(None)
@@ -682,60 +523,170 @@ class LogStore:
         elif self._closed:
             self._finish_close()
 
-    def _commit(self, items: list[tuple[str, str, bytes]]):
-        """Worker thread: append ``items`` durably.
 
-        :return: ``(outcomes, added, head)``: per item its loc when durable,
-            else a StoreFailed; the bytes added on disk; the (seq, chain) of
-            the last durable entry (``None`` when none was written).
+    def _commit(self, items: list[tuple[str, str, bytes]]):
+        """Worker thread: append ``items`` durably, their index rows in the
+        index's open transaction (committed later: :meth:`_index_commit`).
+
+        The duplicate check and the rows go into the index *before* the
+        write (so a token is never taken twice); rows of entries whose
+        write failed are taken out again.
+
+        :return: ``(outcomes, added, head)``: per item ``None`` when it is
+            durable, else a StoreFailed; the bytes added on disk; the
+            (seq, chain) of the last durable entry (``None`` when none).
         """
         outcomes: list = [None] * len(items)
+        try:
+            if self._ix_stale:
+                self._catch_up()
+            plan = self._plan(items, outcomes)
+        except (sqlite3.Error, OSError, StoreFailed) as exc:
+            self._index_failed(exc)
+            error = StoreFailed(f"{self.name} store {self.data_dir}: the index cannot be used ({exc}); "
+                                "nothing stored")
+            return [o or error for o in outcomes], 0, None
         added = 0
-        buf = bytearray()
-        run: list = []      # (index in items, loc) of the entries in buf
-        seq, chain = self._w_seq, self._w_chain
-        synced = (seq, chain)
-        stored_here: set[str] = set()
-        path = self._seg_path(self._seg_no)
+        durable = 0   # entries of plan durable so far
         error = None
         try:
-            for i, (kind, token, payload) in enumerate(items):
-                if kind == LINKED and token not in self._index and token not in stored_here:
-                    # Its record was not stored (its batch failed).
-                    outcomes[i] = StoreFailed(f"no record for token {token}: nothing to link an entry to")
-                    continue
-                line, next_chain = format_entry(kind, seq + 1, token, payload, chain)
-                raw = self.codec.encode(line)
-                if self._seg_fd is None:
-                    path = self._new_segment()
-                elif self._seg_size + len(buf) > 0 and self._seg_size + len(buf) + len(raw) > self._segment_bytes:
-                    # Rotation always syncs the old segment (even with
-                    # fsync=never) so that only the last one can be torn.
-                    added += self._append(buf, sync=True)
-                    for j, loc in run:
-                        outcomes[j] = loc
-                    synced = (seq, chain)
-                    buf, run = bytearray(), []
-                    os.close(self._seg_fd)
-                    self._seg_fd = None
-                    path = self._new_segment()
-                run.append((i, (self._seg_no, self._seg_size + len(buf), len(raw))))
-                buf += raw
-                seq, chain = seq + 1, next_chain
-                if kind == RECORD:
-                    stored_here.add(token)
-            added += self._append(buf, sync=self._fsync != "never")
-            for j, loc in run:
-                outcomes[j] = loc
-            synced = (seq, chain)
+            start = 0
+            while start < len(plan):
+                seg = plan[start][3]
+                end = start
+                while end < len(plan) and plan[end][3] == seg:
+                    end += 1
+                if self._seg_fd is None or seg != self._seg_no:
+                    if self._seg_fd is not None:
+                        os.close(self._seg_fd)
+                        self._seg_fd = None
+                    self._new_segment()
+                # Rotation always syncs the old segment (even with
+                # fsync=never) so that only the last one can be torn.
+                last_group = end == len(plan)
+                added += self._append(b"".join(p[6] for p in plan[start:end]),
+                                      sync=self._fsync != "never" or not last_group)
+                durable, start = end, end
         except OSError as exc:
-            error = _oserror("cannot write", getattr(exc, "filename", None) or path, exc)
-        self._w_seq, self._w_chain = synced
-        for i, outcome in enumerate(outcomes):
-            if outcome is None:
-                outcomes[i] = error
-        head = synced if synced != (self._head_seq, self._head_chain) else None
-        return outcomes, added, head
+            error = oserror("cannot write", getattr(exc, "filename", None) or self._seg_path(self._seg_no), exc)
+            lost = plan[durable:]
+            try:
+                self._wix.drop([(p[1], p[2]) for p in lost if p[0] == RECORD],
+                               [(p[1], p[2]) for p in lost if p[0] == LINKED])
+            except sqlite3.Error as exc2:
+                self._index_failed(exc2)
+            for p in lost:
+                outcomes[p[7]] = error
+        self._ix_rows += durable
+        if not durable:
+            return outcomes, added, None
+        kind, token, seq, seg, off, length, raw, _, chain = plan[durable - 1]
+        self._w_last = Last(seq, seg, off, length, chain)
+        self._w_seq, self._w_chain = seq, chain
+        return outcomes, added, (seq, chain)
+
+    def _plan(self, items: list, outcomes: list) -> list:
+        """Worker thread: number, chain, place and index ``items``: a list
+        of ``(kind, token, seq, seg, off, len, raw, item index, chain)`` in
+        write order, rows already in the index's open transaction; refused
+        items get their StoreFailed in ``outcomes``.
+
+        :raise sqlite3.Error: the index cannot be read or written.
+        """
+        ix = self._wix
+        # One record alone (the common case when not loaded): its insert
+        # is its duplicate check. Else one query checks them all.
+        single = len(items) == 1 and items[0][0] == RECORD
+        before = set() if single else ix.known([item[1] for item in items])
+        here: set[str] = set()
+        plan = []
+        rows: tuple[list, list] = ([], [])  # records, linked
+        seq, chain = self._w_seq, self._w_chain
+        seg = self._seg_no
+        size = self._seg_size if self._seg_fd is not None else None
+        encode = self.codec.encode
+        for i, (kind, token, payload) in enumerate(items):
+            stored = token in before or token in here
+            if kind == RECORD:
+                if stored:
+                    outcomes[i] = StoreFailed(f"token {token} is already stored; a token is never reused")
+                    continue
+                here.add(token)
+            elif not stored:
+                outcomes[i] = StoreFailed(f"no record for token {token}: nothing to link an entry to")
+                continue
+            line, next_chain = format_entry(kind, seq + 1, token, payload, chain)
+            raw = encode(line)
+            n = len(raw)
+            if size is None or (size > 0 and size + n > self._segment_bytes):
+                seg, size = seg + 1, 0
+            row = (token, seq + 1, seg, size, n)
+            if single:
+                if not ix.add_record(row):
+                    outcomes[i] = StoreFailed(f"token {token} is already stored; a token is never reused")
+                    return []
+            else:
+                rows[kind == LINKED].append(row)
+            seq, chain = seq + 1, next_chain
+            plan.append((kind, token, seq, seg, size, n, raw, i, chain))
+            size += n
+        if rows[0] or rows[1]:
+            ix.add(*rows)
+        return plan
+
+    def _index_some(self) -> None:
+        """Worker thread, after a batch's Deferreds were handed over: commit
+        the index when INDEX_ROWS rows wait (else the timer does it)."""
+        if self._ix_rows >= INDEX_ROWS:
+            self._index_commit()
+
+    def _index_commit(self) -> None:
+        """Worker thread: commit the index's open transaction with the
+        newest entry as its ``last`` (no fsync: a crash loses at most rows
+        the next open finds again in the segments). Until then a lookup
+        finds the entries by scanning past the committed index."""
+        if self._wix is None or not self._wix.usable:
+            return
+        try:
+            if self._ix_rows and self._w_last is not None:
+                self._wix.set_last(self._w_last)
+            self._wix.commit()
+        except sqlite3.Error as exc:
+            self._index_failed(exc)
+            return
+        self._ix_rows = 0
+        try:
+            self._index_bytes = sum(os.stat(p).st_size for p in index_mod.files(self.records_dir)
+                                    if os.path.exists(p))
+        except OSError:
+            pass
+
+    def _index_failed(self, exc: Exception) -> None:
+        """Worker thread: the index could not be written: drop its open
+        transaction; the next batch first indexes again what the segments
+        hold past its committed part (and fails while it cannot)."""
+        if not self._ix_stale:
+            log.error("cannot use the index {path}: {exc}; catching up from the segments "
+                      "before the next batch", path=self._wix.path, exc=str(exc))
+        self._ix_stale = True
+        try:
+            self._wix.rollback()
+        except sqlite3.Error:
+            pass
+        self._ix_rows = 0
+
+    def _catch_up(self) -> None:
+        """Worker thread: index every entry past the committed index.
+
+        :raise sqlite3.Error, OSError, StoreFailed: it cannot.
+        """
+        self._wix.rollback()
+        last = self._wix.last()
+        self._w_last = last
+        seg, off = (last.seg, last.off + last.len) if last else (0, 0)
+        self._index_past(seg, off, repair=False)
+        self._ix_stale = False
+        log.info("the index {path} caught up with the segments", path=self._wix.path)
 
     def _append(self, buf: bytearray, sync: bool) -> int:
         """Worker thread: write ``buf`` at the end of the current segment
@@ -745,7 +696,7 @@ class LogStore:
         :return: bytes added.
         """
         if self._dir_dirty:
-            _fsync_dir(self.records_dir)
+            fsync_dir(self.records_dir)
             self._dir_dirty = False
         start = self._seg_size
         try:
@@ -770,67 +721,144 @@ class LogStore:
         """Worker thread: create the next segment (0600), make it and its
         directory entry durable, and make it current."""
         path = self._seg_path(self._seg_no + 1)
-        self._seg_fd = _open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        self._seg_fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         self._seg_no += 1
         self._seg_size = 0
         self._dir_dirty = True  # retried before the next write if this fails
         fsync(self._seg_fd)
-        _fsync_dir(self.records_dir)
+        fsync_dir(self.records_dir)
         self._dir_dirty = False
         return path
 
     # -- read --------------------------------------------------------------
 
-    def _entry_at(self, loc: Loc) -> Entry:
-        """The digest-checked entry stored at ``loc``.
-
-        :raise BadEntry: the bytes there are not one sound entry.
-        :raise OSError: it cannot be read.
-        """
+    def _raw_at(self, loc: Loc) -> bytes:
         seg, off, length = loc
-        raw = os.pread(_open_read(self._seg_path(seg), self._read_fds, seg), length, off)
-        return parse_entry(self.codec.decode(raw))
+        try:
+            return os.pread(_open_read(self._seg_path(seg), self._read_fds, seg), length, off)
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise oserror("cannot read", self._seg_path(seg), exc) from exc
 
-    def _read_entry(self, kind: str, token: str, loc: Loc) -> Optional[bytes]:
-        """The checked payload at ``loc``; ``None`` when the bytes there are
-        not an entry of ``kind`` for ``token``.
+    def raw_at(self, loc: Loc) -> bytes:
+        """The stored bytes at ``loc`` (``(segment, offset, length)``), as
+        they are (``b""`` when the segment is gone).
 
         :raise StoreFailed: an OS error.
         """
-        try:
-            entry = self._entry_at(loc)
-        except BadEntry:
-            return None
-        except OSError as exc:
-            raise _oserror("cannot read", self._seg_path(loc[0]), exc) from exc
-        return entry.payload if (entry.kind, entry.token) == (kind, token) else None
+        return self._raw_at(loc)
 
     def _payload(self, kind: str, token: str, loc: Loc) -> bytes:
-        data = self._read_entry(kind, token, loc)
-        if data is None:
-            seg, off, _ = loc
-            what = "record" if kind == RECORD else "entry linked to"
-            raise StoreFailed(f"{what} {token} in {self._seg_path(seg)} at offset {off} is damaged "
-                              "(its SHA-256 or framing does not check out)")
-        return data
+        """The checked payload of the entry of ``kind`` for ``token`` at ``loc``.
 
-    def _refresh(self) -> None:
-        """Reader: index what the writer appended since the last scan."""
+        :raise StoreFailed: the bytes there are not that sound entry
+            (damaged), or an OS error.
+        """
+        seg, off, _ = loc
         try:
-            self._scan(self._segments(), repair=False)
-        except OSError as exc:
-            raise _oserror("cannot scan", self.records_dir, exc) from exc
+            entry = parse_entry(self.codec.decode(self._raw_at(loc)))
+        except BadEntry as exc:
+            why = str(exc)
+        else:
+            if (entry.kind, entry.token) == (kind, token):
+                return entry.payload
+            why = f"another entry ({entry.kind} {entry.token}) is there"
+        what = "record" if kind == RECORD else "entry linked to"
+        raise StoreFailed(f"{what} {token} in {self._seg_path(seg)} at offset {off} is damaged ({why})")
+
+    def _walk(self, seg: int = 0, off: int = 0, trailing: bool = False) -> Iterator[tuple[int, Found]]:
+        """Every entry from (seg, off) to the end, in log order, sound or
+        not, as ``(segment, found)``, read in bounded memory. Bad bytes at
+        the very end of the last segment (a torn tail the writer moves
+        aside when it opens, or an entry it is writing right now) come only
+        when ``trailing``.
+
+        :raise StoreFailed: a segment cannot be read.
+        """
+        segments = [s for s in self.segments() if s >= seg]
+        for s in segments:
+            path = self._seg_path(s)
+            held = None
+            try:
+                for found in read_entries(self.codec, path, off if s == seg else 0):
+                    if held is not None:
+                        yield s, held
+                    held = found
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            except OSError as exc:
+                raise oserror("cannot read", path, exc) from exc
+            if held is not None and (held.entry is not None or trailing or s != segments[-1]):
+                yield s, held
+
+    def _tail(self) -> Iterator[tuple[int, Found]]:
+        """Every entry past what the committed index covers (what a writer
+        appended since); a read-only store without index walks everything."""
+        last = self._rix.last() if self._rix is not None else None
+        return self._walk(*((last.seg, last.off + last.len) if last else (0, 0)))
+
+    def _tail_head(self) -> tuple[int, str]:
+        with self._snapshot():
+            last = self._rix.last() if self._rix is not None else None
+            head = (last.seq, last.chain) if last else self._chain_start()
+            for _, found in self._tail():
+                if found.entry is not None:
+                    head = (found.entry.seq, found.entry.chain)
+        return head
+
+    def _snapshot(self):
+        """A consistent view of the index for the reads inside (see
+        :meth:`Index.snapshot`)."""
+        return self._rix.snapshot() if self._rix is not None else contextlib.nullcontext()
+
+    def _chain_start(self) -> tuple[int, str]:
+        """(seq, chain) before the first entry: the checkpoint's after a
+        prune (:mod:`stop.storage.chain`)."""
+        from stop.storage.chain import read_checkpoint
+        cp = read_checkpoint(self.records_dir)
+        return cp.seq, cp.chain
+
+    def _find(self, kind: str, token: str) -> list[Loc]:
+        """Locations of ``kind`` entries of ``token`` past the index,
+        including damaged ones that still show it."""
+        found = []
+        for seg, item in self._tail():
+            e = item.entry
+            if e is not None:
+                if (e.kind, e.token) == (kind, token):
+                    found.append((seg, item.pos, item.end - item.pos))
+            elif item.salvaged and (item.salvaged[0], item.salvaged[2]) == (kind, token):
+                found.append((seg, item.pos, item.end - item.pos))
+        return found
+
+    def _record_loc(self, token: str) -> Optional[Loc]:
+        with self._snapshot():
+            row = self._rix.record(token) if self._rix is not None else None
+            if row is not None:
+                return row[1]
+            found = self._find(RECORD, token)
+        return found[0] if found else None
+
+    def locate(self, kind: str, token: str) -> list[Loc]:
+        """Where the entries of ``kind`` (``"R"``, ``"L"``) of ``token`` are,
+        as ``(segment, offset, length)``, oldest first."""
+        self._check_open()
+        if kind == RECORD:
+            loc = self._record_loc(token)
+            return [] if loc is None else [loc]
+        with self._snapshot():
+            locs = [loc for _, loc in self._rix.linked(token)] if self._rix is not None else []
+            return locs + [loc for loc in self._find(LINKED, token) if loc not in locs]
 
     def get(self, token: str) -> bytes | None:
         """The stored bytes of ``token``, verified against their SHA-256, or
-        ``None``. A read-only store rescans the segments' tails on a miss.
+        ``None``.
 
         :raise StoreFailed: the entry is damaged, or an OS error.
         """
         self._check_open()
-        if token not in self._index and self.readonly:
-            self._refresh()
-        loc = self._index.get(token)
+        loc = self._record_loc(token)
         return None if loc is None else self._payload(RECORD, token, loc)
 
     def linked(self, token: str) -> list[bytes]:
@@ -839,10 +867,7 @@ class LogStore:
 
         :raise StoreFailed: an entry is damaged, or an OS error.
         """
-        self._check_open()
-        if self.readonly:
-            self._refresh()
-        return [self._payload(LINKED, token, loc) for loc in list(self._linked.get(token, ()))]
+        return [self._payload(LINKED, token, loc) for loc in self.locate(LINKED, token)]
 
     def integrity(self, token: str) -> bool:
         """Whether the stored entry of ``token`` checks out (framing, gzip
@@ -852,37 +877,89 @@ class LogStore:
         :raise StoreFailed: an OS error.
         """
         self._check_open()
-        if token not in self._index and self.readonly:
-            self._refresh()
-        loc = self._index.get(token)
-        return loc is not None and self._read_entry(RECORD, token, loc) is not None
+        loc = self._record_loc(token)
+        if loc is None:
+            return False
+        try:
+            self._payload(RECORD, token, loc)
+        except StoreFailed as exc:
+            if " is damaged " not in str(exc):
+                raise
+            return False
+        return True
 
-    def records(self) -> Iterator[tuple[str, bytes]]:
-        """Every ``(token, record)``, oldest first, each verified.
+    def tokens_with_prefix(self, prefix: str, limit: int = 20) -> list[str]:
+        """Tokens of stored records that start with ``prefix`` as given,
+        lower-cased or upper-cased (tokens are lowercase hex), sorted, at
+        most ``limit``."""
+        self._check_open()
+        variants = {prefix, prefix.lower(), prefix.upper()}
+        found = set()
+        with self._snapshot():
+            if self._rix is not None:
+                for v in variants:
+                    found.update(self._rix.with_prefix(v, limit))
+            for _, item in self._tail():
+                token = item.entry.token if item.entry else (item.salvaged[2] if item.salvaged else None)
+                kind = item.entry.kind if item.entry else (item.salvaged[0] if item.salvaged else None)
+                if kind == RECORD and any(token.startswith(v) for v in variants):
+                    found.add(token)
+        return sorted(found)[:limit]
 
-        :raise StoreFailed: as :meth:`get`.
+    def entries(self, trailing: bool = False) -> Iterator[tuple[int, Found]]:
+        """Every entry of every segment in log order, sound or not, as
+        ``(segment, found)``; read in bounded memory, without the index
+        (``stopctl list``, ``verify --all``, ``stats``). ``trailing``: see
+        :meth:`_walk`.
+
+        :raise StoreFailed: a segment cannot be read.
         """
         self._check_open()
-        if self.readonly:
-            self._refresh()
-        for token, loc in list(self._index.items()):
-            yield token, self._payload(RECORD, token, loc)
+        return self._walk(trailing=trailing)
+
+    def records(self) -> Iterator[tuple[str, bytes]]:
+        """Every sound ``(token, record)``, oldest first, read from the
+        segments; damaged entries are logged and skipped (``stopctl list``
+        reports them)."""
+        for seg, item in self.entries():
+            if item.entry is None:
+                log.error("{path}: bad entry at offset {off} ({why}), skipped",
+                          path=self._seg_path(seg), off=item.pos, why=item.why)
+            elif item.entry.kind == RECORD:
+                yield item.entry.token, item.entry.payload
 
     def head(self) -> tuple[int, str]:
         """The chain head: ``(count, chain)`` of the last durable entry
-        (``(0, GENESIS)`` for an empty store)."""
-        self._check_open()
+        (``(0, GENESIS)`` for an empty store, the checkpoint's when all
+        that was written is pruned). A writer's is known after ``close``
+        too (the daemon logs it at stop); a reader reads what the daemon
+        appended since.
+
+        :raise StoreFailed: never opened (a reader: closed).
+        """
+        if not self._opened or (self.readonly and self._released):
+            raise StoreFailed(f"{self.name} store {self.data_dir} is not open")
         if self.readonly:
-            self._refresh()
+            self._head_seq, self._head_chain = self._tail_head()
         return self._head_seq, self._head_chain
 
+    def recount_usage(self) -> None:
+        """Count the bytes under records/ again from the files (after a
+        ``stopctl prune`` removed segments; the daemon does it whenever it
+        logs the chain head). A batch being written meanwhile may be
+        counted twice until the next count."""
+        self._check_open()
+        self._count_usage()
+
     def usage(self) -> int:
-        """Bytes on disk: segments, format and torn-tail files (tracked in
-        memory, not re-read)."""
-        return self._usage
+        """Bytes on disk under records/: segments (tracked per batch),
+        index and other files (as of the last index commit)."""
+        return self._seg_bytes + self._other_bytes + self._index_bytes
 
     def __len__(self) -> int:
-        return len(self._index)
+        """Records in the index (counts them all: not for a hot path)."""
+        self._check_open()
+        return self._rix.count() if self._rix is not None else 0
 
     def _check_open(self) -> None:
         if not self._opened or self._released:
@@ -913,15 +990,23 @@ class LogStore:
     def _finish_close(self) -> None:
         self._stop_pool()
         self._pool = None
+        if self._index_timer is not None:
+            if self._index_timer.active():
+                self._index_timer.cancel()
+            self._index_timer = None
         if self._shutdown_trigger is not None:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
+        self._index_commit()
         self._release_fds()
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)
 
     def _release_fds(self) -> None:
+        for ix in (self._rix, self._wix):
+            if ix is not None:
+                ix.close()
         for fd in [self._seg_fd, *self._read_fds.values()]:
             if fd is not None:
                 try:
@@ -929,13 +1014,18 @@ class LogStore:
                 except OSError:
                     pass
         self._seg_fd = None
-        self._read_fds = {}
+        self._read_fds = collections.OrderedDict()
         self._released = True
 
 
-def _open_read(path: str, cache: dict, key) -> int:
-    """A cached read-only fd for ``path``."""
+def _open_read(path: str, cache: collections.OrderedDict, key) -> int:
+    """A cached read-only fd for ``path`` (at most MAX_READ_FDS kept)."""
     fd = cache.get(key)
     if fd is None:
-        fd = cache[key] = _open_file(path, os.O_RDONLY)
+        fd = open_file(path, os.O_RDONLY)
+        cache[key] = fd
+        while len(cache) > MAX_READ_FDS:
+            os.close(cache.popitem(last=False)[1])
+    else:
+        cache.move_to_end(key)
     return fd

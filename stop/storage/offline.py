@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from stop.storage.log import (
-    DEFAULT_SEGMENT_BYTES, FORMAT_LINE, GENESIS, Codec, _fsync_dir, _make_dir, _open_file,
-    _write_all, format_entry)
+from stop.storage.entries import (
+    DEFAULT_SEGMENT_BYTES, FORMAT_LINE, GENESIS, Codec, format_entry, fsync_dir, make_dir,
+    open_file, write_all, write_file)
 
 #: An entry to write: (kind, token, payload); kind "R" or "L".
 Item = tuple[str, str, bytes]
@@ -30,14 +30,16 @@ def write_store(data_dir: str, items: Iterable[Item], codec: Codec,
     :return: the chain head ``(count, chain)``.
     """
     if not os.path.isdir(data_dir):
-        _make_dir(data_dir)
-    records_dir = os.path.join(data_dir, "records")
-    _make_dir(records_dir)
-    fd = _open_file(os.path.join(records_dir, "format"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        _write_all(fd, FORMAT_LINE)
-    finally:
-        os.close(fd)
+        make_dir(data_dir)
+    return write_records(os.path.join(data_dir, "records"), items, codec, segment_bytes, sync)
+
+
+def write_records(records_dir: str, items: Iterable[Item], codec: Codec,
+                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, sync: bool = True) -> tuple[int, str]:
+    """:func:`write_store` into the new directory ``records_dir``; its
+    ``format`` file is written last (with ``sync``, durably: a directory
+    with it is complete)."""
+    make_dir(records_dir)
     seq, chain = 0, GENESIS
     seg, size, fd = 0, 0, None
     buf: list[bytes] = []
@@ -46,7 +48,7 @@ def write_store(data_dir: str, items: Iterable[Item], codec: Codec,
     def flush() -> None:
         nonlocal buf, buffered
         if buf:
-            _write_all(fd, b"".join(buf))
+            write_all(fd, b"".join(buf))
             buf, buffered = [], 0
 
     try:
@@ -61,8 +63,8 @@ def write_store(data_dir: str, items: Iterable[Item], codec: Codec,
                         os.fsync(fd)
                     os.close(fd)
                 seg += 1
-                fd = _open_file(os.path.join(records_dir, "seg-%08d%s" % (seg, codec.suffix)),
-                                os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                fd = open_file(os.path.join(records_dir, "seg-%08d%s" % (seg, codec.suffix)),
+                               os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                 size = 0
             buf.append(raw)
             buffered += len(raw)
@@ -77,5 +79,11 @@ def write_store(data_dir: str, items: Iterable[Item], codec: Codec,
         if fd is not None:
             os.close(fd)
     if sync:
-        _fsync_dir(records_dir)
+        write_file(os.path.join(records_dir, "format"), FORMAT_LINE)
+    else:
+        fd = open_file(os.path.join(records_dir, "format"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            write_all(fd, FORMAT_LINE)
+        finally:
+            os.close(fd)
     return seq, chain

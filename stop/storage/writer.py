@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 
 class WriterThread:
@@ -41,11 +44,18 @@ class WriterThread:
             self._queue.put(None)
             thread.join()
 
-    def call(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def call(self, f: Callable[..., Any], *args: Any,
+             then: Optional[Callable[[], None]] = None) -> defer.Deferred:
         """Run ``f(*args)`` in the thread; the Deferred fires (on the
-        reactor thread) with its result or its exception."""
+        reactor thread) with its result or its exception.
+
+        :param then: run in the thread right after the result was handed
+            to the reactor, before the next call: work that must follow
+            ``f`` but need not delay its result. It must not raise (what it
+            raises is logged and dropped).
+        """
         d: defer.Deferred = defer.Deferred()
-        self._queue.put((d, f, args))
+        self._queue.put((d, f, args, then))
         return d
 
     def _run(self) -> None:
@@ -53,10 +63,15 @@ class WriterThread:
             item = self._queue.get()
             if item is None:
                 return
-            d, f, args = item
+            d, f, args, then = item
             try:
                 result = f(*args)
             except BaseException:
                 self._reactor.callFromThread(d.errback, Failure())
             else:
                 self._reactor.callFromThread(d.callback, result)
+            if then is not None:
+                try:
+                    then()
+                except BaseException:
+                    log.failure("{name}: follow-up call failed", name=self._name)

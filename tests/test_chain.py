@@ -1,0 +1,317 @@
+"""stop.storage.chain and ``stopctl verify --all`` / ``prune`` / ``stats``
+on real stores: each tamper case is made by editing a real store's files
+(flat lines, gzip members), then the whole chain is checked."""
+
+import hashlib
+import io
+import json
+import os
+
+import pytest
+
+from stop import ctl, records
+from stop.storage import STORES, make_store
+from stop.storage.chain import read_checkpoint, verify_all
+from stop.storage.entries import format_entry, read_entries
+from stop.storage.offline import write_store
+
+N = 24  # records; with linked entries on every 6th record: 28 entries
+
+
+def token(i: int) -> str:
+    return hashlib.sha1(b"chain-%d" % i).hexdigest()
+
+
+def record(i: int) -> bytes:
+    return records.canonical({
+        "version": 1, "type": "ID" if i % 3 else "SV", "time": "2026-01-%02dT%02d:00:00.000000Z" % (1 + i // 24, i % 24),
+        "host": "h", "user": {"uid": 1000 + i % 2, "name": "alice" if i % 2 else "bob"},
+        "connection": {"local": {"address": "192.0.2.1", "port": 40000 + i},
+                       "remote": {"address": "::ffff:198.51.100.7" if i % 2 else "2001:db8::7",
+                                  "port": 6667}, "inode": i},
+        "request": {"type": "ID", "sid": i, "ports": [40000 + i, 6667], "address": None}})
+
+
+def items():
+    out = []
+    for i in range(N):
+        out.append(("R", token(i), record(i)))
+        if i % 6 == 5:
+            out.append(("L", token(i), records.canonical(
+                {"kind": "note", "sent": "2026-01-01T%02d:30:00.000000Z" % (i % 24)})))
+    return out
+
+
+class Store:
+    """A store written in its files, indexed once by a writer, then closed."""
+
+    def __init__(self, tmp_path, name, segment_bytes=2500):
+        self.name = name
+        self.dir = str(tmp_path / "d")
+        self.codec = STORES[name].codec
+        self.items = items()
+        self.count, self.chain = write_store(self.dir, self.items, self.codec, segment_bytes, sync=False)
+        s = make_store(name, self.dir)
+        s.open()
+        s.close()
+        self.records_dir = os.path.join(self.dir, "records")
+
+    def segments(self):
+        return sorted(os.path.join(self.records_dir, f) for f in os.listdir(self.records_dir)
+                      if f.startswith("seg-"))
+
+    def spans(self, path):
+        """(pos, end) of each stored entry of a segment file."""
+        return [(f.pos, f.end) for f in read_entries(self.codec, path)]
+
+    def edit(self, n, change):
+        """Apply ``change(list of stored entries)`` to the segment holding
+        entry number ``n`` (1-based over the store); returns the index of
+        the entry in that list."""
+        seen = 0
+        for path in self.segments():
+            spans = self.spans(path)
+            if seen + len(spans) >= n:
+                data = open(path, "rb").read()
+                parts = [data[a:b] for a, b in spans]
+                change(parts, n - seen - 1)
+                with open(path, "wb") as f:
+                    f.write(b"".join(parts))
+                return
+            seen += len(spans)
+        raise AssertionError(f"no entry {n}")
+
+    def ctl(self, *argv):
+        out = io.StringIO()
+        rc = ctl.main(["--config", "/dev/null", "--data-dir", self.dir, "--storage", self.name,
+                       *argv], out=out)
+        return rc, out.getvalue()
+
+    def verify(self, *extra):
+        return self.ctl("verify", "--all", *extra)
+
+    def findings(self, *extra):
+        rc, text = self.ctl("verify", "--all", "--json", *extra)
+        report = json.loads(text)
+        assert rc == (0 if report["sound"] else 1)
+        return report
+
+
+@pytest.fixture(params=["flat", "gzip"])
+def store(request, tmp_path):
+    return Store(tmp_path, request.param)
+
+
+def kinds(report):
+    return [(f["kind"], f["seq"]) for f in report["findings"]]
+
+
+def test_sound_store(store):
+    assert len(store.segments()) >= 3
+    rc, text = store.verify()
+    assert rc == 0, text
+    assert text.endswith("SOUND\n")
+    assert f"checked {len(store.items)} entries ({N} records, 4 linked)" in text
+    assert f"head {store.count}:{store.chain}" in text
+
+
+def test_flipped_byte(store):
+    def flip(parts, i):
+        p = bytearray(parts[i])
+        p[-5] ^= 0x01  # in the payload (flat); the gzip trailer (CRC)
+        parts[i] = bytes(p)
+    store.edit(7, flip)
+    report = store.findings()
+    assert kinds(report) == [("damaged", 7)]
+    f = report["findings"][0]
+    assert f["position"] == 7 and f["token"] == store.items[6][1]
+    assert f["where"].startswith("seg-")
+
+
+def test_changed_payload_with_its_sha256(tmp_path):
+    """Rewriting an entry whole (new payload, its SHA-256 recomputed) is
+    caught by the chain."""
+    store = Store(tmp_path, "flat")
+    new = records.canonical({"type": "ID", "time": "2026-01-01T00:00:00Z", "user": {"name": "mallory"}})
+
+    def rewrite(parts, i):
+        kind, seq, tok, _, chain = parts[i].split(b" ")[:5]
+        line, _ = format_entry(kind.decode(), int(seq), tok.decode(), new, "0" * 64)
+        fields = line.split(b" ", 5)
+        fields[4] = chain  # the chain field kept as it was
+        parts[i] = b" ".join(fields)
+    store.edit(5, rewrite)
+    report = store.findings()
+    assert kinds(report) == [("changed", 5)]
+    assert store.items[4][1] in report["findings"][0]["text"]
+
+
+def test_deleted_line(store):
+    store.edit(9, lambda parts, i: parts.pop(i))
+    report = store.findings()
+    assert kinds(report) == [("removed", 9)]
+    text = report["findings"][0]["text"]
+    # The index still names what was removed: by token.
+    assert "entry 9 missing" in text and store.items[8][1] in text
+    assert report["findings"][0]["position"] == 9
+
+
+def test_swapped_lines(store):
+    def swap(parts, i):
+        parts[i], parts[i + 1] = parts[i + 1], parts[i]
+    store.edit(3, swap)
+    report = store.findings()
+    assert kinds(report) == [("swapped", 3)]
+    text = report["findings"][0]["text"]
+    assert "positions 3 and 4" in text
+    assert store.items[2][1] in text and store.items[3][1] in text
+
+
+def test_inserted_copy(store):
+    copy = []
+    store.edit(2, lambda parts, i: copy.append(parts[i]))
+    store.edit(6, lambda parts, i: parts.insert(i + 1, copy[0]))
+    report = store.findings()
+    assert kinds(report) == [("inserted", 2)]
+    assert report["findings"][0]["position"] == 7
+
+
+def test_segment_removed(store):
+    segs = store.segments()
+    first_of_second = len(store.spans(segs[0])) + 1
+    n = len(store.spans(segs[1]))
+    os.unlink(segs[1])
+    report = store.findings()
+    assert kinds(report) == [("segment", 2), ("removed", first_of_second)]
+    assert f"entries {first_of_second} to {first_of_second + n - 1} ({n}) missing" \
+        in report["findings"][1]["text"]
+
+
+def test_truncated_tail_against_saved_head(store):
+    saved = f"{store.count}:{store.chain}"
+    rc, text = store.verify("--head", saved)
+    assert rc == 0 and f"the saved head {saved} is the store's head" in text
+    last = store.segments()[-1]
+    spans = store.spans(last)
+    with open(last, "r+b") as f:
+        f.truncate(spans[-2][0])  # the last two entries gone, cleanly
+    rc, text = store.verify()
+    assert rc == 0  # nothing inside the store shows it...
+    report = store.findings("--head", saved)  # ...the saved head does
+    assert kinds(report) == [("head", store.count)]
+    assert "2 entries before the saved head" in report["findings"][0]["text"]
+    rc, text = store.verify("--head", store.chain)  # the hash alone
+    assert rc == 1 and "HEAD: " in text
+
+
+def test_older_saved_head_is_found(store):
+    rc, text = store.verify("--head", f"{store.count - 3}:{_chain_at(store, store.count - 3)}")
+    assert rc == 0 and "3 entries were stored since" in text
+
+
+def _chain_at(store, n):
+    seq = 0
+    for path in store.segments():
+        for f in read_entries(store.codec, path):
+            seq += 1
+            if seq == n:
+                return f.entry.chain
+
+
+def test_keeps_going_past_the_first_finding(store):
+    store.edit(20, lambda parts, i: parts.pop(i))
+    def swap(parts, i):
+        parts[i], parts[i + 1] = parts[i + 1], parts[i]
+    store.edit(12, swap)
+
+    def flip(parts, i):
+        p = bytearray(parts[i])
+        p[-5] ^= 0x01
+        parts[i] = bytes(p)
+    store.edit(4, flip)
+    rc, text = store.verify()
+    assert rc == 1
+    assert [line.split(":")[0] for line in text.splitlines()[:3]] == ["DAMAGED", "SWAPPED", "REMOVED"]
+    assert text.endswith("NOT SOUND: 3 findings\n")
+
+
+def test_bad_head_argument_is_a_usage_error(store):
+    assert store.verify("--head", "nonsense")[0] == 2
+    assert store.ctl("verify", "--head", store.chain, token(1))[0] == 2
+
+
+def test_prune_then_verify(store):
+    segs = store.segments()
+    kept_first = len(store.spans(segs[0])) + len(store.spans(segs[1])) + 1
+    first_kept_token = next(t for k, t, _ in store.items[kept_first - 1:] if k == "R")
+    # Every record of the first two segments is before 05:00 (records are an hour apart).
+    before = json.loads(store.items[kept_first - 1][2])["time"] if store.items[kept_first - 1][0] == "R" \
+        else None
+    assert before is not None
+    rc, text = store.ctl("prune", "--before", before, "--dry-run")
+    assert rc == 0 and text.startswith("would prune: 2 segments") and len(store.segments()) == len(segs)
+    rc, text = store.ctl("prune", "--before", before)  # not a terminal, no --yes
+    assert rc == 2 and len(store.segments()) == len(segs)
+    rc, text = store.ctl("prune", "--before", before, "--yes")
+    assert rc == 0 and text.startswith(f"pruned {store.records_dir}: ")
+    assert f"entries 1-{kept_first - 1}" in text
+    assert store.segments() == segs[2:]
+    cp = read_checkpoint(store.records_dir)
+    assert (cp.seq, cp.segment, len(cp.history)) == (kept_first - 1, 3, 1)
+    assert oct(os.stat(os.path.join(store.records_dir, "checkpoint")).st_mode & 0o777) == "0o600"
+    # What remains verifies, from the checkpoint, against the old head too.
+    rc, text = store.verify("--head", f"{store.count}:{store.chain}")
+    assert rc == 0, text
+    assert f"from entry {kept_first} (after a prune)" in text
+    assert store.ctl("show", store.items[0][1])[0] == 2
+    assert store.ctl("show", first_kept_token)[0] == 0
+    # A daemon opening the pruned store goes on with the chain.
+    s = make_store(store.name, store.dir)
+    s.open()
+    assert s.head() == (store.count, store.chain)
+    s.close()
+    assert store.verify()[0] == 0
+    # Nothing more to prune before the same time: the kept segments hold later records.
+    rc, text = store.ctl("prune", "--before", before, "--yes")
+    assert rc == 0 and text.startswith("nothing to prune")
+
+
+def test_prune_then_removing_the_first_kept_segment_is_found(store):
+    segs = store.segments()
+    before = "2026-01-01T12:00:00Z"
+    assert store.ctl("prune", "--before", before, "--yes")[0] == 0
+    left = store.segments()
+    assert len(left) < len(segs)
+    os.unlink(left[0])
+    report = store.findings()
+    assert [k for k, _ in kinds(report)] == ["segment", "removed"]
+
+
+def test_prune_never_takes_the_last_segment(tmp_path):
+    store = Store(tmp_path, "flat", segment_bytes=10**6)
+    rc, text = store.ctl("prune", "--before", "2030-01-01", "--yes")
+    assert rc == 0 and "nothing to prune" in text and "the daemon appends to it" in text
+    assert store.verify()[0] == 0
+
+
+def test_stats(store):
+    rc, text = store.ctl("stats", "--json")
+    st = json.loads(text)
+    assert rc == 0
+    assert (st["records"], st["linked"], st["damaged"]) == (N, 4, 0)
+    assert st["per_type"] == {"ID": 16, "SV": 8}
+    assert st["per_day"] == {"2026-01-01": 24}
+    assert st["head"]["text"] == f"{store.count}:{store.chain}"
+    assert st["quota_bytes"] == 1024 * 2**20 and 0 < st["quota_used"] < 0.001
+    rc, text = store.ctl("stats")
+    assert rc == 0 and "type ID" in text and f"{store.count}:{store.chain}" in text
+
+
+def test_verify_all_api_limits_findings(store):
+    for n in (20, 14, 8):
+        store.edit(n, lambda parts, i: parts.pop(i))
+    s = make_store(store.name, store.dir, readonly=True)
+    s.open()
+    report = verify_all(s, limit=2)
+    assert len(report.findings) == 2 and report.dropped == 1 and not report.sound
+
