@@ -131,7 +131,7 @@ def make(setting: str, built_in: Mapping[str, Callable], config, reactor):
     ``config`` names: a built-in one, ``built_in[name](config, reactor)``,
     else the site plugin of that name. Every backend factory
     (``stop.os.make_lookup``, ``stop.os.make_inspector``,
-    ``stop.storage.make_store``) is this with its own table.
+    ``stop.storage.make_storage``) is this with its own table.
 
     :raise ConfigError: no such built-in or plugin, or it could not be built.
     """
@@ -151,16 +151,6 @@ def build(setting: str, config, reactor, built_in: Iterable[str] = ()):
     plugin = find(plugin_interface, getattr(config, setting), config.plugin_dirs, setting,
                   built_in)
     return _build(plugin, produced, config, reactor, setting)
-
-
-def build_store(config, reactor) -> IRecordStore:
-    """The store of the plugin named by ``config.storage``."""
-    return build("storage", config, reactor)
-
-
-def build_lookup(config, reactor) -> ISocketLookup:
-    """The lookup of the plugin named by ``config.lookup``."""
-    return build("lookup", config, reactor)
 
 
 def build_hooks(config, reactor) -> list:

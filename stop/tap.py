@@ -47,7 +47,7 @@ from stop.os import make_inspector, make_lookup
 from stop.os.common import in_thread_pool
 from stop.os.accounts import Accounts
 from stop.server import IdentFactory
-from stop.storage import STORES, make_store
+from stop.storage import make_storage
 
 log = Logger()
 
@@ -333,11 +333,7 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
     top = top if top is not None else Lifecycle(reactor)
     # A name that is not built in is a site plugin's (stop-plugins(7)).
     lookup = make_lookup(settings, reactor)
-    if settings.storage in STORES:
-        store = make_store(settings.storage, settings.data_dir, reactor=reactor,
-                           fsync=settings.fsync)
-    else:
-        store = plugins.build_store(settings, reactor)
+    store = make_storage(settings, reactor)
     inspector = make_inspector(settings, reactor)
     in_threads = in_thread_pool(reactor)
     addresses = LocalAddresses(settings.local_addresses, reactor)  # the walk's and recursion's

@@ -145,6 +145,18 @@ class TableInspector:
         return self.scan
 
 
+class ManualClock:
+    """A monotonic clock for code that takes ``clock: () -> seconds``
+    (e.g. :class:`stop.os.linux.fdindex.IndexCache`): it reads ``now``,
+    which the test moves."""
+
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 # -- Storage -------------------------------------------------------------------
 
 

@@ -6,15 +6,9 @@ import sys
 
 import pytest
 
+from stop.testing import ManualClock
+
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
-
-
-class _Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 def _index(fdindex, entries, tables, uids=None, built=1000.0):
@@ -29,7 +23,7 @@ def test_new_processes_are_read_into_the_shared_index_not_rebuilt(monkeypatch):
     listed = []
     monkeypatch.setattr(fdindex, "proc_entries", lambda: listed.append(1) or shown["entries"])
     monkeypatch.setattr(fdindex, "last_pid", lambda: shown["pid"])
-    clock = _Clock()
+    clock = ManualClock()
     tables = {1: [(3, ("pipe", 7))], 10: [(4, ("pipe", 7)), (5, ("socket", 9))]}
     builds, reads = [], []
 
@@ -66,7 +60,7 @@ def test_patch_and_candidates():
     index = _index(fdindex, {"5", "6", "7", "8"},
                    {5: [(3, ("socket", 50))], 6: [(3, ("pipe", 90))], 7: [], 8: [(4, ("socket", 20))]},
                    {5: 100, 6: 100, 7: 100, 8: 0})
-    cache = fdindex.IndexCache(10.0, _Clock())
+    cache = fdindex.IndexCache(10.0, ManualClock())
     # uid 100's processes, the one with the newest inode first, then by PID.
     assert cache.candidates(index, 100) == [6, 5, 7]
     assert cache.candidates(index, 0) == [8]

@@ -18,6 +18,7 @@ from stop.errors import ConfigError
 from stop.hooks import Hooks, HooksService
 from stop.interfaces import IHookPlugin, IRecordHook, IRecordStore, IStorePlugin
 from stop.model import Connection, Endpoint
+from stop.storage import make_storage
 from stop.testing import FakeAccounts, FakeLookup, HeldStore
 
 # -- settings ---------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_finds_plugins_by_name_first_directory_wins(tmp_path, logged):
     for plugin in found.values():
         verifyObject(IStorePlugin, plugin)
     clock = Clock()
-    store = plugins.build_store(settings([d1, d2], storage="site"), clock)
+    store = make_storage(settings([d1, d2], storage="site"), clock)
     verifyObject(IRecordStore, store)
     assert store.label == "one" and store.built_with[1] is clock
     assert any("found first" in str(e.get("log_format", "")) for e in logged)
@@ -190,7 +191,7 @@ def test_broken_module_is_logged_and_others_still_load(tmp_path, logged):
 def test_unknown_plugin_error_names_setting_dirs_and_what_was_found(tmp_path):
     d = write(tmp_path / "p", "s.py", STORE_PLUGIN.format(name="site", label="x"))
     with pytest.raises(ConfigError) as info:
-        plugins.build_store(settings([d], storage="sitee"), Clock())
+        make_storage(settings([d], storage="sitee"), Clock())
     message = str(info.value)
     assert message.startswith("storage: 'sitee'") and d in message and "site" in message
 
@@ -203,7 +204,7 @@ def test_unknown_plugin_error_names_setting_dirs_and_what_was_found(tmp_path):
 def test_plugins_that_fail_to_build_are_config_errors(tmp_path, name, words):
     d = write(tmp_path / "p", "bad.py", BAD_PLUGINS)
     with pytest.raises(ConfigError) as info:
-        plugins.build_store(settings([d], storage=name), Clock())
+        make_storage(settings([d], storage=name), Clock())
     for word in words:
         assert word in str(info.value)
 

@@ -14,6 +14,7 @@ from stop.config import Config
 from stop.errors import ConfigError, SockDiagFailed, Unavailable
 from stop.os import make_inspector
 from stop.os.common import command_line, reason_of, text
+from stop.testing import ManualClock
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux")
 
@@ -53,14 +54,6 @@ def test_command_line_drops_trailing_padding_only():
 
 # -- the shared inode index cache (stop.os.linux.fdindex) ----------------------
 
-class _Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 def _builder(calls, complete=True):
     from stop.os.linux.fdindex import FdIndex
 
@@ -73,7 +66,7 @@ def _builder(calls, complete=True):
 @linux
 def test_index_cache_reuses_until_max_age_then_rebuilds(monkeypatch):
     from stop.os.linux import fdindex
-    clock, calls = _Clock(), []
+    clock, calls = ManualClock(), []
     entries = frozenset(os.listdir("/proc"))
     monkeypatch.setattr(fdindex, "proc_entries", lambda: entries)
     cache = fdindex.IndexCache(10.0, clock)
@@ -103,7 +96,7 @@ def test_index_cache_rebuilds_for_a_new_process_not_for_a_gone_one(monkeypatch):
     pid = max(int(e) for e in live if e.isdigit())
     shown = {"entries": live - {str(pid)}}
     monkeypatch.setattr(fdindex, "proc_entries", lambda: shown["entries"])
-    cache = fdindex.IndexCache(10.0, _Clock())
+    cache = fdindex.IndexCache(10.0, ManualClock())
     first, _, _ = cache.get(_builder(calls))
     shown["entries"] = live - {str(pid), "1"}  # a process exited: fine
     assert cache.get(_builder(calls))[1] is None
@@ -116,10 +109,10 @@ def test_index_cache_rebuilds_for_a_new_process_not_for_a_gone_one(monkeypatch):
 def test_index_cache_disabled_and_incomplete_indexes_are_not_shared(monkeypatch):
     from stop.os.linux import fdindex
     calls = []
-    off = fdindex.IndexCache(0, _Clock())
+    off = fdindex.IndexCache(0, ManualClock())
     assert [off.get(_builder(calls))[1] for _ in range(3)] == ["disabled"] * 3
     assert off.builds == 3 and off.current is None
-    cut = fdindex.IndexCache(10.0, _Clock())
+    cut = fdindex.IndexCache(10.0, ManualClock())
     assert [cut.get(_builder(calls, complete=False))[1] for _ in range(2)] == ["none"] * 2
     with pytest.raises(ValueError):
         fdindex.IndexCache(-1)

@@ -112,7 +112,7 @@ def failed_start(top, capfd):
 @pytest.mark.parametrize("argv,status,words", [
     (["--errors", "loud"], tap.EXIT_CONFIG, "command line: errors: 'loud'"),
     (["--bogus"], tap.EXIT_CONFIG, "option --bogus not recognized"),
-    (["--storage", "nosuch"], tap.EXIT_CONFIG, "storage: 'nosuch' is neither built in nor a plugin"),
+    (["--storage", "nosuch"], tap.EXIT_CONFIG, "storage: 'nosuch' is neither built in (flat, gzip, memory) nor a plugin"),
     (["--listen", "foo:1"], tap.EXIT_CONFIG, "listen: 'foo:1' is not a server endpoint"),
 ])
 def test_a_bad_configuration_exits_2_with_one_line(argv, status, words, tmp_path, events, capfd):

@@ -88,3 +88,30 @@ def test_builtin_names_do_not_look_for_plugins(tmp_path):
     daemon = tap.build(settings, Clock())
     assert (daemon.lookup.name, daemon.store.name) == ("procfs", "memory")
     assert SyslogService not in [type(s) for s in daemon.service]
+
+
+def test_one_factory_with_one_signature_per_backend_kind(tmp_path):
+    """lookup, process_backend and storage: each built by one
+    ``make_X(config, reactor)``, through plugins.make, for built-in names
+    and site plugins alike."""
+    import inspect
+
+    from stop import os as os_layer
+    from stop import storage
+    factories = {"lookup": os_layer.make_lookup, "process_backend": os_layer.make_inspector,
+                 "storage": storage.make_storage}
+    assert set(factories) == set(plugins.KINDS)
+    for factory in factories.values():
+        assert list(inspect.signature(factory).parameters) == ["config", "reactor"]
+    for table in (os_layer.LOOKUPS, os_layer.INSPECTORS, storage.BUILT_IN):
+        for build in table.values():
+            assert list(inspect.signature(build).parameters) == ["config", "reactor"]
+    clock = Clock()
+    built = storage.make_storage(config.Config(storage="gzip", data_dir=str(tmp_path / "d"),
+                                               fsync="never"), clock)
+    assert (built.name, built.data_dir) == ("gzip", str(tmp_path / "d"))
+    (tmp_path / "site.py").write_text(SITE)
+    settings = config.Config(plugin_dirs=(str(tmp_path),), lookup="site-lookup",
+                             storage="site-store")
+    assert factories["lookup"](settings, clock).name == "fake"
+    assert factories["storage"](settings, clock).name == "held"

@@ -61,6 +61,29 @@ def test_figure3_order_reasons_and_remote_connections():
     assert result["users"] == ["u1", "u10", "u11", "u12"]
 
 
+@pytest.mark.parametrize("with_inode", [True, False])  # procfs / psutil (no inodes)
+def test_a_socket_held_by_several_processes_is_listed_once_with_all_holders(with_inode):
+    """An sshd monitor (20) and its session (21, forked from it) both hold
+    the inbound ssh connection; the session also holds the queried one."""
+    ssh = tcp(5, 601, ("192.0.2.1", 22), ("203.0.113.5", 50000), "inbound")
+    if not with_inode:
+        del ssh["inode"]
+    table = {
+        1: (0, []),
+        20: (1, [dict(ssh, fd=4)]),
+        21: (20, [dict(ssh, fd=5), dict(ssh, fd=6),
+                  tcp(3, 500, ("192.0.2.1", 40000), ("198.51.100.9", 114), "outbound")]),
+    }
+    result = walk(TableInspector(TableScan(table, {}, [21])), QUERIED)
+    want = {"pid": 21, "fd": 5, "family": "AF_INET",
+            "local": {"address": "192.0.2.1", "port": 22},
+            "remote": {"address": "203.0.113.5", "port": 50000}, "direction": "inbound",
+            "direction_by": "listener", "holders": [[21, 5], [21, 6], [20, 4]]}
+    if with_inode:
+        want["inode"] = 601
+    assert result["remote_connections"] == [want]
+
+
 def test_budget_limits_processes_and_is_passed_to_the_scan():
     table = {pid: (pid - 1 if pid > 1 else 0, []) for pid in range(1, 101)}
     inspector = TableInspector(TableScan(table, {}, [100]))

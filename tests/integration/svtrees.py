@@ -250,6 +250,34 @@ def figure3() -> Tree:
         raise
 
 
+def fifo_relay(directory: str) -> Tree:
+    """Figure 3 with a named FIFO for the pipe, across two sessions:
+    ``nc -l P1 > FIFO`` and ``nc 127.0.0.1 P2 < FIFO``, fed by a client on
+    P1. ``info``: nc_in, nc_out, fifo (its path), p1, p2."""
+    tree = Tree()
+    try:
+        p1, p2 = free_port(), free_port()
+        fifo = os.path.join(directory, "relay.fifo")
+        os.mkfifo(fifo, 0o600)
+        listen_sink(tree, p2)
+        nc_in = tree.spawn(f"exec nc -l 127.0.0.1 {p1} > {fifo}")
+        nc_out = tree.spawn(f"exec nc 127.0.0.1 {p2} < {fifo}")
+        # Each shell opens the FIFO (blocking until the other end does),
+        # then execs nc.
+        wait_for(lambda: any(s.local == ("127.0.0.1", p1) for s in tcp_sockets("LISTEN")),
+                 what="relay listener")
+        tree.spawn(f"sleep 600 | nc 127.0.0.1 {p1}")
+        tree.connection = connection_to(p2)
+        fed = connection_to(p1)
+        wait_for(lambda: holder_of(accepted_inode(fed)) == nc_in.pid, what="nc -l to accept")
+        wait_for(lambda: holder_of(tree.connection.inode) == nc_out.pid, what="nc to connect")
+        tree.info = {"nc_in": nc_in.pid, "nc_out": nc_out.pid, "fifo": fifo, "p1": p1, "p2": p2}
+        return tree
+    except BaseException:
+        tree.stop()
+        raise
+
+
 def figure4() -> Tree:
     """The paper's Figure 4 (14 processes, 3 process groups): two relays
     joined through a pipe and a local TCP connection, fed by a login-like

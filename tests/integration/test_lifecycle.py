@@ -71,7 +71,7 @@ FAILURES = [
     ("unknown option", {}, ["--bogus"],
      lambda d: "command line: option --bogus not recognized (see twistd stop --help)", 2),
     ("unknown storage plugin", {"storage": "nosuch"}, [],
-     lambda d: "storage: 'nosuch' is neither built in nor a plugin in /etc/stop/plugins", 2),
+     lambda d: "storage: 'nosuch' is neither built in (flat, gzip, memory) nor a plugin in /etc/stop/plugins", 2),
     ("unknown hook plugin", {"hooks": "nosuch"}, [],
      lambda d: "hooks: 'nosuch' is neither built in nor a plugin in /etc/stop/plugins", 2),
     ("not an endpoint", {}, ["--listen", "tcp:notaport"],

@@ -123,6 +123,81 @@ def test_figure3_psutil_says_it_cannot_follow_pipes(fig3):
 
 
 @needs
+def test_a_named_fifo_is_followed_like_a_pipe(tmp_path):
+    """``nc -l P1 > FIFO`` and ``nc P2 < FIFO`` in two sessions: asked about
+    the second nc's socket, the FIFO leads to the first and its inbound
+    connection, as an anonymous pipe does (figure 3)."""
+    tree = svtrees.fifo_relay(str(tmp_path))
+    try:
+        info = tree.info
+        result = walk(make_inspector("procfs"), tree.connection)
+        procs = by_pid(result)
+        assert result["start"] == [info["nc_out"]]
+        assert procs[info["nc_in"]]["reached"] == {"via": "fifo", "from": info["nc_out"], "fd": 0}
+        ino = os.stat(info["fifo"]).st_ino
+        out_end = [d for d in procs[info["nc_out"]]["pipes"] if d["fd"] == 0]
+        in_end = [d for d in procs[info["nc_in"]]["pipes"] if d["fd"] == 1]
+        assert out_end == [{"fd": 0, "kind": "fifo", "path": info["fifo"], "inode": ino,
+                            "peers": [[info["nc_in"], 1]]}]
+        assert in_end == [{"fd": 1, "kind": "fifo", "path": info["fifo"], "inode": ino,
+                           "peers": [[info["nc_out"], 0]]}]
+        # Not listed again as an open file.
+        assert not [f for p in procs.values() for f in p.get("files", ())
+                    if f["path"] == info["fifo"]]
+        inbound = [s for s in procs[info["nc_in"]]["sockets"] if s.get("state") == "ESTABLISHED"]
+        assert [(s["local"]["port"], s["direction"]) for s in inbound] == [(info["p1"], "inbound")]
+        for pid in (info["nc_out"], info["nc_in"]):
+            assert_live(procs[pid])
+        # On a shared index (which holds no paths) the FIFO is found too.
+        inspector = make_inspector("procfs", index_max_age=3600)
+        walk(inspector, tree.connection)
+        again = walk(inspector, tree.connection)
+        assert again["index"]["cached"] is True
+        assert by_pid(again)[info["nc_in"]]["reached"] == procs[info["nc_in"]]["reached"]
+    finally:
+        tree.stop()
+
+
+TITLE = r'''
+import sys, time
+with open("/proc/self/stat", "rb") as f:
+    rest = f.read().rsplit(b")", 1)[1].split()
+start, end = int(rest[45]), int(rest[46])  # fields 48, 49: arg_start, arg_end
+title = sys.argv[1].encode()
+with open("/proc/self/mem", "r+b", buffering=0) as mem:  # as sshd's setproctitle
+    mem.seek(start)
+    mem.write(title + b"\0" * (end - start - len(title)))
+print("ready", flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rewritten_process_title_is_saved_without_its_padding(tmp_path, backend):
+    """sshd overwrites its argument area with its title and pads the rest
+    with NUL bytes: /proc shows a run of empty arguments after the title."""
+    script = tmp_path / "title.py"
+    script.write_text(TITLE)
+    title = "sshd: alice [priv]"
+    proc = subprocess.Popen([sys.executable, str(script), title, "x" * 64, "y" * 64],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            raw = f.read()
+        assert raw.startswith(title.encode() + b"\0\0\0")  # the padding is there
+        scan = make_inspector(backend).begin(1000)
+        try:
+            assert scan.process(proc.pid, {"cmdline"})["cmdline"] == [title]
+        finally:
+            scan.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+@needs
 def test_figure4_two_relays_through_a_pipe_and_a_local_tcp_connection():
     tree = svtrees.figure4()
     try:

@@ -18,6 +18,7 @@ import errno
 import glob
 import os
 import socket
+import stat
 import time
 
 from twisted.logger import Logger
@@ -29,7 +30,8 @@ from stop.model import Connection
 from stop.os.common import UserNames, command_line, reason_of, text
 from stop.os.direction import DirectionRule
 from stop.os.linux import fdsock, sockdiag
-from stop.os.linux.fdindex import FdIndex, Holder, IndexCache, Key, link_key, pids_of
+from stop.os.linux.fdindex import (FdIndex, Holder, IndexCache, Key, link_key, pids_of,
+                                   proc_entries)
 from stop.os.linux.procnet import parse_address
 from stop.os.linux.sockdiag import (TCP_CLOSE, TCP_LISTEN, TCP_TIME_WAIT, InetSock, SockDiag,
                                     decode_inet, decode_unix, host_key)
@@ -158,6 +160,8 @@ class ProcfsScan:
         self._tcp_refreshed = False
         self._listening: dict[tuple[bytes, int], bool | None] = {}
         self._rule = inspector.rule
+        self._stats: dict[Holder, tuple[int, int] | None] = {}  # named FIFOs
+        self._fifos: dict[tuple[int, int], list[Holder]] = {}
         self._unix: dict[int, dict] = {}
         self._udp: dict[int, dict] | None = None
         self._diag_transport: SockDiag | None = None
@@ -638,6 +642,10 @@ class ProcfsScan:
                 d.update(self._socket(inode, (pid, fd)))
             elif target.startswith("pipe:["):
                 d = {"fd": fd, "kind": "pipe", "inode": int(target[6:-1])}
+            elif target.startswith("/") and self._fifo_id(pid, fd) is not None:
+                # A named FIFO (mkfifo): a pipe with a path, followed alike.
+                _dev, ino = self._fifo_id(pid, fd)
+                d = {"fd": fd, "kind": "fifo", "path": text(target), "inode": ino}
             elif open_files:
                 d = {"fd": fd, "kind": "file", "path": text(target)}
             else:
@@ -645,8 +653,54 @@ class ProcfsScan:
             out.append(d)
         return out
 
+    def _fifo_id(self, pid: int, fd: int) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of ``pid``'s descriptor ``fd`` when it is a
+        named FIFO, else None (a file, or gone). One ``stat`` per path
+        descriptor of a walked process, remembered for this walk; the
+        index scan never stats (a FIFO's link is its path, no inode)."""
+        key = (pid, fd)
+        if key not in self._stats:
+            try:
+                st = os.stat(f"{PROC}/{pid}/fd/{fd}")
+            except OSError:
+                st = None
+            self._stats[key] = ((st.st_dev, st.st_ino)
+                                if st is not None and stat.S_ISFIFO(st.st_mode) else None)
+        return self._stats[key]
+
+    def _fifo_holders(self, pid: int, descriptor: dict) -> list[Holder]:
+        """Every (pid, fd) holding the named FIFO ``descriptor`` of ``pid``:
+        the descriptors whose link names the same path and that are the
+        same FIFO (device and inode). The index has no paths, so this reads
+        the descriptor table of every process once per walk (counted
+        against the budget; free when this walk built the index), and only
+        when a walk meets a FIFO. Found by its path: a holder in another
+        mount namespace (another path) is not found."""
+        want = self._fifo_id(pid, descriptor["fd"])
+        target = dict(self._links.get(pid, ())).get(descriptor["fd"])
+        if want is None or target is None:
+            return []
+        found = self._fifos.get(want)
+        if found is not None:
+            return found
+        found = []
+        for other in pids_of(proc_entries()):
+            try:
+                links = self._read_links(other)
+            except (ProcessGone, Unavailable):
+                continue
+            found.extend((other, fd) for fd, t in links
+                         if t == target and self._fifo_id(other, fd) == want)
+            if self.truncated:
+                break
+        self._fifos[want] = found
+        return found
+
     def peers(self, pid: int, descriptor: dict) -> list[tuple[int, int]]:
         kind = descriptor.get("kind")
+        if kind == "fifo":
+            me = (pid, descriptor["fd"])
+            return [h for h in self._fifo_holders(pid, descriptor) if h != me]
         if kind == "pipe":
             key = ("pipe", descriptor["inode"])
         elif kind == "socket" and descriptor.get("family") == "AF_UNIX":
