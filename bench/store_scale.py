@@ -13,10 +13,15 @@ linked entry), then opens it once as the daemon would to build its index
   and of a reader (what ``stopctl`` does), wall time;
 * **stopctl show**: ``stopctl show TOKEN`` as a command (interpreter start
   included), median of 5, for a full token and for a 12-character prefix;
-  and ``stopctl verify TOKEN``;
+  and ``stopctl verify TOKEN``; ``stopctl verify --all`` once (the whole
+  chain);
 * **daemon RSS**: a real ``twistd stop`` on the store (flat, fsync=batch)
   answers 2,000 ID queries over loopback (one connection each, about real
-  connections); its VmRSS after start and after the queries.
+  connections); its VmRSS after start and after the queries;
+* **writer RSS** (``--writer N``, default a million): one process saves N
+  records itself into a fresh store (``fsync=never``, 50 concurrent savers,
+  the store's own code path: batches, index, chain); its VmRSS after 1,000
+  and after N saves.
 
 The fixtures are kept under ``--dir`` with ``--keep`` (about 420 MB for a
 million flat records), and reused when present. Run as root (the daemon
@@ -132,6 +137,60 @@ def stopctl_seconds(data_dir: str, store: str, *args: str, runs: int = 5) -> tup
     return statistics.median(times), out
 
 
+CHILD_WRITER = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(1, os.path.dirname(os.path.abspath(sys.argv[2])))
+from twisted.internet import defer, reactor
+from stop.storage import STORES
+import store_scale as bench
+n, data_dir, name = int(sys.argv[3]), sys.argv[4], sys.argv[5]
+marks = sorted({1000, n})
+out = {"saved": 0}
+store = STORES[name](data_dir, reactor=reactor, fsync="never")
+store.open()
+todo = iter(range(n))  # shared by the savers: n saves in all, bounded
+
+
+def rss():
+    with open("/proc/self/status") as fh:
+        return int(next(l for l in fh if l.startswith("VmRSS:")).split()[1])
+
+
+@defer.inlineCallbacks
+def saver():
+    for i in todo:
+        yield store.save(bench.token_of(i), bench.id_record(i))
+        out["saved"] += 1
+        if out["saved"] in marks:
+            out[f"rss_kib_{out['saved']}"] = rss()
+            out[f"at_s_{out['saved']}"] = time.perf_counter() - t0
+
+
+t0 = time.perf_counter()
+d = defer.gatherResults([saver() for _ in range(50)], consumeErrors=True)
+d.addCallback(lambda _: store.close())
+d.addErrback(lambda f: out.update(error=f.getErrorMessage()))
+d.addBoth(lambda _: reactor.stop())
+reactor.run()
+print(json.dumps(out))
+"""
+
+
+def writer_rss(n: int, store: str, base: str) -> dict:
+    """A store process saving ``n`` records itself (fsync=never, 50 savers,
+    one fresh store): its VmRSS after 1,000 and after ``n`` saves."""
+    data_dir = tempfile.mkdtemp(prefix="store-writer-", dir=base)
+    try:
+        r = subprocess.run([sys.executable, "-c", CHILD_WRITER, _code_dir(), os.path.abspath(__file__),
+                            str(n), data_dir, store], capture_output=True, text=True, timeout=1800)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr)
+    return json.loads(r.stdout)
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -178,6 +237,9 @@ def main() -> None:
     p.add_argument("--dir", default=os.path.join(ROOT, "var"))
     p.add_argument("--keep", action="store_true", help="keep (and reuse) the fixtures")
     p.add_argument("--code", default=None, help="import stop from this directory")
+    p.add_argument("--writer", type=int, default=1000000, metavar="N",
+                   help="also save N records in one fresh store, in process, and report its "
+                        "RSS after 1,000 and after N (0: skip)")
     args = p.parse_args()
     os.makedirs(args.dir, mode=0o700, exist_ok=True)
     print(f"store scale: {args.store}, code {_code_dir()}, Python {sys.version.split()[0]}")
@@ -196,6 +258,9 @@ def main() -> None:
         assert token in out, out
         prefix, out = stopctl_seconds(data_dir, args.store, "show", token[:12].upper())
         verify, out = stopctl_seconds(data_dir, args.store, "verify", token)
+        # The whole chain, read once (bounded memory: a megabyte at a time).
+        verify_all, out = stopctl_seconds(data_dir, args.store, "verify", "--all", runs=1)
+        assert out.endswith("SOUND\n") and "NOT" not in out, out
         work = tempfile.mkdtemp(prefix="store-scale-", dir=args.dir)
         try:
             rss = daemon_rss(data_dir, args.store, work)
@@ -203,20 +268,31 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         row = {"records": n, "bytes": size, **made, "open_writer_s": opened["writer"],
                "open_reader_s": opened["reader"], "show_s": show, "show_prefix_s": prefix,
-               "verify_s": verify, **rss}
+               "verify_s": verify, "verify_all_s": verify_all, **rss}
         rows.append(row)
         print(json.dumps(row))
         if not args.keep:
             shutil.rmtree(data_dir, ignore_errors=True)
     print()
     print(f"{'records':>9} {'MB':>6} {'open w s':>8} {'open r s':>8} {'show s':>7} {'prefix s':>8} "
-          f"{'verify s':>8} {'RSS start':>9} {'RSS after':>9}  (RSS in MiB, after {QUERIES} queries)")
+          f"{'verify s':>8} {'verify --all s':>14} {'RSS start':>9} {'RSS after':>9}  "
+          f"(RSS in MiB, after {QUERIES} queries)")
     for r in rows:
         print(f"{r['records']:9d} {r['bytes'] / 2**20:6.0f} {r['open_writer_s']:8.3f} {r['open_reader_s']:8.3f} "
-              f"{r['show_s']:7.3f} {r['show_prefix_s']:8.3f} {r['verify_s']:8.3f} "
+              f"{r['show_s']:7.3f} {r['show_prefix_s']:8.3f} {r['verify_s']:8.3f} {r['verify_all_s']:14.1f} "
               f"{r['rss_start_kib'] / 1024:9.1f} {r['rss_after_kib'] / 1024:9.1f}")
     if len(rows) > 1:
         print(f"RSS after, largest minus smallest: {(rows[-1]['rss_after_kib'] - rows[0]['rss_after_kib']) / 1024:.1f} MiB")
+    if args.writer:
+        w = writer_rss(args.writer, args.store, os.path.abspath(args.dir))
+        print(json.dumps(w))
+        if "error" in w:
+            raise SystemExit(f"writer: {w['error']}")
+        n = args.writer
+        print(f"one process saving {n} records itself (fsync=never, 50 savers): VmRSS "
+              f"{w['rss_kib_1000'] / 1024:.1f} MiB after 1,000, {w[f'rss_kib_{n}'] / 1024:.1f} MiB "
+              f"after {n:,} ({(w[f'rss_kib_{n}'] - w['rss_kib_1000']) / 1024:+.1f} MiB), "
+              f"{n / w[f'at_s_{n}']:.0f} saves/s")
 
 
 if __name__ == "__main__":

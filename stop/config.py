@@ -99,6 +99,19 @@ class Config:
     # Site plugins (stop-plugins(7)): where to look, which record hooks run.
     plugin_dirs: tuple[str, ...] = ("/etc/stop/plugins",)
     hooks: tuple[str, ...] = ()
+    # Redemption over mutual TLS (docs/redeem.rst): off while redeem_listen
+    # is empty; redeem_allow is a text of rules, one per line.
+    redeem_listen: str = ""
+    redeem_cert: str = ""
+    redeem_key: str = ""
+    redeem_ca: str = ""
+    redeem_crl: str = ""
+    redeem_allow: str = ""
+    redeem_deny: tuple[str, ...] = ()
+    redeem_rate: float = 60.0
+    redeem_burst: int = 20
+    redeem_max_connections: int = 32
+    redeem_timeout: float = 30.0
     # The [plugin NAME] sections, as ((name, ((key, value), ...)), ...);
     # not a [stop] setting. Read it with plugin_options(name).
     plugin_settings: tuple = ()
@@ -126,6 +139,7 @@ class Config:
         _check_recursion(self)
         _check_accounts(self)
         facility_number(self.syslog_facility)  # raises ConfigError when unknown
+        _check_redeem(self)
 
     @property
     def quota_bytes(self) -> int:
@@ -226,6 +240,25 @@ def address_networks(entries: tuple[str, ...]) -> Optional[tuple]:
             raise ConfigError(
                 f"address_form: {entry!r} is not 'any', 'none' or an address/CIDR") from None
     return tuple(nets)
+
+
+def _check_redeem(config: "Config") -> None:
+    from stop.redeem.policy import parse_policy
+    parse_policy(config.redeem_allow, config.redeem_deny)  # raises ConfigError
+    if config.redeem_listen:
+        if config.redeem_listen.split(":", 1)[0].lower() in ("ssl", "tls", "txtorcon"):
+            raise ConfigError("redeem_listen: give a plain endpoint (tcp:PORT:interface=ADDRESS); "
+                              "its TLS comes from redeem_cert, redeem_key and redeem_ca")
+        for name in ("redeem_cert", "redeem_key", "redeem_ca"):
+            if not getattr(config, name):
+                raise ConfigError(f"{name}: must be set when redeem_listen is")
+    if not config.redeem_rate > 0:
+        raise ConfigError("redeem_rate: must be more than 0 per minute")
+    for name in ("redeem_burst", "redeem_max_connections"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}: must be at least 1, not {getattr(config, name)}")
+    if not config.redeem_timeout > 0:
+        raise ConfigError("redeem_timeout: must be more than 0 seconds")
 
 
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True,

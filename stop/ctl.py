@@ -32,6 +32,7 @@ import stop
 from stop import config as config_mod
 from stop import records
 from stop.errors import ConfigError, StopError
+from stop.redeem import cli as redeem_cli
 from stop.storage import make_store
 
 DEFAULT_CONFIG = "/etc/stop/stop.conf"
@@ -90,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--json", action="store_true", help="one JSON object")
     stats = sub.add_parser("stats", help="records, bytes, quota use, per type and per day, chain head")
     stats.add_argument("--json", action="store_true", help="one JSON object")
+    redeem_cli.add_parsers(sub)  # trace, audit (docs/redeem.rst)
     return p
 
 
@@ -513,16 +515,23 @@ def cmd_verify_all(store, args, out: TextIO) -> int:
     return EXIT_OK if report.sound else EXIT_FAIL
 
 
-def _syslog(line: str, facility: str) -> None:
-    """``line`` to syslog as stopctl (notice), best effort: a prune must
-    leave a trace outside the store."""
-    try:
-        import syslog
-        syslog.openlog("stopctl", syslog.LOG_PID, getattr(syslog, f"LOG_{facility.upper()}", syslog.LOG_DAEMON))
-        syslog.syslog(syslog.LOG_NOTICE, line)
-        syslog.closelog()
-    except (ImportError, OSError):
-        pass
+def _syslog(line: str, settings: Optional[config_mod.Config]) -> Optional[str]:
+    """Send ``line`` to syslog as ``stopctl`` (warning), through the
+    configured ``syslog_socket`` and ``syslog_facility`` (whatever the
+    ``syslog`` setting: a prune must leave a trace outside the store).
+
+    :return: None when sent, else why not (the socket is missing, refuses).
+    """
+    from twisted.logger import LogLevel
+
+    from stop.logsetup import SyslogObserver
+    settings = settings or config_mod.Config()
+    observer = SyslogObserver(settings.syslog_socket, settings.syslog_facility, ident="stopctl")
+    observer({"log_format": "{line}", "line": line, "log_level": LogLevel.warn})
+    observer.close()
+    if observer.dropped:
+        return f"syslog socket {settings.syslog_socket} did not take it"
+    return None
 
 
 def cmd_prune(store, args, out: TextIO, settings: Optional[config_mod.Config] = None,
@@ -556,12 +565,13 @@ def cmd_prune(store, args, out: TextIO, settings: Optional[config_mod.Config] = 
             sys.stderr.write("stopctl: nothing pruned\n")
             return EXIT_UNKNOWN
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    facility = settings.syslog_facility if settings is not None else "daemon"
     lines: list[str] = []
 
     def log(line: str) -> None:
         lines.append(line)
-        _syslog(line, facility)
+        why = _syslog(line, settings)
+        if why is not None:
+            sys.stderr.write(f"stopctl: not logged to syslog ({why}); records/checkpoint keeps it\n")
 
     chain.prune(store, plan, now, before.isoformat(), log)
     result["pruned"] = True
@@ -599,6 +609,8 @@ COMMANDS = {"show": cmd_show, "list": cmd_list, "verify": cmd_verify, "prune": c
 
 def main(argv: Optional[list[str]] = None, out: TextIO = sys.stdout) -> int:
     args = _parser().parse_args(argv)
+    if args.command in redeem_cli.COMMANDS:  # no store needed
+        return redeem_cli.run(args, out, lambda: _settings(args))
     try:
         settings = _settings(args)
         store = make_store(settings.storage, settings.data_dir, readonly=True)

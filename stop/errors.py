@@ -111,3 +111,46 @@ class StartFailed(StopError):
     def __init__(self, message: str, status: int = 1):
         super().__init__(message)
         self.status = status
+
+
+# -- Redemption (stop.redeem): what a redemption client meets -------------
+
+
+class RedeemError(StopError):
+    """A redemption did not give a record; ``kind`` names the case in
+    ``stopctl trace`` output (text, JSON, DOT)."""
+
+    kind = "error"
+
+
+class UnknownToken(RedeemError):
+    """The host answered "not found": the token is unknown there, or not
+    released to this client (the service does not say which)."""
+
+    kind = "not-found"
+
+
+class Unreachable(RedeemError):
+    """No connection to the host's redemption service (refused, timed out,
+    no route, closed before TLS)."""
+
+    kind = "unreachable"
+
+
+class CertificateRefused(RedeemError):
+    """The TLS handshake failed on a certificate: the host refused ours, or
+    its own failed our verification (CA, name, dates)."""
+
+    kind = "certificate-refused"
+
+
+class NotAuthorised(RedeemError):
+    """The host's policy lets this client's identity redeem nothing."""
+
+    kind = "not-authorised"
+
+
+class RateLimited(RedeemError):
+    """The host refused: this client is over its rate for now."""
+
+    kind = "rate-limited"

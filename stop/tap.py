@@ -359,6 +359,9 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
     # Stopped after the listeners, before the store: outcomes of questions
     # cut short are still saved.
     RecursionService(recursion).setServiceParent(top)
+    if settings.redeem_listen:  # after the store: it reads records (docs/redeem.rst)
+        from stop.redeem.service import redemption_service
+        redemption_service(settings, store, reactor).setServiceParent(top)
     for listener in listeners:
         listener.setServiceParent(top)
     daemon = Daemon(top, factory, answerer, lookup, store, settings, listeners)

@@ -6,14 +6,19 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
+from twisted.internet import defer
+from twisted.trial import unittest
 
 from stop import ctl, records
 from stop.storage import STORES, make_store
 from stop.storage.chain import read_checkpoint, verify_all
 from stop.storage.entries import format_entry, read_entries
 from stop.storage.offline import write_store
+from tests import rsyslogd
 
 N = 24  # records; with linked entries on every 6th record: 28 entries
 
@@ -45,9 +50,13 @@ def items():
 class Store:
     """A store written in its files, indexed once by a writer, then closed."""
 
-    def __init__(self, tmp_path, name, segment_bytes=2500):
+    def __init__(self, tmp_path, name, segment_bytes=2500, syslog_socket=None):
         self.name = name
         self.dir = str(tmp_path / "d")
+        # stopctl prune logs to syslog: never to the host's /dev/log here.
+        self.config = str(tmp_path / "stop.conf")
+        with open(self.config, "w") as f:
+            f.write(f"[stop]\nsyslog_socket = {syslog_socket or tmp_path / 'no-syslog'}\n")
         self.codec = STORES[name].codec
         self.items = items()
         self.count, self.chain = write_store(self.dir, self.items, self.codec, segment_bytes, sync=False)
@@ -83,7 +92,7 @@ class Store:
 
     def ctl(self, *argv):
         out = io.StringIO()
-        rc = ctl.main(["--config", "/dev/null", "--data-dir", self.dir, "--storage", self.name,
+        rc = ctl.main(["--config", self.config, "--data-dir", self.dir, "--storage", self.name,
                        *argv], out=out)
         return rc, out.getvalue()
 
@@ -240,7 +249,7 @@ def test_bad_head_argument_is_a_usage_error(store):
     assert store.ctl("verify", "--head", store.chain, token(1))[0] == 2
 
 
-def test_prune_then_verify(store):
+def test_prune_then_verify(store, capsys):
     segs = store.segments()
     kept_first = len(store.spans(segs[0])) + len(store.spans(segs[1])) + 1
     first_kept_token = next(t for k, t, _ in store.items[kept_first - 1:] if k == "R")
@@ -254,6 +263,7 @@ def test_prune_then_verify(store):
     assert rc == 2 and len(store.segments()) == len(segs)
     rc, text = store.ctl("prune", "--before", before, "--yes")
     assert rc == 0 and text.startswith(f"pruned {store.records_dir}: ")
+    assert "not logged to syslog" in capsys.readouterr().err  # no socket here: said so
     assert f"entries 1-{kept_first - 1}" in text
     assert store.segments() == segs[2:]
     cp = read_checkpoint(store.records_dir)
@@ -315,3 +325,58 @@ def test_verify_all_api_limits_findings(store):
     report = verify_all(s, limit=2)
     assert len(report.findings) == 2 and report.dropped == 1 and not report.sound
 
+
+
+class PruneWhileWritingTests(unittest.TestCase):
+    """``stopctl prune`` on a store a writer (the daemon) has open: the
+    writer goes on saving, reads still work, what remains verifies."""
+
+    @defer.inlineCallbacks
+    def test_prune_under_a_running_writer(self):
+        from twisted.internet import reactor
+        base = tempfile.mkdtemp(prefix="stop-chain-")
+        self.addCleanup(shutil.rmtree, base, True)
+        d = os.path.join(base, "d")
+        writer = make_store("flat", d, reactor=reactor, segment_bytes=3000)
+        writer.open()
+        self.addCleanup(writer.close)
+        yield defer.gatherResults([writer.save(token(i), record(i)) for i in range(N)])
+        yield writer.close()  # its index rows committed...
+        writer = make_store("flat", d, reactor=reactor, segment_bytes=3000)
+        writer.open()          # ...and open again, as a running daemon
+        self.addCleanup(writer.close)
+        conf = os.path.join(base, "stop.conf")
+        with open(conf, "w") as f:
+            f.write(f"[stop]\nsyslog_socket = {base}/no-syslog\n")
+        argv = ["--config", conf, "--data-dir", d, "--storage", "flat"]
+        out = io.StringIO()
+        self.assertEqual(ctl.main(argv + ["prune", "--before", "2026-01-01T12:00:00Z", "--yes"], out=out), 0)
+        self.assertIn("removed segments 1-", out.getvalue())
+        self.assertIsNone(writer.get(token(0)))        # its index row is gone
+        self.assertEqual(writer.get(token(N - 1)), record(N - 1))
+        yield defer.gatherResults([writer.save(token(i), record(i)) for i in range(N, N + 10)])
+        self.assertEqual(writer.get(token(N + 9)), record(N + 9))
+        writer.recount_usage()
+        self.assertEqual(writer.usage(), sum(os.path.getsize(os.path.join(d, "records", f))
+                                             for f in os.listdir(os.path.join(d, "records"))))
+        yield writer.close()
+        out = io.StringIO()
+        rc = ctl.main(argv + ["verify", "--all"], out=out)
+        self.assertEqual(rc, 0, out.getvalue())
+        self.assertIn("(after a prune)", out.getvalue())
+        self.assertIn(f"head {N + 10}:", out.getvalue())
+
+
+@pytest.mark.skipif(not rsyslogd.available(), reason="rsyslogd not installed")
+def test_prune_is_logged_to_syslog(tmp_path):
+    server = rsyslogd.Rsyslogd(tmp_path / "rsyslog").start()
+    try:
+        store = Store(tmp_path, "flat", syslog_socket=server.socket_path)
+        rc, text = store.ctl("prune", "--before", "2026-01-01T12:00:00Z", "--yes")
+        assert rc == 0
+        (msg,) = server.wait_messages(lambda m: m[2] == "stopctl")
+        assert msg[:2] == ("daemon", "warning")
+        assert msg[6] == text.strip()
+        assert "removed segments 1-" in msg[6] and "chain goes on from" in msg[6]
+    finally:
+        server.stop()

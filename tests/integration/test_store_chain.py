@@ -4,7 +4,11 @@ store's last entries are cut off (issue 10)."""
 
 import glob
 import re
+import time
 
+import pytest
+
+from tests import rsyslogd
 from tests.integration.harness import Pair
 
 HEAD = re.compile(r"record store chain head (at start|at stop|every [0-9.]+ s): ([0-9]+):([0-9a-f]{64})")
@@ -24,7 +28,6 @@ def test_logged_head_catches_a_truncated_store(start_daemon):
     finally:
         pair.close()
     # While it runs: the head every second, the store sound against it.
-    import time
     deadline = time.monotonic() + 30
     while not any(w.startswith("every") and n == 3 for w, n, _ in heads(d)) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -46,3 +49,26 @@ def test_logged_head_catches_a_truncated_store(start_daemon):
     assert "HEAD: the saved head" in bad.stdout and "1 entry before the saved head" in bad.stdout
     stats = d.stopctl("stats")
     assert stats.returncode == 0 and re.search(r"^head +2:[0-9a-f]{64}$", stats.stdout, re.M), stats.stdout
+
+
+@pytest.mark.skipif(not rsyslogd.available(), reason="rsyslogd not installed")
+def test_head_reaches_syslog(start_daemon, tmp_path):
+    server = rsyslogd.Rsyslogd(tmp_path / "rsyslog").start()
+    try:
+        d = start_daemon({"syslog": "yes", "syslog_socket": server.socket_path,
+                          "head_log_interval": "0"})
+        pair = Pair()
+        try:
+            (reply,) = d.ask(pair.query())
+            assert b"USERID" in reply
+        finally:
+            pair.close()
+        d.stop()
+        got = server.wait_messages(lambda m: "record store chain head" in m[6], count=2)
+        said = [HEAD.search(m[6]).groups() for m in got]
+        assert [(w, int(n)) for w, n, _ in said] == [("at start", 0), ("at stop", 1)]
+        assert all(m[:3] == ("daemon", "info", "stopd") for m in got)
+        ok = d.stopctl("verify", "--all", "--head", f"{said[1][1]}:{said[1][2]}")
+        assert ok.returncode == 0 and ok.stdout.endswith("SOUND\n"), ok.stdout + ok.stderr
+    finally:
+        server.stop()
