@@ -31,10 +31,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from twisted.internet.task import Clock  # noqa: E402
-from twisted.logger import globalLogBeginner, textFileLogObserver  # noqa: E402
+from twisted.logger import globalLogBeginner  # noqa: E402
 
 import compare_oidentd  # noqa: E402
 from stop import config as config_mod, wire  # noqa: E402
+from stop.logsetup import TextLogObserver  # noqa: E402
 from stop.answer import Answerer, Query  # noqa: E402
 from stop.os.linux.lookup import NetlinkLookup  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
@@ -89,7 +90,8 @@ def main() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     log = tempfile.NamedTemporaryFile("w", prefix="stop-profile-", suffix=".log")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log)], redirectStandardIO=False)
+    # The daemon's observer for twistd's lines (stop.tap sets it for twistd).
+    globalLogBeginner.beginLoggingTo([TextLogObserver(log)], redirectStandardIO=False)
     holders = compare_oidentd.Holders()
     try:
         pairs = holders.grow(a.sockets)

@@ -10,7 +10,9 @@ Run as root with the ``.venv`` interpreter and ``py-spy`` installed in it
 ``--kind id``: ``twistd stop`` as in ``compare_oidentd.py`` (flat store,
 fsync = batch), 1,000 established connections held by nobody, the C load
 generator asking about them. ``--kind sv``: SV about a fresh connection
-each time (``hot_bench.FreshHolder``), one query at a time.
+each time (``hot_bench.FreshHolder``), one query at a time; ``--idle N``
+adds N idle processes on the host, ``--established N --time-wait M`` such
+sockets (as ``hot_bench.py``'s SV points).
 
 py-spy samples every thread (``--threads``, idle samples dropped); the
 report gives, per thread, the share of samples whose stack contains each
@@ -92,6 +94,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--raw", help="also keep py-spy's raw output in this file")
+    ap.add_argument("--idle", type=int, default=0,
+                    help="--kind sv: this many extra idle processes on the host (hot_bench's)")
+    ap.add_argument("--idle-user", default="daemon", help="user the idle processes run as")
+    ap.add_argument("--established", type=int, default=0,
+                    help="--kind sv: this many extra established connections on the host")
+    ap.add_argument("--time-wait", type=int, default=0,
+                    help="--kind sv: this many TIME_WAIT sockets on the host at the start")
     ap.add_argument("--gil", action="store_true",
                     help="only samples holding the GIL (Python CPU; no GIL waits)")
     a = ap.parse_args(argv)
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-prof-", dir="/var/tmp"))
     out = workdir / "pyspy.txt"
-    holders = fresh = gen = None
+    holders = fresh = gen = idle = None
     server = co.StopServer(workdir) if a.kind == "id" else hot_bench.SvDaemon(workdir)
     try:
         server.start()
@@ -117,6 +126,13 @@ def main(argv=None) -> int:
             gen.run(f"{co.THIS}:{server.port}", co.REQUESTER, pairs_file, 300, 10, 30)  # warm
         else:
             fresh = hot_bench.FreshHolder()
+            if a.idle:
+                idle = hot_bench.IdleProcesses(a.idle, a.idle_user)
+            if a.established:
+                holders = co.Holders()
+                holders.grow(a.established)
+            if a.time_wait:
+                hot_bench.make_time_wait(a.time_wait)
         cmd = [spy, "record", "--pid", str(server.pid), "--threads", "--rate", str(a.rate),
                "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(out),
                "--nonblocking"] + (["--gil"] if a.gil else [])
@@ -150,6 +166,8 @@ def main(argv=None) -> int:
             holders.stop()
         if fresh is not None:
             fresh.stop()
+        if idle is not None:
+            idle.stop()
         if gen is not None:
             gen.close()
         server.stop()

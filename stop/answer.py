@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from stop import records, wire
@@ -23,6 +22,7 @@ from stop.errors import NoUser, Overloaded, StopError
 from stop.hooks import Hooks
 from stop.interfaces import IAccounts, IOptIn, IRecordStore, ISocketLookup
 from stop.limits import Gate
+from stop.logsetup import QuickLogger
 from stop.model import Connection, Endpoint
 from stop.optin import OptIn
 from stop.os.accounts import Accounts
@@ -87,7 +87,7 @@ class Answerer:
         #: stop.recursion.Recursion for ID_REC/SV_REC (spec 6); None: they
         #: are answered like ID/SV and their record says "disabled".
         self._recursion = recursion
-        self.log = Logger()
+        self.log = QuickLogger()
 
     @property
     def tokens(self) -> Tokens:

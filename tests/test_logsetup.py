@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 
 import pytest
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from hypothesis import given, strategies as st
+from twisted.logger import (ILogObserver, Logger, LogLevel, LogPublisher, formatEvent,
+                            textFileLogObserver)
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from stop.errors import ConfigError
-from stop.logsetup import (MAX_DATAGRAM, SyslogObserver, SyslogService, facility_number,
-                           format_datagram)
+from stop.logsetup import (MAX_DATAGRAM, QuickLogger, SyslogObserver, SyslogService,
+                           TextLogObserver, facility_number, format_datagram)
 
 from tests import rsyslogd
 
@@ -119,3 +122,96 @@ def test_reconnects_after_rsyslog_restart(tmp_path):
         assert second.wait_messages(lambda m: m[6] == "two")
     finally:
         second.stop()
+
+
+# -- twistd's text lines, cheaper (TextLogObserver) and QuickLogger ----------
+
+def _lines(make, events, binary=False):
+    """What an observer made by ``make(out)`` writes for ``events``."""
+    out = io.BytesIO() if binary else io.StringIO()
+    observer = make(out)
+    for event in events:
+        observer(dict(event))
+    return out.getvalue()
+
+
+def _same_as_twisted(events, binary=False):
+    ours = _lines(TextLogObserver, events, binary)
+    theirs = _lines(textFileLogObserver, events, binary)
+    assert ours == theirs
+    return ours
+
+
+def test_text_observer_provides_interface():
+    verifyObject(ILogObserver, TextLogObserver(io.StringIO()))
+
+
+def test_text_observer_writes_twisteds_lines_for_every_kind_of_event():
+    base = {"log_level": LogLevel.info, "log_namespace": "stop.answer", "log_time": 1764565200.25}
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    events = [
+        {**base, "log_format": "127.0.0.2:5 asked 40000, 6667 ID: token ab"},  # the query line
+        {**base, "log_format": "two\nlines"},
+        {**base, "log_format": "a {field} here", "field": "value"},
+        {**base, "log_format": "escaped {{braces}}"},
+        {**base, "log_format": "with failure", "log_failure": failure},
+        {**base, "log_format": "legacy", "log_system": "-"},
+        {**base, "log_format": ""},
+        {**base, "log_format": None},
+        {**base, "log_format": "no level", "log_level": None},
+        {"log_format": "no namespace, level or time"},
+        {**base, "log_format": "an int time", "log_time": 1764565200},
+        {**base, "log_format": "rounds up to the next second", "log_time": 1764565200.9999996},
+        {**base, "log_format": "just below", "log_time": 1764565200.9999989},
+        {**base, "log_format": "next second", "log_time": 1764565201.0},
+        {**base, "log_format": "back again", "log_time": 1764565200.5},
+        {**base, "log_format": "before 1970", "log_time": -1.5},
+        {**base, "log_format": "warn, unicode é", "log_level": LogLevel.warn},
+    ]
+    text = _same_as_twisted(events)
+    assert "rounds up" in text and "ZeroDivisionError" in text
+    _same_as_twisted(events, binary=True)
+
+
+@given(st.text(), st.floats(min_value=0, max_value=4e9),
+       st.sampled_from(list(LogLevel.iterconstants())))
+def test_text_observer_equals_twisted_for_any_text_and_time(text, when, level):
+    events = [{"log_format": text, "log_time": when, "log_level": level, "log_namespace": "n"},
+              {"log_format": text, "log_time": when + 0.5, "log_level": level,
+               "log_namespace": "n"}]
+    _same_as_twisted(events)
+
+
+def test_text_observer_time_format_with_fractions_is_not_reused():
+    events = [{"log_format": "x", "log_time": 10.25}, {"log_format": "y", "log_time": 10.5}]
+    ours = _lines(lambda out: TextLogObserver(out, "%S.%f"), events)
+    assert ours == _lines(lambda out: textFileLogObserver(out, "%S.%f"), events)
+    assert ".250000" in ours and ".500000" in ours
+
+
+def test_quick_logger_emits_the_event_logger_emits():
+    seen = []
+    publisher = LogPublisher(seen.append)
+    for cls in (Logger, QuickLogger):
+        cls(namespace="ns", source="src", observer=publisher).warn(
+            "text {x}", x=1, requester="r")
+    plain, quick = seen
+    assert plain.pop("log_time") <= quick.pop("log_time")
+    assert isinstance(plain.pop("log_logger"), Logger)
+    assert isinstance(quick.pop("log_logger"), QuickLogger)
+    assert plain == quick
+    assert quick["log_level"] is LogLevel.warn and quick["log_namespace"] == "ns"
+
+
+def test_quick_logger_namespace_is_the_callers_module():
+    assert QuickLogger().namespace == __name__
+
+
+def test_quick_logger_reports_an_unknown_level_as_logger_does():
+    seen = []
+    QuickLogger(observer=seen.append).emit("nosuch", "hello")
+    assert len(seen) == 1 and seen[0]["log_level"] is LogLevel.critical
+    assert "invalid log level" in formatEvent(seen[0])

@@ -13,11 +13,11 @@ from twisted.internet.address import IPv6Address
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, formatTime, globalLogPublisher
 from zope.interface.verify import verifyObject
 
 import stop
-from stop import tap
+from stop import logsetup, tap
 from stop.config import RELOADABLE, Config
 from stop.errors import ConfigError, StartFailed
 from stop.interfaces import IRecordStore, ISocketLookup
@@ -320,6 +320,31 @@ def test_the_log_file_is_taken_from_twistd_and_reopened(tmp_path, usr1):
 ])
 def test_which_log_file_twistd_writes(options, path):
     assert tap.Twistd(options).log_path() == path
+
+
+@pytest.mark.parametrize("options,stdout", [
+    ({}, False),
+    ({"logfile": "-", "nodaemon": True}, True),
+    ({"logfile": None, "nodaemon": True}, True),
+    ({"logfile": "-", "nodaemon": False}, False),  # twistd refuses that itself
+    ({"logfile": None, "nodaemon": False}, False),
+    ({"logfile": "/var/log/stop.log", "nodaemon": True}, False),
+    ({"logfile": "-", "nodaemon": True, "syslog": True}, False),
+    ({"logfile": "-", "nodaemon": True, "logger": "x.y"}, False),
+])
+def test_when_twistd_logs_to_stdout(options, stdout):
+    assert tap.Twistd(options).logs_to_stdout() is stdout
+
+
+def test_the_stdout_log_gets_twisteds_lines_from_the_cheaper_observer(capsys):
+    top = tap.Lifecycle(Clock(), tap.Twistd({"logfile": "-", "nodaemon": True}))
+    app = service.Application("stop")
+    top.setServiceParent(app)
+    observer = app.getComponent(ILogObserver)
+    assert isinstance(observer, logsetup.TextLogObserver) and top.log_file is None
+    observer({"log_format": "to the journal", "log_level": LogLevel.info, "log_time": 0.0,
+              "log_namespace": "t"})
+    assert capsys.readouterr().out == f"{formatTime(0.0)} [t#info] to the journal\n"
 
 
 def test_start_failed_carries_a_status():

@@ -489,14 +489,24 @@ def actors(tmp_path):
         holder = Actor(tree, tmp_path, "holder", port)
         other = Actor(tree, tmp_path, "other")
         conn = svtrees.connection_to(port)
-        svtrees.wait_for(lambda: conn.inode in {
-            int(os.readlink(f"/proc/{holder.pid}/fd/{n}")[8:-1])
-            for n in os.listdir(f"/proc/{holder.pid}/fd")
-            if os.readlink(f"/proc/{holder.pid}/fd/{n}").startswith("socket:[")},
-            what="holder's connection")
+        svtrees.wait_for(lambda: conn.inode in socket_inodes(holder.pid),
+                         what="holder's connection")
         yield holder, other, conn
     finally:
         tree.stop()
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """The socket inodes ``pid`` holds now."""
+    found = set()
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{n}")
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
 
 
 def pin_process_list(monkeypatch, inspector):
@@ -555,6 +565,10 @@ def test_a_new_process_that_inherited_a_pipe_is_read_into_the_index(actors):
     assert first["start"] == [holder.pid]
     (kid,) = holder.do("fork")["kids"]  # after the build; holds both ends
     assert pipe_inode(kid, fds["r"]) == pipe_inode(holder.pid, fds["r"])
+    # The kid closes its copy of the queried connection at once; until it
+    # has, the walk may start from it too (reached via "socket").
+    svtrees.wait_for(lambda: conn.inode not in socket_inodes(kid),
+                     what="the kid's close of the connection")
     result = walk(inspector, conn)
     # Grown, not rebuilt: only the new processes were read.
     assert result["index"]["cached"] is True and result["index"]["added"] >= 1
