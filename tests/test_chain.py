@@ -532,3 +532,21 @@ def test_end_of_input_at_the_prompt_prunes_nothing(store, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", Tty("y\n"))
     assert store.ctl("prune", "--before", "2026-01-01T12:00:00Z")[0] == 0
     assert len(store.segments()) < len(segs)
+
+
+def test_a_token_stored_twice_is_reported(tmp_path):
+    """What a store converted from 0.1.0 can hold: the index keeps the
+    first, verify --all names the second."""
+    d = str(tmp_path / "d")
+    items = [("R", token(i), record(i)) for i in range(4)] + [("R", token(1), record(9))]
+    write_store(d, items, STORES["flat"].codec, sync=False)
+    s = make_store("flat", d)
+    s.open()
+    s.close()
+    out = io.StringIO()
+    rc = ctl.main(["--config", "/dev/null", "--data-dir", d, "--storage", "flat", "verify", "--all",
+                   "--json"], out=out)
+    report = json.loads(out.getvalue())
+    assert rc == 1
+    assert [(f["kind"], f["seq"], f["token"], f["position"]) for f in report["findings"]] == \
+        [("duplicate", 5, token(1), 5)]
