@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -195,6 +196,66 @@ def test_a_rewritten_process_title_is_saved_without_its_padding(tmp_path, backen
         proc.kill()
         proc.wait(10)
         proc.stdout.close()
+
+
+MONITOR = r'''
+import os, socket, sys, time
+far = socket.create_connection((sys.argv[1], int(sys.argv[2])))   # the "ssh" connection
+asked = socket.create_connection(("127.0.0.1", int(sys.argv[3])))  # the queried one
+if os.fork() == 0:  # the session: keeps both, as sshd's forked session does
+    time.sleep(600)
+    os._exit(0)
+print(far.fileno(), flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_socket_two_processes_hold_is_one_remote_connection_with_both_holders(
+        tmp_path, backend):
+    """An sshd-like monitor and its forked session both hold a connection
+    to another host (a loopback alias that is not one of ``here``): the
+    record lists it once, with both holders."""
+    far_host = "127.0.0.58"
+    with socket.socket() as far, socket.socket() as near:
+        far.bind((far_host, 0))
+        far.listen(4)
+        near.bind(("127.0.0.1", 0))
+        near.listen(4)
+        script = tmp_path / "monitor.py"
+        script.write_text(MONITOR)
+        tree = svtrees.Tree()
+        try:
+            monitor = tree.spawn(f"exec {sys.executable} {script} {far_host} "
+                                 f"{far.getsockname()[1]} {near.getsockname()[1]}").pid
+            held = [far.accept()[0], near.accept()[0]]
+            try:
+                conn = svtrees.connection_to(near.getsockname()[1])
+                session = svtrees.wait_for(lambda: svtrees.children(monitor),
+                                           what="the forked session")[0]
+                far_inode = svtrees.wait_for(lambda: next(
+                    (s.inode for s in svtrees.tcp_sockets()
+                     if s.remote == (far_host, far.getsockname()[1])), None))
+                fds = {pid: [int(n) for n in os.listdir(f"/proc/{pid}/fd")
+                             if os.readlink(f"/proc/{pid}/fd/{n}") == f"socket:[{far_inode}]"]
+                       for pid in (monitor, session)}
+                result = walk(make_inspector(backend), conn, here={"127.0.0.1"})
+            finally:
+                for s in held:
+                    s.close()
+        finally:
+            tree.stop()
+    if backend == "procfs":
+        assert set(result["start"]) == {monitor, session}
+    else:  # psutil's system-wide table names one holder per socket: the
+        # highest PID (the session, forked later); the monitor is its parent
+        assert result["start"] == [max(monitor, session)]
+    assert {monitor, session} <= set(by_pid(result))
+    (entry,) = [r for r in result["remote_connections"] if r["remote"]["address"] == far_host]
+    assert sorted(map(tuple, entry["holders"])) == sorted(
+        (pid, fd) for pid, fds_of in fds.items() for fd in fds_of)
+    assert len(entry["holders"]) == 2
+    assert entry.get("inode", far_inode) == far_inode
 
 
 @needs
