@@ -546,11 +546,14 @@ def cmd_prune(store, args, out: TextIO, settings: Optional[config_mod.Config] = 
     result = {"before": before.isoformat(), "segments": plan.segments, "records": plan.records,
               "linked": plan.linked, "first": plan.first_seq, "last": plan.last_seq,
               "checkpoint": chain.head_text(plan.last_seq, plan.last_chain),
-              "kept": plan.kept, "pruned": False}
+              "kept": plan.kept, "leftover": plan.leftover, "pruned": False}
     say = (f"{len(plan.segments)} segments ({plan.records} records, {plan.linked} linked entries, "
            f"entries {plan.first_seq} to {plan.last_seq}, {plan.oldest} to {plan.newest})"
            if plan.segments else "nothing")
-    if not plan.segments or args.dry_run:
+    if plan.leftover:
+        say += (f", and segments {', '.join(map(str, plan.leftover))} an interrupted prune left "
+                "before the checkpoint")
+    if not (plan.segments or plan.leftover) or args.dry_run:
         if args.json:
             out.write(json.dumps(result, sort_keys=True) + "\n")
         else:
@@ -560,7 +563,11 @@ def cmd_prune(store, args, out: TextIO, settings: Optional[config_mod.Config] = 
     if not args.yes:
         if not sys.stdin.isatty():
             raise UsageError("prune deletes records: give --yes (or run it on a terminal to be asked)")
-        answer = ask(f"delete {say} from {store.records_dir}? [y/N] ")
+        try:
+            answer = ask(f"delete {say} from {store.records_dir}? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            answer = ""
+            sys.stderr.write("\n")
         if answer.strip().lower() not in ("y", "yes"):
             sys.stderr.write("stopctl: nothing pruned\n")
             return EXIT_UNKNOWN

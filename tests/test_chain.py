@@ -165,15 +165,48 @@ def test_deleted_line(store):
     assert report["findings"][0]["position"] == 9
 
 
+def swap(store, n, distance):
+    """Swap entries ``n`` and ``n + distance`` (one segment)."""
+    def change(parts, i):
+        parts[i], parts[i + distance] = parts[i + distance], parts[i]
+    store.edit(n, change)
+
+
 def test_swapped_lines(store):
-    def swap(parts, i):
-        parts[i], parts[i + 1] = parts[i + 1], parts[i]
-    store.edit(3, swap)
+    swap(store, 3, 1)
     report = store.findings()
     assert kinds(report) == [("swapped", 3)]
     text = report["findings"][0]["text"]
     assert "positions 3 and 4" in text
     assert store.items[2][1] in text and store.items[3][1] in text
+
+
+def move(store, n, to):
+    """Move entry ``n`` to be entry ``to`` (both in the first segment)."""
+    def change(parts, i):
+        parts.insert(i + to - n, parts.pop(i))
+    store.edit(n, change)
+
+
+@pytest.mark.parametrize("n, to, expect", [
+    (5, 2, [("moved", 5)]),                 # ahead of its place
+    (2, 5, [("moved", 2)]),                 # behind it
+    (2, 3, [("swapped", 2)]),               # neighbours
+])
+def test_moved_entry_is_the_one_named(store, n, to, expect):
+    assert len(store.spans(store.segments()[0])) >= 5
+    move(store, n, to)
+    report = store.findings()
+    assert kinds(report) == expect
+    assert store.items[n - 1][1] in report["findings"][0]["text"]
+
+
+def test_two_entries_far_apart_swapped(store):
+    swap(store, 2, 3)
+    report = store.findings()
+    assert sorted(kinds(report)) == [("moved", 2), ("moved", 5)]
+    for f in report["findings"]:
+        assert store.items[f["seq"] - 1][1] in f["text"]
 
 
 def test_inserted_copy(store):
@@ -229,9 +262,7 @@ def _chain_at(store, n):
 
 def test_keeps_going_past_the_first_finding(store):
     store.edit(20, lambda parts, i: parts.pop(i))
-    def swap(parts, i):
-        parts[i], parts[i + 1] = parts[i + 1], parts[i]
-    store.edit(12, swap)
+    swap(store, 12, 1)
 
     def flip(parts, i):
         p = bytearray(parts[i])
@@ -380,3 +411,142 @@ def test_prune_is_logged_to_syslog(tmp_path):
         assert "removed segments 1-" in msg[6] and "chain goes on from" in msg[6]
     finally:
         server.stop()
+
+
+def test_what_verify_all_keeps_is_bounded(store):
+    """Every other entry removed: the runs of missing entries are more than
+    the limit; the oldest become findings as they go, nothing is lost."""
+    for n in range(len(store.items) - 1, 1, -2):
+        store.edit(n, lambda parts, i: parts.pop(i))
+    s = make_store(store.name, store.dir, readonly=True)
+    s.open()
+    report = verify_all(s, limit=4)
+    assert len(report.findings) == 4 and report.dropped == len(range(len(store.items) - 1, 1, -2)) - 4
+
+
+# -- review fixes ----------------------------------------------------------------
+
+def test_an_interrupted_prune_is_finished_by_the_next(store, monkeypatch):
+    from stop.storage import chain
+    real = chain.os.unlink
+    calls = []
+
+    def unlink_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error", path)
+        real(path)
+    monkeypatch.setattr(chain.os, "unlink", unlink_once)
+    segs = store.segments()
+    rc, text = store.ctl("prune", "--before", "2026-01-01T12:00:00Z", "--yes")
+    assert rc == 1
+    assert store.segments() == segs  # checkpoint written, nothing removed
+    cp = read_checkpoint(store.records_dir)
+    assert cp.segment > 1
+    report = store.findings()
+    assert {k for k, _ in kinds(report)} == {"segment"}
+    rc, text = store.ctl("prune", "--before", "2026-01-01T12:00:00Z", "--yes")
+    assert rc == 0 and "finished an interrupted prune: removed segments 1" in text, text
+    assert store.segments() == segs[cp.segment - 1:]
+    assert read_checkpoint(store.records_dir) == cp  # it stays
+    assert store.verify()[0] == 0
+
+
+def test_a_head_saved_before_a_prune_is_not_a_finding(store):
+    old = f"3:{_chain_at(store, 3)}"
+    assert store.ctl("prune", "--before", "2026-01-01T12:00:00Z", "--yes")[0] == 0
+    rc, text = store.verify("--head", old)
+    assert rc == 0, text
+    assert "is entry 3, pruned (the checkpoint is at entry" in text
+    cp = read_checkpoint(store.records_dir)
+    rc, text = store.verify("--head", f"{cp.seq}:{cp.chain}")  # the checkpoint's own
+    assert rc == 0 and f"is entry {cp.seq};" in text
+
+
+def test_a_copy_inserted_before_its_entry(store):
+    copy = []
+    store.edit(4, lambda parts, i: copy.append(parts[i]))
+    store.edit(1, lambda parts, i: parts.insert(i, copy[0]))
+    report = store.findings()
+    assert kinds(report) == [("inserted", 4)]
+    assert report["findings"][0]["position"] == 1
+
+
+def test_the_first_and_fourth_swapped(store):
+    swap(store, 1, 3)
+    report = store.findings()
+    assert sorted(kinds(report)) == [("moved", 1), ("moved", 4)]
+    assert {f["position"] for f in report["findings"]} == {1, 4}
+
+
+def test_index_remove_takes_only_that_entry(tmp_path):
+    from stop.storage.index import Index
+    ix = Index(str(tmp_path), readonly=False)
+    ix.open()
+    ix.add([("t", 5, 1, 0, 10)], [("t", 6, 1, 10, 10)])
+    ix.commit()
+    ix.remove([("t", 1)], [("t", 2)])  # another entry of the same token
+    assert ix.record("t") == (5, (1, 0, 10)) and len(ix.linked("t")) == 1
+    ix.remove([("t", 5)], [("t", 6)])
+    assert ix.record("t") is None and ix.linked("t") == []
+    ix.close()
+
+
+def test_bad_bytes_at_the_end_are_read_again(store, monkeypatch):
+    from stop.storage import chain
+    last = store.segments()[-1]
+    whole = open(last, "rb").read()
+    a, b = store.spans(last)[-1]
+    with open(last, "r+b") as f:
+        f.truncate(a + (b - a) // 2)  # an entry half written...
+    monkeypatch.setattr(chain.time, "sleep", lambda s: open(last, "wb").write(whole))
+    rc, text = store.verify()  # ...complete when read again
+    assert rc == 0, text
+    monkeypatch.undo()
+    with open(last, "r+b") as f:
+        f.truncate(a + (b - a) // 2)
+    report = store.findings()
+    assert [k for k, _ in kinds(report)] == ["damaged"]
+    assert "still after a second read" in report["findings"][0]["text"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+def test_prune_as_root_leaves_the_checkpoint_to_the_store_owner(store):
+    for path in [store.dir, store.records_dir] + [os.path.join(store.records_dir, f)
+                                                  for f in os.listdir(store.records_dir)]:
+        os.chown(path, 4242, 4242)
+    assert store.ctl("prune", "--before", "2026-01-01T12:00:00Z", "--yes")[0] == 0
+    st = os.stat(os.path.join(store.records_dir, "checkpoint"))
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4242, 4242, 0o600)
+
+
+def test_end_of_input_at_the_prompt_prunes_nothing(store, monkeypatch, capsys):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    monkeypatch.setattr("sys.stdin", Tty(""))
+    segs = store.segments()
+    rc, _ = store.ctl("prune", "--before", "2026-01-01T12:00:00Z")
+    assert rc == 2 and store.segments() == segs
+    assert "nothing pruned" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", Tty("y\n"))
+    assert store.ctl("prune", "--before", "2026-01-01T12:00:00Z")[0] == 0
+    assert len(store.segments()) < len(segs)
+
+
+def test_a_token_stored_twice_is_reported(tmp_path):
+    """What a store converted from 0.1.0 can hold: the index keeps the
+    first, verify --all names the second."""
+    d = str(tmp_path / "d")
+    items = [("R", token(i), record(i)) for i in range(4)] + [("R", token(1), record(9))]
+    write_store(d, items, STORES["flat"].codec, sync=False)
+    s = make_store("flat", d)
+    s.open()
+    s.close()
+    out = io.StringIO()
+    rc = ctl.main(["--config", "/dev/null", "--data-dir", d, "--storage", "flat", "verify", "--all",
+                   "--json"], out=out)
+    report = json.loads(out.getvalue())
+    assert rc == 1
+    assert [(f["kind"], f["seq"], f["token"], f["position"]) for f in report["findings"]] == \
+        [("duplicate", 5, token(1), 5)]

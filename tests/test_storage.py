@@ -903,6 +903,29 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual(again.head()[0], 3)
 
     @defer.inlineCallbacks
+    def test_an_index_corrupt_while_running_is_rebuilt(self):
+        """SQLite says the index is corrupt (not a passing failure): that
+        batch fails, the next one rebuilds the index from the segments
+        and goes on; the reads use the new index."""
+        store = self.make()
+        yield self.save_all(store, [("c1", b"{}"), ("c2", b'{"a":1}')])
+        yield store._pool.call(store._index_commit)
+        old = store._wix
+
+        def corrupt(*args):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        old.add_record = corrupt  # its reads still work: rebuilt all the same
+        yield self.assertFailure(store.save("c3", b"{}"), StoreFailed)
+        yield store.save("c4", b"{}")
+        self.assertIsNot(store._wix, old)
+        yield store.save("c5", b"{}")
+        yield self.assertFailure(store.save("c1", b"{}"), StoreFailed)  # still known
+        yield store._pool.call(store._index_commit)
+        self.assertEqual(store._rix.count(), 4)  # the reader reads the new index
+        self.assertEqual([store.get(t) for t in ("c1", "c2", "c3", "c4", "c5")],
+                         [b"{}", b'{"a":1}', None, b"{}", b"{}"])
+
+    @defer.inlineCallbacks
     def test_reader_without_index_scans(self):
         store = self.make()
         yield self.save_all(store, [("n1", b"{}"), ("n2", b'{"a":1}')])

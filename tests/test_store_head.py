@@ -3,6 +3,7 @@ every head_log_interval seconds, at stop; a writer knows it after close."""
 
 import pytest
 
+from stop.errors import StoreFailed
 from stop.storage import make_store
 from tests.test_chain import Store
 
@@ -31,28 +32,35 @@ class HeadStore:
         return defer.succeed(None)
 
 
-def test_head_logged_at_start_every_interval_and_at_stop():
+def head_lines(interval, steps):
+    """Run a StoreService on a HeadStore with a Clock: ``steps`` is a list
+    of (seconds to advance, count the store has then); the log lines that
+    give the head, and the store."""
     from twisted.internet.task import Clock
     from twisted.logger import formatEvent, globalLogPublisher
     from stop import tap
     lines = []
     observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
     globalLogPublisher.addObserver(observer)
+    store = HeadStore()
     try:
         clock = Clock()
-        store = HeadStore()
-        svc = tap.StoreService(store, "/d", 60.0, clock)
+        svc = tap.StoreService(store, "/d", interval, clock)
         svc.startService()
-        store.count = 7
-        clock.advance(60)
-        clock.advance(59)
-        store.count = 9
-        clock.advance(1)
+        if not interval:
+            assert clock.getDelayedCalls() == []
+        for seconds, count in steps:
+            store.count = count if count is not None else store.count
+            clock.advance(seconds)
         svc.stopService()
         clock.advance(600)
     finally:
         globalLogPublisher.removeObserver(observer)
-    heads = [line for line in lines if "chain head" in line]
+    return [line for line in lines if "chain head" in line], store
+
+
+def test_head_logged_at_start_every_interval_and_at_stop():
+    heads, store = head_lines(60.0, [(60, 7), (59, None), (1, 9)])
     assert [h.split(": ")[1].split(" ")[0] for h in heads] == \
         [f"{n}:{'ab' * 32}" for n in (5, 7, 9, 10)]
     assert "at start" in heads[0] and "every 60 s" in heads[1] and "at stop" in heads[3]
@@ -61,14 +69,9 @@ def test_head_logged_at_start_every_interval_and_at_stop():
 
 
 def test_head_interval_0_logs_at_start_and_stop_only():
-    from twisted.internet.task import Clock
-    from stop import tap
-    clock = Clock()
-    store = HeadStore()
-    svc = tap.StoreService(store, "/d", 0.0, clock)
-    svc.startService()
-    assert clock.getDelayedCalls() == []
-    svc.stopService()
+    heads, _ = head_lines(0.0, [(3600, 8)])
+    assert [line.split(": ")[0] for line in heads] == \
+        ["record store chain head at start", "record store chain head at stop"]
 
 
 def test_a_writer_knows_its_head_after_close(tmp_path):
@@ -78,5 +81,5 @@ def test_a_writer_knows_its_head_after_close(tmp_path):
     s.close()
     assert s.head() == (store.count, store.chain)
     r = make_store("flat", store.dir, readonly=True)
-    with pytest.raises(Exception):
+    with pytest.raises(StoreFailed):
         r.head()  # never opened

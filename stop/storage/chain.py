@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
 
@@ -41,8 +42,12 @@ CHECKPOINT_NAME = "checkpoint"
 _MAGIC = "stop-checkpoint 1"
 #: Findings kept by verify --all (the rest are counted).
 MAX_FINDINGS = 1000
-#: Entries named from the index for one run of removed entries.
+#: Seconds before bad bytes at the very end are read again (a batch being written).
+TAIL_WAIT = 0.2
+#: Entries named from the index for one run of removed entries...
 NAMED = 3
+#: ... for the first this many runs (each costs a scan of the index).
+NAMED_RUNS = 20
 
 
 class Checkpoint(NamedTuple):
@@ -93,11 +98,9 @@ def write_checkpoint(records_dir: str, cp: Checkpoint) -> None:
     ``records_dir``: a prune run as root leaves it readable by the daemon's user)."""
     text = "".join([f"{_MAGIC}\nstart {cp.seq} {cp.chain} {cp.segment}\n"]
                    + [f"prune {line}\n" for line in cp.history])
-    path = checkpoint_path(records_dir)
-    write_file(path, text.encode("ascii"))
     st = os.stat(records_dir)
-    if os.geteuid() == 0 and (st.st_uid, st.st_gid) != (0, 0):
-        os.chown(path, st.st_uid, st.st_gid)
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    write_file(checkpoint_path(records_dir), text.encode("ascii"), owner)
 
 
 def parse_head(text: str) -> tuple[Optional[int], str]:
@@ -151,6 +154,22 @@ class _Gap:
     met_seq: int
     met: str                      # the entry met in their place
     unreadable: Optional[str] = None  # damaged bytes that may hold them
+    met_kind: str = RECORD
+    met_token: str = ""
+    met_digest: Optional[str] = None
+
+
+class _Ahead(NamedTuple):
+    """An entry met before its place (taken out of the sequence until its
+    place comes)."""
+
+    position: int
+    where: str
+    what: str
+    kind: str
+    token: str
+    digest: Optional[str]
+    chain: Optional[str]
 
 
 @dataclass
@@ -199,9 +218,12 @@ class _Verifier:
         self.prev_what = f"the checkpoint (entry {self.cp.seq})" if self.cp.seq else "the start"
         self.last_met: Optional[tuple[int, int]] = None   # (seq, position) of the entry just met
         self.gaps: list[_Gap] = []
+        self.ahead: dict[int, _Ahead] = {}
+        self.named = 0
+        #: (segment, offset) of bad bytes at the very end, read again once.
+        self.tail: Optional[tuple[int, int]] = None
         self.unreadable: Optional[str] = None  # damaged bytes of unknown number just met
         self.position = 0
-        self.chains: Optional[tuple[Optional[int], str]] = None
         self.saved_at: Optional[int] = None
         #: The last entry met in order whose chain is known: the head.
         self.head: tuple[int, Optional[str]] = (self.cp.seq, self.cp.chain)
@@ -214,7 +236,10 @@ class _Verifier:
 
     def names(self, first: int, last: int) -> str:
         ix = getattr(self.store, "_rix", None)
-        rows = ix.at_seq(first, last, NAMED + 1) if ix is not None and ix.usable else []
+        self.named += 1
+        if ix is None or not ix.usable or self.named > NAMED_RUNS:
+            return ""
+        rows = ix.at_seq(first, last, NAMED + 1)
         if not rows:
             return ""
         shown = ", ".join(_what(k, s, t) for s, k, t in rows[:NAMED])
@@ -228,22 +253,16 @@ class _Verifier:
         segments = self.store.segments()
         self.check_numbering(segments)
         last_seg = segments[-1] if segments else None
-        for seg, found in self.store.entries(trailing=True):
-            if seg < self.cp.segment:
-                continue  # left by an interrupted prune: reported by check_numbering
-            self.position += 1
-            where = f"{os.path.basename(self.store._seg_path(seg))} offset {found.pos}"
-            if found.entry is None:
-                self.damaged(seg, found, where, seg == last_seg)
-                continue
-            e = found.entry
-            self.report.entries += 1
-            if e.kind == RECORD:
-                self.report.records += 1
-            else:
-                self.report.linked += 1
-            self.place(e.kind, e.seq, e.token, e.digest, e.chain, where)
+        self.walk(self.store.entries(trailing=True), last_seg)
+        if self.tail is not None:
+            # Bad bytes at the very end may be a batch the daemon is
+            # writing right now: read them once more, a moment later.
+            time.sleep(TAIL_WAIT)
+            seg, pos = self.tail
+            self.tail = None
+            self.walk(self.store._walk(seg, pos, trailing=True), last_seg, again=True)
         self.report.segments = len([s for s in segments if s >= self.cp.segment])
+        self.put_back(None)
         for gap in self.gaps:
             self.gap_finding(gap)
         self.report.findings.sort(key=lambda f: (f.position or 0))
@@ -251,6 +270,28 @@ class _Verifier:
         if saved is not None:
             self.check_saved(saved)
         return self.report
+
+    def walk(self, entries, last_seg: Optional[int], again: bool = False) -> None:
+        for seg, found in entries:
+            if seg < self.cp.segment:
+                continue  # left by an interrupted prune: reported by check_numbering
+            where = f"{os.path.basename(self.store._seg_path(seg))} offset {found.pos}"
+            if found.entry is None:
+                at_end = seg == last_seg and found.end >= os.path.getsize(self.store._seg_path(seg))
+                if at_end and not again:
+                    self.tail = (seg, found.pos)
+                    return
+                self.position += 1
+                self.damaged(seg, found, where, at_end)
+                continue
+            self.position += 1
+            e = found.entry
+            self.report.entries += 1
+            if e.kind == RECORD:
+                self.report.records += 1
+            else:
+                self.report.linked += 1
+            self.place(e.kind, e.seq, e.token, e.digest, e.chain, where)
 
     def check_numbering(self, segments: list[int]) -> None:
         name = self.store._seg_path
@@ -269,14 +310,15 @@ class _Verifier:
                          f"(the numbering goes on with {os.path.basename(name(s))})", position=0)
             expect = s + 1
 
-    def damaged(self, seg: int, found, where: str, last_seg: bool) -> None:
+    def damaged(self, seg: int, found, where: str, at_end: bool) -> None:
         raw = self.store.raw_at((seg, found.pos, found.end - found.pos))
         head = self.store.codec.head(raw)
         fields = salvage_fields(head)
         salvaged = salvage_line(head)
         tail = ""
-        if last_seg and found.end >= os.path.getsize(self.store._seg_path(seg)):
-            tail = " (at the very end of the store: a torn tail, or an entry being written now)"
+        if at_end:
+            tail = (" (at the very end of the store, still after a second read: a torn tail, "
+                    "which the daemon moves aside when it next starts)")
         n = found.end - found.pos
         if salvaged is not None:
             kind, seq, token = salvaged
@@ -296,13 +338,40 @@ class _Verifier:
             self.unreadable = where
             self.prev_chain = None
 
+    def put_back(self, seq: Optional[int]) -> None:
+        """Entries met ahead of their place whose place has come (before
+        entry ``seq``; None: the end): each a *moved* finding, then the
+        sequence goes on from it."""
+        while self.ahead and (seq is None or self.prev_seq + 1 in self.ahead and seq > self.prev_seq + 1):
+            n = self.prev_seq + 1 if self.prev_seq + 1 in self.ahead else min(self.ahead)
+            a = self.ahead.pop(n)
+            self.add("moved", n, a.token, a.where,
+                     f"position {a.position} ({a.where}): {a.what} is out of place: it belongs "
+                     f"after {self.prev_what}" + (f", before position {self.position}" if seq else ""),
+                     position=a.position)
+            if n == self.prev_seq + 1 and a.digest is not None and self.prev_chain is not None \
+                    and chain_next(self.prev_chain, a.kind, n, a.token, a.digest) != a.chain:
+                self.add("changed", n, a.token, a.where,
+                         f"position {a.position} ({a.where}): {a.what} does not follow from "
+                         f"{self.prev_what} in the chain", position=a.position)
+            self.prev_seq, self.prev_chain, self.prev_what = n, a.chain, a.what
+            if a.chain is not None:
+                self.head = (n, a.chain)
+
     def place(self, kind, seq, token, digest, chain, where, damaged=False) -> None:
+        if self.ahead and seq > self.prev_seq + 1:
+            self.put_back(seq)
         what = _what(kind, seq, token)
         expected = self.prev_seq + 1
         link = None if digest is None else (lambda prev, n: chain_next(prev, kind, n, token, digest))
         here = f"position {self.position} ({where})"
         if self.saved is not None and chain is not None and chain == self.saved[1]:
             self.saved_at = seq
+        if seq == expected and seq in self.ahead:
+            a = self.ahead.pop(seq)
+            self.add("inserted", seq, token, a.where,
+                     f"position {a.position} ({a.where}): {a.what} is met again at {here}, in its "
+                     f"place: the one at position {a.position} was inserted", position=a.position)
         if seq == expected:
             if link and self.prev_chain is not None and link(self.prev_chain, seq) != chain and not damaged:
                 self.add("changed", seq, token, where,
@@ -316,10 +385,13 @@ class _Verifier:
                 self.advance(expected, chain, _what(kind, expected, token), kind, token)
                 return
             self.gaps.append(_Gap(expected, seq - 1, self.prev_chain, self.position, where,
-                                  self.prev_what, seq, what, self.unreadable))
+                                  self.prev_what, seq, what, self.unreadable, kind, token, digest))
+            if len(self.gaps) > self.limit:  # bounded memory: the oldest stays missing
+                self.gap_finding(self.gaps.pop(0))
             self.advance(seq, chain, what, kind, token)
         else:
-            self.out_of_place(kind, seq, token, chain, link, what, where, here)
+            self.out_of_place(kind, seq, token, digest, chain, link, what, where, here, damaged)
+            return
         self.unreadable = None
 
     def advance(self, seq, chain, what, kind, token) -> None:
@@ -341,21 +413,38 @@ class _Verifier:
                      f"position {self.position}: entry {seq} stores record {token} again "
                      f"(the index holds entry {row[0]}); a token is never reused")
 
-    def out_of_place(self, kind, seq, token, chain, link, what, where, here) -> None:
+    def out_of_place(self, kind, seq, token, digest, chain, link, what, where, here, damaged) -> None:
+        self.unreadable = None
         gap = next((g for g in self.gaps if g.first <= seq <= g.last), None)
         if gap is None:
             self.add("inserted", seq, token, where,
                      f"{here}: {what} again, after {self.prev_what}: an entry already met, inserted")
             return
-        if gap.first == gap.last and self.last_met == (seq + 1, self.position - 1) \
-                and gap.position == self.position - 1:
+        just_opened = gap.position == self.position - 1 and self.last_met == (gap.met_seq, gap.position)
+        adjacent = just_opened and gap.first == gap.last and gap.met_seq == seq + 1
+        if just_opened and not adjacent and gap is self.gaps[-1]:
+            # The entry just met, which opened the gap, is the one out of
+            # place (it came ahead of its turn): take it out of the
+            # sequence until its place comes, and go on from before it.
+            self.ahead[gap.met_seq] = _Ahead(gap.position, gap.where, gap.met, gap.met_kind,
+                                             gap.met_token, gap.met_digest, self.prev_chain)
+            if len(self.ahead) > self.limit:  # bounded memory
+                a = self.ahead.pop(min(self.ahead))
+                self.add("moved", None, a.token, a.where, f"position {a.position} ({a.where}): "
+                         f"{a.what} is out of place", position=a.position)
+            self.gaps.remove(gap)
+            self.prev_seq, self.prev_chain, self.prev_what = gap.first - 1, gap.chain_before, gap.before
+            self.unreadable = gap.unreadable
+            self.place(kind, seq, token, digest, chain, where, damaged)
+            return
+        if adjacent:
             self.add("swapped", seq, token, gap.where,
                      f"positions {gap.position} and {self.position} ({gap.where}): {gap.met} and "
                      f"{what} are swapped", position=gap.position)
         else:
             self.add("moved", seq, token, where,
-                     f"{here}: {what} is out of place: it belongs after {gap.before} "
-                     f"(position {gap.position - 1})")
+                     f"{here}: {what} is out of place: it belongs after {gap.before}, "
+                     f"before position {gap.position}")
         if link and gap.chain_before is not None and seq == gap.first and link(gap.chain_before, seq) != chain:
             self.add("changed", seq, token, where,
                      f"{here}: {what} does not follow from entry {seq - 1} in the chain")
@@ -366,7 +455,9 @@ class _Verifier:
             gap.last = seq - 1
         else:
             self.gaps.insert(self.gaps.index(gap) + 1, _Gap(seq + 1, gap.last, chain, gap.position,
-                                                           gap.where, what, gap.met_seq, gap.met))
+                                                           gap.where, what, gap.met_seq, gap.met,
+                                                           None, gap.met_kind, gap.met_token,
+                                                           gap.met_digest))
             gap.last = seq - 1
         if gap.first > gap.last:
             self.gaps.remove(gap)
@@ -395,6 +486,10 @@ class _Verifier:
                 r.saved_head = (f"the saved head {given} is entry {self.saved_at}; "
                                 f"{r.head_seq - self.saved_at} entries were stored since")
             return
+        if count is not None and count <= self.cp.seq:
+            r.saved_head = (f"the saved head {given} is entry {count}, pruned (the checkpoint is at "
+                            f"entry {self.cp.seq}): it cannot be checked against what remains")
+            return
         r.saved_head = f"the saved head {given} is not in the store"
         if count is not None and count > r.head_seq:
             n = count - r.head_seq
@@ -402,6 +497,9 @@ class _Verifier:
                    "the saved head: entries were removed from its end (truncated)")
         else:
             why = "the chain that led to it was changed or removed"
+            if count is None and self.cp.seq:
+                why += (f", or it is an entry pruned before the checkpoint (entry {self.cp.seq}): "
+                        "give COUNT:HASH to tell")
         self.add("head", count, None, "", f"the saved head {given} is not in the store "
                  f"(its head is {head_text(r.head_seq, r.head_chain)}): {why}",
                  position=self.position + 1)
@@ -434,7 +532,9 @@ def entry_time(kind: str, payload: bytes) -> Optional[datetime.datetime]:
 
 class PrunePlan(NamedTuple):
     """The segments ``prune`` removes (a run from the first), what they
-    hold, and the checkpoint it leaves; ``kept``: why it stops there."""
+    hold, and the checkpoint it leaves; ``kept``: why it stops there;
+    ``leftover``: segments before the checkpoint that an interrupted prune
+    left (removed too, the checkpoint stays)."""
 
     segments: list[int]
     records: int
@@ -445,6 +545,7 @@ class PrunePlan(NamedTuple):
     oldest: Optional[str]
     newest: Optional[str]
     kept: str
+    leftover: list[int]
 
 
 def plan_prune(store, before: datetime.datetime) -> PrunePlan:
@@ -456,7 +557,8 @@ def plan_prune(store, before: datetime.datetime) -> PrunePlan:
     :raise StoreFailed: a segment cannot be read.
     """
     cp = read_checkpoint(store.records_dir)
-    segments = [s for s in store.segments() if s >= cp.segment]
+    every = store.segments()
+    segments = [s for s in every if s >= cp.segment]
     chosen: list[int] = []
     records = linked = 0
     first_seq = last_seq = None
@@ -501,44 +603,40 @@ def plan_prune(store, before: datetime.datetime) -> PrunePlan:
         if segments[:-1]:
             kept = f"segment {segments[-1]} is the last (the daemon appends to it)"
     return PrunePlan(chosen, records, linked, first_seq or 0, last_seq or cp.seq, last_chain,
-                     oldest, newest, kept)
+                     oldest, newest, kept, [s for s in every if s < cp.segment])
 
 
 def prune(store, plan: PrunePlan, now: str, before: str,
           log: Callable[[str], None]) -> Checkpoint:
-    """Remove the segments of ``plan``: first the checkpoint (so what
-    remains verifies, even if interrupted), then their index rows, then the
-    files. ``log`` gets one line saying what was done.
+    """Remove the segments of ``plan`` (and its leftovers): first the
+    checkpoint (so what remains verifies, even if interrupted), then their
+    index rows, then the files. ``log`` gets one line saying what was done.
 
     :raise StoreFailed: a file cannot be written or removed.
     """
     records_dir = store.records_dir
-    cp = read_checkpoint(records_dir)
-    line = (f"{now} before {before}: removed segments {plan.segments[0]}-{plan.segments[-1]}, "
-            f"entries {plan.first_seq}-{plan.last_seq} ({plan.records} records, {plan.linked} linked, "
-            f"{plan.oldest} to {plan.newest}); chain goes on from {head_text(plan.last_seq, plan.last_chain)}")
-    new = Checkpoint(plan.last_seq, plan.last_chain, plan.segments[-1] + 1, cp.history + (line,))
-    try:
-        write_checkpoint(records_dir, new)
-    except OSError as exc:
-        raise StoreFailed(f"cannot write the checkpoint in {records_dir}: {exc}") from None
+    cp = new = read_checkpoint(records_dir)
+    done = []
+    if plan.leftover:
+        done.append(f"finished an interrupted prune: removed segments {_span(plan.leftover)} "
+                    f"(before the checkpoint's first segment {cp.segment})")
+    if plan.segments:
+        line = (f"{now} before {before}: removed segments {_span(plan.segments)}, "
+                f"entries {plan.first_seq}-{plan.last_seq} ({plan.records} records, {plan.linked} linked, "
+                f"{plan.oldest} to {plan.newest}); chain goes on from {head_text(plan.last_seq, plan.last_chain)}")
+        done.append(line)
+        new = Checkpoint(plan.last_seq, plan.last_chain, plan.segments[-1] + 1, cp.history + (line,))
+        try:
+            write_checkpoint(records_dir, new)
+        except OSError as exc:
+            raise StoreFailed(f"cannot write the checkpoint in {records_dir}: {exc}") from None
     ix = Index(records_dir, readonly=False) if os.path.exists(os.path.join(records_dir, "index.sqlite")) else None
     try:
         if ix is not None:
             ix.open()
-        for s in plan.segments:
+        for s in plan.leftover + plan.segments:
             if ix is not None:
-                recs, links = [], []
-                for seg, found in store._walk(s, 0, trailing=True):
-                    if seg != s:
-                        break
-                    e = found.entry
-                    if e is not None:
-                        (recs.append(e.token) if e.kind == RECORD else links.append((e.token, e.seq)))
-                    if len(recs) + len(links) >= 10000:
-                        ix.remove(recs, links)
-                        recs, links = [], []
-                ix.remove(recs, links)
+                _unindex(store, ix, s)
             os.unlink(store._seg_path(s))
     except OSError as exc:
         raise StoreFailed(f"prune of {records_dir} stopped: {exc}; run it again") from None
@@ -549,8 +647,28 @@ def prune(store, plan: PrunePlan, now: str, before: str,
         if ix is not None:
             ix.close()
     fsync_dir(records_dir)
-    log(f"pruned {records_dir}: {line}")
+    log(f"pruned {records_dir}: {'; '.join(done)}")
     return new
+
+
+def _span(segments: list[int]) -> str:
+    return f"{segments[0]}-{segments[-1]}" if len(segments) > 1 else str(segments[0])
+
+
+def _unindex(store, ix: Index, s: int) -> None:
+    """Delete the index rows of the entries of segment ``s``."""
+    recs: list[tuple[str, int]] = []
+    links: list[tuple[str, int]] = []
+    for seg, found in store._walk(s, 0, trailing=True):
+        if seg != s:
+            break
+        e = found.entry
+        if e is not None:
+            (recs if e.kind == RECORD else links).append((e.token, e.seq))
+        if len(recs) + len(links) >= 10000:
+            ix.remove(recs, links)
+            recs, links = [], []
+    ix.remove(recs, links)
 
 
 # -- stats ---------------------------------------------------------------------

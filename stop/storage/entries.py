@@ -335,11 +335,14 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def write_file(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (0600)."""
+def write_file(path: str, data: bytes, owner: Optional[tuple[int, int]] = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably (0600), owned
+    by ``owner`` (uid, gid) from the start when given."""
     tmp = path + ".tmp"
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
+        if owner is not None:
+            os.fchown(fd, *owner)
         write_all(fd, data)
         fsync(fd)
     finally:

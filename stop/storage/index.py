@@ -337,13 +337,14 @@ class Index:
         self._db.execute("DELETE FROM meta WHERE key = 'last'")
         self._db.execute("COMMIT")
 
-    def remove(self, records: list[str], linked: list[tuple[str, int]]) -> None:
-        """Delete the rows of ``records`` (tokens) and ``linked`` ((token,
-        seq)), committed (stopctl prune)."""
+    def remove(self, records: list[tuple[str, int]], linked: list[tuple[str, int]]) -> None:
+        """Delete the rows of the entries ``records`` and ``linked``, each
+        ``(token, seq)`` (a record's row only when it is that entry's: a
+        later copy of a token keeps its own), committed (stopctl prune)."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("DELETE FROM records WHERE token = ?", [(t,) for t in records])
+            db.executemany("DELETE FROM records WHERE token = ? AND seq = ?", records)
             db.executemany("DELETE FROM linked WHERE token = ? AND seq = ?", linked)
         except BaseException:
             db.execute("ROLLBACK")

@@ -134,6 +134,7 @@ class LogStore:
         self._w_last: Optional[Last] = None   # the newest durable entry (the index's "last")
         self._ix_rows = 0              # rows in the writer's open index transaction
         self._ix_stale = False         # the index missed entries: catch up before the next batch
+        self._ix_corrupt = False       # SQLite said it is corrupt: rebuild it before the next batch
         self._index_timer = None
         self._pending: list[tuple[str, str, bytes, defer.Deferred]] = []
         self._reserved: set[str] = set()
@@ -249,18 +250,26 @@ class LogStore:
         except IndexBroken as exc:
             log.warn("{path}: unusable ({why}); rebuilding it from the segments",
                      path=self._wix.path, why=str(exc))
-            for path in index_mod.files(self.records_dir):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-            self._wix = Index(self.records_dir, readonly=False)
-            try:
-                self._wix.open()
-            except IndexBroken as exc2:
-                raise StoreFailed(f"cannot make the index {self._wix.path}: {exc2}") from None
+            self._new_index()
         self._rix = Index(self.records_dir, readonly=True)
         self._rix.open()
+
+    def _new_index(self) -> None:
+        """Writer: remove the index's files and make an empty index.
+
+        :raise StoreFailed: it cannot be made.
+        """
+        self._wix.close()
+        for path in index_mod.files(self.records_dir):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._wix = Index(self.records_dir, readonly=False)
+        try:
+            self._wix.open()
+        except IndexBroken as exc:
+            raise StoreFailed(f"cannot make the index {self._wix.path}: {exc}") from None
 
     def _load(self) -> None:
         """Writer: check the index against the segments, then index every
@@ -669,6 +678,9 @@ class LogStore:
             log.error("cannot use the index {path}: {exc}; catching up from the segments "
                       "before the next batch", path=self._wix.path, exc=str(exc))
         self._ix_stale = True
+        # SQLite's plain DatabaseError says the file is corrupt (not a
+        # passing failure): rebuilt before the next batch.
+        self._ix_corrupt = self._ix_corrupt or type(exc) is sqlite3.DatabaseError
         try:
             self._wix.rollback()
         except sqlite3.Error:
@@ -676,17 +688,47 @@ class LogStore:
         self._ix_rows = 0
 
     def _catch_up(self) -> None:
-        """Worker thread: index every entry past the committed index.
+        """Worker thread: index every entry past the committed index; an
+        index SQLite says is corrupt (not a passing failure: disk full,
+        I/O, locked) is rebuilt from the segments instead, as open does.
 
         :raise sqlite3.Error, OSError, StoreFailed: it cannot.
         """
-        self._wix.rollback()
-        last = self._wix.last()
-        self._w_last = last
-        seg, off = (last.seg, last.off + last.len) if last else (0, 0)
-        self._index_past(seg, off, repair=False)
+        try:
+            if self._ix_corrupt:
+                raise sqlite3.DatabaseError("it failed as corrupt")
+            self._wix.rollback()
+            last = self._wix.last()
+            self._w_last = last
+            seg, off = (last.seg, last.off + last.len) if last else (0, 0)
+            self._index_past(seg, off, repair=False)
+        except sqlite3.DatabaseError as exc:
+            if type(exc) is not sqlite3.DatabaseError:  # OperationalError & co: retried
+                raise
+            self._rebuild_index(exc)
         self._ix_stale = False
         log.info("the index {path} caught up with the segments", path=self._wix.path)
+
+    def _rebuild_index(self, why: Exception) -> None:
+        """Worker thread: replace a corrupt index by a new one made from a
+        full scan of the segments (batches wait meanwhile: about 25 s per
+        million records); the reactor thread then reopens its reader."""
+        log.error("the index {path} is corrupt ({why}); rebuilding it from the segments",
+                  path=self._wix.path, why=str(why))
+        self._new_index()
+        self._w_last = None
+        self._index_past(0, 0, repair=False)
+        self._ix_corrupt = False
+        self._reactor.callFromThread(self._reopen_reader)
+
+    def _reopen_reader(self) -> None:
+        """Reactor thread: read the index that replaced a corrupt one."""
+        if self._released:
+            return
+        old, self._rix = self._rix, Index(self.records_dir, readonly=True)
+        self._rix.open()
+        if old is not None:
+            old.close()
 
     def _append(self, buf: bytearray, sync: bool) -> int:
         """Worker thread: write ``buf`` at the end of the current segment
