@@ -10,7 +10,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 # Programs the tests run for real, and the Debian Python stack.
-APT_TEST="python3 python3-venv socat netcat-openbsd netcat-traditional iproute2 procps psmisc oidentd libnet-ident-perl tcpd util-linux rsyslog graphviz openssl"
+APT_TEST="python3 python3-venv socat netcat-openbsd netcat-traditional iproute2 procps psmisc oidentd libnet-ident-perl tcpd util-linux rsyslog graphviz openssl openssh-server openssh-client passwd"
 APT_DEBIAN="python3-twisted python3-psutil python3-zope.interface python3-service-identity python3-openssl python3-pytest python3-hypothesis"
 
 apt_install() {

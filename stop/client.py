@@ -224,6 +224,7 @@ class _Asking:
         self._sent: Optional[float] = None
         self._timed_out = False
         self._finished = False
+        self._released = False
 
     def start(self) -> None:
         try:
@@ -335,6 +336,7 @@ class _Asking:
         if not self._finished:
             why = "closed before a full reply line" if self._buffer else "closed without a reply"
             self._finish("unreadable", why=why, answered=self._clock.seconds())
+        self._release()
 
     def stop(self, why: str) -> None:
         """End now (the client is closing)."""
@@ -342,6 +344,12 @@ class _Asking:
             self._connecting.cancel()  # -> _connect_failed -> "failed"
         if not self._finished:
             self._abort("failed", why=why)
+
+    def _release(self) -> None:
+        """Give the question's slots in the budget back (once)."""
+        if not self._released:
+            self._released = True
+            self.client._finished(self)
 
     def _abort(self, outcome: str, **kw) -> None:
         self._finish(outcome, **kw)
@@ -357,5 +365,11 @@ class _Asking:
         self._timer = None
         if reply is None and self._buffer:
             reply = wire.printable(self._buffer, self._budget.max_reply_length)
-        self.client._finished(self)
+        if self._transport is None:
+            self._release()
+        # else the slot is given back once the connection is closed (lost()):
+        # a slot of the budget is a socket, and Twisted closes it in a later
+        # reactor turn; released now, a new question's socket could open
+        # before this one is gone (33 sockets for a budget of 32, seen in
+        # the DoS test).
         self.done.callback(Outcome(outcome, reply=reply, local=self.local, sent=self._sent, **kw))

@@ -35,10 +35,15 @@ class ProcessState:
     :param inspector: an :class:`stop.interfaces.IProcessInspector`.
     :param run: ``run(f, *args) -> Deferred``: where blocking work runs
         (:func:`stop.os.common.in_thread_pool` in the daemon).
+    :param addresses: which addresses are this host's (a
+        :class:`stop.recursion.LocalAddresses`, read on the reactor thread
+        for each walk); None: every loopback address.
     """
 
-    def __init__(self, config, inspector, run: Callable[..., defer.Deferred] = synchronously):
+    def __init__(self, config, inspector, run: Callable[..., defer.Deferred] = synchronously,
+                 addresses=None):
         self._inspector = IProcessInspector(inspector)
+        self._addresses = addresses
         self._run = run
         self._process_fields, self._system_fields = selected_fields(config.sv_fields)
         self._open_files = config.open_files
@@ -51,10 +56,11 @@ class ProcessState:
     def collect(self, connection: Connection) -> defer.Deferred:
         """Fire with ``{"processes": <walk result>, "system": <system info>}``
         (JSON-able). Unreadable processes are noted inside, not raised."""
-        return self._run(self._collect, connection)
+        here = self._addresses.current() if self._addresses is not None else None
+        return self._run(self._collect, connection, here)
 
-    def _collect(self, connection: Connection) -> dict:
+    def _collect(self, connection: Connection, here=None) -> dict:
         state = walk(self._inspector, connection, self._budget,
-                     self._process_fields, self._open_files)
+                     self._process_fields, self._open_files, here)
         return {"processes": state,
                 "system": system_info(self._system_fields, state["users"])}

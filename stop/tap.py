@@ -37,7 +37,7 @@ from stop import config as config_mod
 from stop import logsetup, plugins
 from stop.answer import Answerer
 from stop.client import ClientBudget, RecursiveClient
-from stop.recursion import Recursion
+from stop.recursion import LocalAddresses, Recursion
 from stop.sv import ProcessState
 from stop.errors import ConfigError, StartFailed, StopError
 from stop.hooks import Hooks, HooksService
@@ -344,10 +344,11 @@ def build(settings: config_mod.Config, reactor, top: Optional["Lifecycle"] = Non
     store = make_storage(settings, reactor)
     inspector = make_inspector(settings, reactor)
     in_threads = in_thread_pool(reactor)
-    process_state = ProcessState(settings, inspector, in_threads)
+    addresses = LocalAddresses(settings.local_addresses, reactor)  # the walk's and recursion's
+    process_state = ProcessState(settings, inspector, in_threads, addresses)
     hooks = Hooks(plugins.build_hooks(settings, reactor))
     recursion = Recursion(settings, RecursiveClient(reactor, ClientBudget.from_config(settings)),
-                          store, reactor)
+                          store, reactor, addresses)
     # Blocking OS calls (slow lookups, NSS, ~/.ident) run in worker threads.
     answerer = Answerer(settings, lookup, store, reactor, run=in_threads,
                         accounts=Accounts.from_config(settings, reactor, in_threads),

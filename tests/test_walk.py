@@ -125,7 +125,7 @@ def test_fields_and_open_files(open_files):
     assert "users" not in shell  # not selected, though used for utmp
     assert result["users"]
     narrow = walk(TableInspector(TableScan(table, links, [12])), QUERIED, fields=("name",))
-    assert all(set(p) <= {"pid", "ppid", "name", "reached"} for p in narrow["processes"])
+    assert all(set(p) <= {"pid", "ppid", "name", "reached", "scope"} for p in narrow["processes"])
 
 
 def test_every_field_name_is_known():

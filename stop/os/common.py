@@ -17,7 +17,7 @@ from stop.errors import Unavailable
 #: selects among these and :data:`SYSTEM_FIELDS`. ``pid`` and ``ppid`` are
 #: always read because the walk needs them.
 PROCESS_FIELDS = (
-    "name", "cmdline", "pid", "ppid", "pgid", "uids", "gids", "users",
+    "name", "cmdline", "pid", "ppid", "pgid", "session", "uids", "gids", "users",
     "start_time", "nice", "priority", "tty", "cwd", "exe",
     "sockets", "pipes", "files",
 )

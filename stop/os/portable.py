@@ -323,6 +323,7 @@ _GETTERS = {
     "name": lambda s, p: text(p.name()),
     "cmdline": lambda s, p: command_line(p.cmdline()),
     "pgid": lambda s, p: os.getpgid(p.pid),
+    "session": lambda s, p: os.getsid(p.pid),
     "uids": lambda s, p: _ids(p.uids()),
     "gids": lambda s, p: _ids(p.gids()),
     "users": lambda s, p: {k: s._user(v) for k, v in _ids(p.uids()).items() if k != "saved"},

@@ -6,6 +6,10 @@ daemon listens on the same port of its own alias, asks the others on that
 port (``recursion_port``) and counts only its alias as its own
 (``local_addresses``), so a TCP connection to another alias is a
 connection to another host, as it would be between machines.
+
+Across network namespaces (as root), a host is a namespace: its daemon
+listens on port 113 of each of its addresses, with the default recursion
+port and ``local_addresses`` (its own interfaces), as on a real machine.
 """
 
 from __future__ import annotations
@@ -41,6 +45,19 @@ class Hosts:
         self.daemons = {a: start_daemon(settings_for(a, self.port, **settings), interfaces=(a,),
                                         port=self.port)
                         for a in addresses}
+
+    @classmethod
+    def in_namespaces(cls, start_daemon, namespaces: dict, **settings) -> "Hosts":
+        """One daemon per namespace ({Netns: (address, ...)}), on port 113
+        of each of its addresses; every address of a host names it."""
+        hosts = cls.__new__(cls)
+        hosts.port = 113
+        hosts.daemons = {}
+        for ns, addresses in namespaces.items():
+            d = start_daemon({**FAST, **settings}, interfaces=tuple(addresses), port=113,
+                             netns=ns)
+            hosts.daemons.update(dict.fromkeys(addresses, d))
+        return hosts
 
     def __getitem__(self, address: str) -> Daemon:
         return self.daemons[address]
@@ -85,7 +102,10 @@ class Hosts:
         return hops
 
     def logs(self) -> str:
-        return "\n".join(f"== {a}\n{d.read_log()}" for a, d in self.daemons.items())
+        first = {}
+        for a, d in self.daemons.items():
+            first.setdefault(id(d), (a, d))
+        return "\n".join(f"== {a}\n{d.read_log()}" for a, d in first.values())
 
 
 @dataclass
@@ -104,11 +124,15 @@ class Hop:
         return self.recursion.get("targets", [])
 
 
+def _matches(end, want) -> bool:
+    return want is None or all(w is None or e == w for e, w in zip(end, want))
+
+
 def established(local=None, remote=None) -> Optional[object]:
     """An established TCP socket (sock_diag) with these ends ((addr, port);
-    either may be None), or None."""
+    either end, or a part of it, may be None: any), or None."""
     for s in tcp_sockets():
-        if (local is None or s.local == tuple(local)) and (remote is None or s.remote == tuple(remote)):
+        if _matches(s.local, local) and _matches(s.remote, remote):
             return s
     return None
 
@@ -127,11 +151,13 @@ def wait_listening(address: str, port: int):
 
 class Victim:
     """The last host: a listener the chain's last hop connects to, in this
-    process; asks that hop's daemon about the accepted connection."""
+    process (its sockets in ``netns`` when given); asks that hop's daemon
+    about the accepted connection."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, netns=None):
         self.address = address
-        self.listener = socket.socket()
+        self.netns = netns
+        self.listener = self._socket()
         self.listener.bind((address, 0))
         self.listener.listen(4)
         self.port = self.listener.getsockname()[1]
@@ -146,39 +172,75 @@ class Victim:
         return self.peer
 
     def ask(self, daemon: Daemon, kind: str = "SV_REC : 4711") -> bytes:
-        """Ask ``daemon`` about the accepted connection (kept open: every
-        byte that ever comes back is in ``received``)."""
-        s = socket.socket()
+        """Ask ``daemon`` about the accepted connection; the reply line. The
+        query connection is kept open: every byte that ever comes back is
+        in ``received`` (see :meth:`everything`)."""
+        s = self._socket()
         s.settimeout(10)
         s.bind((self.address, 0))
         s.connect((self.peer[0], daemon.port))
         s.sendall(b"%d, %d : %s\r\n" % (self.peer[1], self.port, kind.encode()))
-        [line] = read_lines(s, 1)
         self.query_socket = s
-        self.received = line + b"\r\n"
-        return line
+        self.received = read_reply(s)
+        return self.received.split(b"\r\n", 1)[0]
 
-    def rest(self) -> bytes:
-        """Everything received on the query connection after the reply
-        (read without waiting), appended to ``received``."""
-        s = self.query_socket
-        s.setblocking(False)
-        more = b""
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                more += chunk
-        except BlockingIOError:
-            pass
-        self.received += more
-        return more
+    def everything(self) -> bytes:
+        """Every byte the daemon ever sent on the query connection (see
+        :func:`read_to_end`), all in ``received``, which is returned."""
+        self.received += read_to_end(self.query_socket)
+        return self.received
+
+    def _socket(self) -> socket.socket:
+        return self.netns.socket() if self.netns is not None else socket.socket()
 
     def close(self):
         for s in (self.conn, self.query_socket, self.listener):
             if s is not None:
                 s.close()
+
+
+def read_reply(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """What ``s`` receives up to the end of the first CR LF line (all of
+    what came with it too: nothing is dropped)."""
+    s.settimeout(timeout)
+    got = b""
+    while b"\r\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def read_to_end(s: socket.socket, timeout: float = 10.0) -> bytes:
+    """Half-close ``s`` (the daemon then closes its end) and read all that
+    is left to the end; a daemon that never closes raises a timeout."""
+    s.settimeout(timeout)
+    s.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
+
+
+def assert_nothing_leaks(victim: Victim, reply: bytes, hops=(), entries=()) -> None:
+    """Spec 6, issue 9 "Nothing leaks": the requester got its one reply
+    line (a token line, as an SV gets) and not one byte more, ever; none of
+    the upstream tokens, replies or error words of ``hops`` (their linked
+    entries, and ``entries``) is in it."""
+    assert victim.everything() == reply + b"\r\n", victim.received
+    token_line(reply, (victim.peer[1], victim.port))
+    mine = reply.rsplit(b" : ", 1)[1].decode()
+    entries = [e for h in hops for e in h.linked] + list(entries)
+    upstream = {h.token for h in hops} - {mine}
+    for e in entries:
+        upstream.update(str(e[k]) for k in ("token", "reply", "error", "user") if e.get(k))
+    # (a slow upstream's first bytes, digits of the port pair it echoes,
+    # would match our own port numbers and say nothing)
+    for text in (t for t in upstream if not re.fullmatch(r"[0-9, ]*", t)):
+        assert text.encode() not in victim.received, (text, victim.received)
 
 
 def token_line(line: bytes, ports: tuple[int, int]) -> str:

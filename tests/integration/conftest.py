@@ -38,3 +38,13 @@ def daemon(tmp_path_factory):
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+@pytest.fixture
+def tree():
+    """A tests.integration.svtrees.Tree: processes started detached, stopped
+    (by their process groups) after the test."""
+    from tests.integration.svtrees import Tree
+    t = Tree()
+    yield t
+    t.stop()

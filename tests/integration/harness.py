@@ -7,6 +7,7 @@ daemon answers), 127.0.0.12 the requester, 127.0.0.13 a gateway.
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 import subprocess
@@ -111,11 +112,19 @@ class Daemon:
         return socket.socket(family, socket.SOCK_STREAM)
 
     def read_log(self) -> str:
-        try:
-            with open(self.log, encoding="utf-8", errors="replace") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return ""
+        """The whole log, rotated parts too (twistd rotates its log file at
+        1 MB: twistd.log.N is the oldest, .1 the newest before the current
+        one; a flood writes more than that)."""
+        rotated = sorted(glob.glob(glob.escape(self.log) + ".[0-9]*"),
+                         key=lambda p: int(p.rsplit(".", 1)[1]), reverse=True)
+        parts = []
+        for path in rotated + [self.log]:
+            try:
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    parts.append(fh.read())
+            except FileNotFoundError:
+                pass
+        return "".join(parts)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -1,13 +1,17 @@
-"""A private network namespace for tests that need port 113 (as root):
-only its own loopback, made by the test and removed afterwards.
+"""Private network namespaces for tests that need port 113 (as root):
+each has its own loopback and whatever veth links the test makes between
+them (192.0.2.0/24 and 198.51.100.0/24 only), made by the test and removed
+afterwards.
 
 Real ident clients always ask port 113 on the client's address, so tests
-with them run the daemon and the clients in such a namespace.
+with them run the daemon and the clients in such a namespace; the
+recursion tests make one namespace per host of a chain.
 """
 
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import os
 import selectors
 import shutil
@@ -17,6 +21,8 @@ import threading
 import time
 
 CLONE_NEWNET = 0x40000000
+#: The only networks a veth link may use (documentation ranges, RFC 5737).
+LINK_NETWORKS = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("198.51.100.0/24"))
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -27,6 +33,7 @@ def available() -> bool:
 class Netns:
     def __init__(self, tag: str):
         self.name = f"stoptest-{tag}-{os.getpid()}"
+        self.links: list[str] = []  # the veth ends in this namespace
 
     def __enter__(self) -> "Netns":
         subprocess.run(["ip", "netns", "add", self.name], check=True)
@@ -39,6 +46,39 @@ class Netns:
 
     def __exit__(self, *exc) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+    def link(self, other: "Netns", mine: str, theirs: str, prefix: int = 30) -> None:
+        """A veth pair between this namespace and ``other``: ``mine``/prefix
+        here, ``theirs``/prefix there, both up. The pair is made inside the
+        namespaces (its names are theirs alone) and goes with them."""
+        for a in (mine, theirs):
+            if not any(ipaddress.ip_address(a) in n for n in LINK_NETWORKS):
+                raise ValueError(f"{a} is outside the test networks {LINK_NETWORKS}")
+        here, there = f"veth{len(self.links)}", f"veth{len(other.links)}"
+        self.run(["ip", "link", "add", here, "type", "veth", "peer", "name", there,
+                  "netns", other.name], check=True)
+        self.links.append(here)
+        other.links.append(there)
+        for ns, dev, addr in ((self, here, mine), (other, there, theirs)):
+            ns.run(["ip", "addr", "add", f"{addr}/{prefix}", "dev", dev], check=True)
+            ns.run(["ip", "link", "set", dev, "up"], check=True)
+
+    def tcp(self, state: str = "established") -> list[tuple[tuple[str, int], tuple[str, int]]]:
+        """The IPv4 TCP sockets in ``state`` here: [(local, remote)], each
+        end (address, port) (from ``ss``, run in the namespace)."""
+        out = self.run(["ss", "-H", "-n", "-t", "-4", "state", state], capture_output=True,
+                       text=True, check=True).stdout
+
+        def end(text: str) -> tuple[str, int]:
+            address, port = text.rsplit(":", 1)
+            return address, int(port)
+
+        rows = []
+        for line in out.splitlines():
+            fields = line.split()
+            # Recv-Q Send-Q Local Peer (ss leaves out the State column when a state is given)
+            rows.append((end(fields[-2]), end(fields[-1])))
+        return rows
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` run inside the namespace (``ip netns exec`` execs it: the

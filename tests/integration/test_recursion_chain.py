@@ -15,10 +15,11 @@ import pytest
 
 from stop import walk as walk_mod
 
-from tests.integration.chain import (TOKEN_RE, Hosts, Victim, established, token_line,
-                                     wait_established, wait_listening)
+from tests.integration.chain import (TOKEN_RE, Hosts, Victim, assert_nothing_leaks, established,
+                                     read_reply, read_to_end, token_line, wait_established,
+                                     wait_listening)
 from tests.integration.harness import free_port
-from tests.integration.svtrees import Tree, wait_for
+from tests.integration.svtrees import wait_for
 from tests.upstream import (GARBAGE, DeadHost, Oidentd, Upstream, byte_a_second,
                             oidentd_available, over_long, reply_with, silent)
 
@@ -29,13 +30,6 @@ H0, H1, H2, H3 = "127.0.0.11", "127.0.0.12", "127.0.0.13", "127.0.0.14"
 pytestmark = pytest.mark.skipif(
     "here" not in inspect.signature(walk_mod.walk).parameters,
     reason="the walk does not take this host's addresses yet (issue 9 part 3)")
-
-
-@pytest.fixture
-def tree():
-    t = Tree()
-    yield t
-    t.stop()
 
 
 def reply_line_of(entry: dict) -> str:
@@ -97,9 +91,7 @@ def test_four_host_chain_on_loopback_aliases(start_daemon, tree, tmp_path):
             r = hosts.verify(hop.address, hop.token)
             assert r.returncode == 0, r.stdout + r.stderr
         # Leak: the victim got its one line, H2's token, and nothing else ever.
-        assert victim.rest() == b""
-        assert victim.received == reply + b"\r\n"
-        assert all(h.token.encode() not in victim.received for h in (h1, h0))
+        assert_nothing_leaks(victim, reply, hops)
         assert took < 5, took
     finally:
         victim.close()
@@ -122,9 +114,14 @@ def test_cycle_a_b_a_is_stopped_by_the_loop_table(start_daemon, tree):
     wait_established(remote=(B, pb), what="A -> B")
 
     line = b"%d, %d : SV_REC : 77" % (b_to_a.local[1], pa)
-    [reply] = hosts[B].ask(line, source=A, dest=B)
-    token_b = token_line(reply, (b_to_a.local[1], pa))
-    hops = hosts.trace(B, token_b)
+    with hosts[B].connect(source=A, dest=B) as asking:
+        asking.sendall(line + b"\r\n")
+        received = read_reply(asking)
+        reply = received.split(b"\r\n", 1)[0]
+        token_b = token_line(reply, (b_to_a.local[1], pa))
+        hops = hosts.trace(B, token_b)
+        # Leak: the one line, and nothing more once the cycle is traced
+        assert received + read_to_end(asking) == reply + b"\r\n"
     assert [h.address for h in hops] == [B, A], hosts.logs()
     [entry] = hops[1].linked  # A's question back to B
     assert entry["outcome"] == "token" and entry["target"]["address"] == B
@@ -167,9 +164,12 @@ def test_the_same_sid_twice(start_daemon, victim_of):
     hosts = Hosts(start_daemon, (H0,))
     v = victim_of(H0, H1)
     ports = (v.peer[1], v.port)
-    first = token_line(v.ask(hosts[H0], "ID_REC : 4242"), ports)
-    second = token_line(v.ask(hosts[H0], "ID_REC : 4242"), ports)
-    third = token_line(v.ask(hosts[H0], "SV_REC : 4243"), ports)
+    tokens = []
+    for kind in ("ID_REC : 4242", "ID_REC : 4242", "SV_REC : 4243"):
+        reply = v.ask(hosts[H0], kind)
+        tokens.append(token_line(reply, ports))
+        assert_nothing_leaks(v, reply)  # a loop's reply is the same kind of line
+    first, second, third = tokens
     assert len({first, second, third}) == 3
     assert hosts[H0].stopctl("show", first).returncode == 0
     assert hosts[H0].stopctl("show", second).returncode == 2  # not processed
@@ -257,7 +257,8 @@ def test_every_upstream_fault_is_saved_and_delays_no_one(start_daemon, tree, tmp
         tree.spawn(f"sleep 600 | nc -s {H0} {H2} {other.port}; true")
         other.accept()
         start = time.monotonic()
-        token_line(other.ask(hosts[H0], "ID"), (other.peer[1], other.port))
+        id_reply = other.ask(hosts[H0], "ID")
+        token_line(id_reply, (other.peer[1], other.port))
         id_took = time.monotonic() - start
 
         shown = hosts.complete(H0, token, timeout=30)
@@ -282,7 +283,8 @@ def test_every_upstream_fault_is_saved_and_delays_no_one(start_daemon, tree, tmp
         assert str(slow["request"]["ports"][0]).startswith(slow["reply"])  # a few bytes came
         assert outcomes["127.0.0.45"]["reply"] == "\\x00\\x01\\xfeSSH-2.0-OpenSSH"
         assert took < 2 and id_took < 1, (took, id_took)
-        assert victim.rest() == b""
+        assert_nothing_leaks(victim, reply, entries=shown["linked"])
+        assert_nothing_leaks(other, id_reply, entries=shown["linked"])
     finally:
         for m in made:
             m.close()

@@ -108,7 +108,7 @@ def test_id_token_is_random_and_sv_fields_select(fig3):
                           Config(sv_fields=("pid", "ppid", "name", "hostname"), open_files=False))
     record = json.loads(store.get(token))
     for p in record["processes"]["processes"]:
-        assert set(p) <= {"pid", "ppid", "name", "reached", "unavailable"}
+        assert set(p) <= {"pid", "ppid", "name", "reached", "scope", "unavailable"}
     assert set(record["system"]) == {"hostname"}
 
 

@@ -574,6 +574,8 @@ class ProcfsScan:
             out["name"] = text(stat[lparen + 1:rparen].decode("utf-8", "surrogateescape"))
         if "pgid" in fields:
             out["pgid"] = int(rest[2])
+        if "session" in fields:
+            out["session"] = int(rest[3])
         if "tty" in fields:
             out["tty"] = _tty_name(int(rest[4]), self._ttys)
         if "priority" in fields:
