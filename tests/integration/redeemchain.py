@@ -52,6 +52,21 @@ def redeem_settings(ca: TestCA, address: str, listen: str) -> dict:
             "redeem_ca": ca.path, "redeem_allow": INVESTIGATOR}
 
 
+def hosts_in_namespaces(start_daemon, namespaces: dict, ca: TestCA, rport: int = 8113) -> Hosts:
+    """The recursion tests' namespace hosts (:meth:`Hosts.in_namespaces`),
+    each daemon also running the redemption service on ``rport`` of every
+    address of its namespace. ``namespaces``: {Netns: (address, ...)}, the
+    first address being the one its certificate names (the one a trace
+    reaches it at)."""
+    hosts = Hosts.in_namespaces(start_daemon, {})
+    for ns, addresses in namespaces.items():
+        part = Hosts.in_namespaces(start_daemon, {ns: addresses},
+                                   **redeem_settings(ca, addresses[0], f"tcp:{rport}"))
+        hosts.daemons.update(part.daemons)
+    hosts.rport = rport
+    return hosts
+
+
 def as_user(user: str, cmd: str) -> str:
     """``cmd`` (a shell command) run as ``user`` by the relay's shell."""
     pw = pwd.getpwnam(user)

@@ -115,15 +115,13 @@ def ns_established(ns, local=None, remote=None):
     return wait_for(found, timeout=30, what=f"connection {local} -> {remote} in {ns.name}")
 
 
-def test_chain_across_namespaces_with_sshd_and_ssh_w_hops(namespaces, start_daemon, tree,
-                                                          users, tmp_path):
-    """The victim asks H2 about the nc of a login session that came in over
-    an ``ssh -W`` forward through H1 from H0; every host's daemon, on port
-    113 in its own namespace, traces it back: H2 -> H1 -> H0."""
+def ssh_chain(namespaces, tree, user, tmp_path):
+    """Start the namespace chain: sshds on H1 and H2, the victim's listener
+    on H3, and on H0 the attacker's login as ``user`` to H2 through an
+    ``ssh -W`` forward by H1, running ``nc`` to the victim. Once the victim
+    has accepted: ``(victim, H0's ssh into H1, H1's forward into H2)``,
+    each connection ``(local, remote)`` as seen on the host it came into."""
     ns0, ns1, ns2, ns3 = namespaces
-    hosts = Hosts.in_namespaces(start_daemon, {ns0: (NS_H0,), ns1: (NS_H1_A, NS_H1_B),
-                                               ns2: (NS_H2_A, NS_H2_B)})
-    user = users.add("n")
     Sshd(tmp_path, NS_H1_A, 22, tree, netns=ns1)
     Sshd(tmp_path, NS_H2_A, 22, tree, netns=ns2)
     victim = Victim(NS_H3, netns=ns3)
@@ -137,7 +135,23 @@ def test_chain_across_namespaces_with_sshd_and_ssh_w_hops(namespaces, start_daem
         into_h1 = ns_established(ns1, local=(NS_H1_A, 22))    # H0's ssh
         into_h2 = ns_established(ns2, local=(NS_H2_A, 22))    # H1's forward
         ns_established(ns0, remote=(NS_H1_A, 22))
+    except BaseException:
+        victim.close()
+        raise
+    return victim, into_h1, into_h2
 
+
+def test_chain_across_namespaces_with_sshd_and_ssh_w_hops(namespaces, start_daemon, tree,
+                                                          users, tmp_path):
+    """The victim asks H2 about the nc of a login session that came in over
+    an ``ssh -W`` forward through H1 from H0; every host's daemon, on port
+    113 in its own namespace, traces it back: H2 -> H1 -> H0."""
+    ns0, ns1, ns2, ns3 = namespaces
+    hosts = Hosts.in_namespaces(start_daemon, {ns0: (NS_H0,), ns1: (NS_H1_A, NS_H1_B),
+                                               ns2: (NS_H2_A, NS_H2_B)})
+    user = users.add("n")
+    victim, into_h1, into_h2 = ssh_chain(namespaces, tree, user, tmp_path)
+    try:
         reply = victim.ask(hosts[NS_H2_B])
         token = token_line(reply, (victim.peer[1], victim.port))
         hops = hosts.trace(NS_H2_B, token)

@@ -5,6 +5,9 @@ the last hop with SV_REC, the daemons ask each other, and one token
 rebuilds the chain, with the right user and processes on each host.
 
 - On loopback aliases: relays run as three different users.
+- Across network namespaces (one per host, veth links, routed so the
+  investigator on the victim's side reaches every host): an ``ssh -W``
+  hop and an sshd login.
 """
 
 from __future__ import annotations
@@ -21,10 +24,14 @@ import pytest
 
 from stop import walk as walk_mod
 from stop.redeem.cli import EXIT_OK
+from tests.integration.chain import token_line
 from tests.integration.harness import ROOT
 from tests.integration.redeemchain import (H0, H1, H2, H3, INVESTIGATOR, USERS, RedeemHosts,
-                                           RelayChain)
-from tests.integration.svtrees import Tree
+                                           RelayChain, hosts_in_namespaces)
+# The recursion tests' namespace chain: its addresses, how it starts, and
+# its fixtures (four linked namespaces; per-run test users), as they are.
+from tests.integration.test_recursion_ssh import (NS_H0, NS_H1_A, NS_H1_B, NS_H2_A, NS_H2_B,
+                                                  namespaces, ssh_chain, users)  # noqa: F401
 from tests.testca import TestCA
 
 pytestmark = [
@@ -32,13 +39,6 @@ pytestmark = [
                        reason="the walk does not take this host's addresses yet (issue 9 part 3)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="runs relays as other users (needs root)"),
 ]
-
-
-@pytest.fixture
-def tree():
-    t = Tree()
-    yield t
-    t.stop()
 
 
 class Investigator:
@@ -129,3 +129,41 @@ def test_trace_a_real_recursive_chain(start_daemon, tree, tmp_path):
         relays.close()
     logs = hosts.logs()
     assert "Traceback" not in logs, logs
+
+
+def route(namespaces) -> None:
+    """Routes along the line of namespaces (H1 and H2 forward), so the
+    investigator on the victim's side (H3) reaches every host."""
+    ns0, ns1, ns2, ns3 = namespaces
+    for ns in (ns1, ns2):
+        ns.run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], check=True)
+    for ns, net, via in ((ns0, "default", NS_H1_A), (ns1, "192.0.2.4/30", NS_H2_A),
+                         (ns2, "default", NS_H1_B), (ns3, "default", NS_H2_B)):
+        ns.run(["ip", "route", "add", net, "via", via], check=True)
+
+
+def test_trace_across_namespaces(namespaces, start_daemon, tree, users, tmp_path):
+    """The recursion tests' namespace chain (H0 -> ssh -W through H1's sshd
+    -> an sshd login on H2 running nc -> the victim on H3), daemons on port
+    113 with the redemption service on 8113 of each namespace: stopctl
+    trace, run in the victim's namespace, rebuilds H2 -> H1 -> H0 with the
+    login's user on H2 and H1 (its sshd session) and root's ssh on H0."""
+    ns0, ns1, ns2, ns3 = namespaces
+    route(namespaces)
+    ca = TestCA(tmp_path)
+    hosts = hosts_in_namespaces(start_daemon, {ns0: (NS_H0,), ns1: (NS_H1_B, NS_H1_A),
+                                               ns2: (NS_H2_B, NS_H2_A)}, ca)
+    user = users.add("r")
+    victim, _, _ = ssh_chain(namespaces, tree, user, tmp_path)
+    try:
+        token = token_line(victim.ask(hosts[NS_H2_B]), (victim.peer[1], victim.port))
+        hops = hosts.trace(NS_H2_B, token)
+        assert [h.address for h in hops] == [NS_H2_B, NS_H1_B, NS_H0], hosts.logs()
+        inv = Investigator(ca, f"{token}@{NS_H2_B}:{hosts.rport}", netns=ns3)
+        chain = assert_trace(inv, hops, hosts.rport, [user.name, user.name, "root"], tmp_path)
+        assert names(chain[0])[0] == "nc" and "sshd" in names(chain[0]), chain[0]["process_path"]
+        assert "sshd" in names(chain[1]), chain[1]["process_path"]
+        assert names(chain[2])[0] == "ssh", chain[2]["process_path"]
+    finally:
+        victim.close()
+    assert "Traceback" not in hosts.logs()
