@@ -20,8 +20,10 @@ taskset); its own CPU per 1,000 queries is printed beside the daemon's.
 SV on a fresh connection: a second daemon (``open_files = yes``) is asked
 about a connection opened just before each query (a new socket every time,
 so the daemon has never seen it) by a helper process running as nobody,
-detached (its parent is PID 1) and driven through two FIFOs, so the walk
-meets nothing of the bench. Medians of ``--sv-queries`` queries of each
+detached (its parent is PID 1), driven by signals and answering in a file,
+so the walk meets nothing of the bench (it follows pipes, FIFOs and local
+sockets: the FIFOs that drove it before led every walk into the bench's
+own process tree and up to PID 1's other children). Medians of ``--sv-queries`` queries of each
 kind, ID and SV alternating in blocks: on the quiet host; with
 ``--idle`` extra idle processes (3 std fds, a pipe, a file each; run as
 ``--idle-user``); with ``--time-wait`` TIME_WAIT and ``--established``
@@ -35,7 +37,6 @@ after the first point).
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import pathlib
@@ -44,6 +45,7 @@ import random
 import resource
 import select
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -76,8 +78,8 @@ def verdict(ok: bool) -> str:
 # -- helpers run as nobody -----------------------------------------------------
 
 FRESH_CODE = r'''
-import os, select, socket, sys, time
-ctl, out, here, there = sys.argv[1:5]
+import os, signal, socket, sys, time
+out, here, there = sys.argv[1:4]
 if os.fork():
     os._exit(0)
 os.setsid()                       # detached: reparented to PID 1 (or a subreaper)
@@ -85,33 +87,37 @@ null = os.open("/dev/null", os.O_RDWR)
 for fd in (0, 1, 2):
     os.dup2(null, fd)
 os.close(null)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
 listener = socket.socket()
 listener.bind((there, 0))
 listener.listen(16)
 lport = listener.getsockname()[1]
-r = os.open(ctl, os.O_RDONLY)
-w = os.open(out, os.O_WRONLY)
-os.write(w, b"ready %d %d\n" % (os.getpid(), lport))
-held, buf = [], b""
+
+def put(text):
+    # A file written whole and renamed: no descriptor stays open to it.
+    with open(out + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(out + ".tmp", out)
+
+put("ready %d %d 0\n" % (os.getpid(), lport))
+held, seq = [], 0
 deadline = time.monotonic() + 3600
 while time.monotonic() < deadline:
-    if not select.select([r], [], [], 60)[0]:
+    info = signal.sigtimedwait({signal.SIGUSR1, signal.SIGTERM}, 60)
+    if info is None:
         continue
-    data = os.read(r, 4096)
-    if not data:
+    if info.si_signo == signal.SIGTERM:
         break
-    buf += data
-    while b"\n" in buf:
-        line, buf = buf.split(b"\n", 1)
-        for s in held:
-            s.close()
-        c = socket.socket()
-        c.setsockopt(socket.SOL_IP, 24, 1)   # IP_BIND_ADDRESS_NO_PORT
-        c.bind((here, 0))
-        c.connect((there, lport))
-        a, _ = listener.accept()
-        held = [c, a]
-        os.write(w, b"%d %d\n" % (c.getsockname()[1], lport))
+    for s in held:
+        s.close()
+    c = socket.socket()
+    c.setsockopt(socket.SOL_IP, 24, 1)   # IP_BIND_ADDRESS_NO_PORT
+    c.bind((here, 0))
+    c.connect((there, lport))
+    a, _ = listener.accept()
+    held = [c, a]
+    seq += 1
+    put("conn %d %d %d\n" % (c.getsockname()[1], lport, seq))
 '''
 
 IDLE_CODE = r'''
@@ -149,72 +155,63 @@ def system_python() -> str:
 
 class FreshHolder:
     """Opens a new connection THIS:P1 -> REQUESTER:P2 on request (closing
-    the previous one); runs as nobody, detached, driven through FIFOs
-    (files: the walk does not follow them)."""
+    the previous one); runs as nobody, detached, in its own session. It is
+    driven by signals (SIGUSR1: a new connection; SIGTERM: exit) and
+    answers in a file it rewrites whole: no pipe, FIFO or socket joins it
+    to the bench, so the walk from its socket meets its own process and
+    its parent (PID 1), not the bench's process tree (the walk follows
+    FIFOs too)."""
 
     def __init__(self):
         nobody = pwd.getpwnam("nobody")
         self.dir = tempfile.mkdtemp(prefix="stop-hot-fresh-")
         os.chown(self.dir, nobody.pw_uid, nobody.pw_gid)
-        self.ctl, self.out = os.path.join(self.dir, "ctl"), os.path.join(self.dir, "out")
-        for path in (self.ctl, self.out):
-            os.mkfifo(path, 0o600)
-            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        self.out = os.path.join(self.dir, "out")
         self.pid = None
-        self._r = os.open(self.out, os.O_RDONLY | os.O_NONBLOCK)
-        subprocess.run([system_python(), "-c", FRESH_CODE, self.ctl, self.out, THIS, REQUESTER],
+        self._seq = 0
+        subprocess.run([system_python(), "-c", FRESH_CODE, self.out, THIS, REQUESTER],
                        user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
-                       stdin=subprocess.DEVNULL, check=True, timeout=30)
-        deadline = time.monotonic() + 30
-        self._w = None
-        while self._w is None:
-            try:
-                self._w = os.open(self.ctl, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError as exc:
-                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        self._buf = b""
-        words = self._line().split()
-        if words[0] != b"ready":
-            raise RuntimeError(f"fresh holder: {words!r}")
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd=self.dir, check=True, timeout=30)
+        words = self._answer(lambda w: w[0] == "ready")
         self.pid = int(words[1])
 
-    def _line(self) -> bytes:
+    def _answer(self, done) -> list[str]:
+        """The words of the answer file once ``done(words)``; bounded."""
         deadline = time.monotonic() + IO_TIMEOUT
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._r], [], [], left)[0]:
-                raise RuntimeError("fresh holder did not answer")
+        while True:
             try:
-                chunk = os.read(self._r, 4096)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                time.sleep(0.01)  # no writer yet
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line
+                with open(self.out) as f:
+                    words = f.read().split()
+                if len(words) == 4 and done(words):
+                    return words
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("fresh holder did not answer")
+            time.sleep(0.0005)
 
     def new(self) -> tuple[int, int]:
         """A new connection; its (P1, P2)."""
-        os.write(self._w, b"new\n")
-        p1, p2 = self._line().split()
+        self._seq += 1
+        os.kill(self.pid, signal.SIGUSR1)
+        _, p1, p2, _ = self._answer(lambda w: w[0] == "conn" and int(w[3]) == self._seq)
         return int(p1), int(p2)
 
     def stop(self) -> None:
-        if self._w is not None:
-            os.close(self._w)  # EOF: the holder exits
-            self._w = None
         if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             deadline = time.monotonic() + 10
             while os.path.exists(f"/proc/{self.pid}") and time.monotonic() < deadline:
                 time.sleep(0.05)
             try:
-                os.kill(self.pid, 9)
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        os.close(self._r)
+            self.pid = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

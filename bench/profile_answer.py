@@ -8,7 +8,8 @@ Run as root (the looked-up connections belong to nobody):
 
     .venv/bin/python bench/profile_answer.py [--sockets 1000] [--cprofile]
 
-The variants replace internals on purpose (this is a diagnostic, not a
+The answerer is built as ``stop.tap`` builds it (account and ``~/.ident``
+caches). The variants replace internals on purpose (this is a diagnostic, not a
 test): "no listener check" makes the lookup's accepted-socket check answer
 False without asking the kernel; "no log line" makes Answerer._log do
 nothing; "user_optin = no" is the setting.
@@ -39,6 +40,9 @@ from stop.logsetup import TextLogObserver  # noqa: E402
 from stop.answer import Answerer, Query  # noqa: E402
 from stop.os.linux.lookup import NetlinkLookup  # noqa: E402
 from stop.model import Endpoint  # noqa: E402
+from stop.optin import OptIn  # noqa: E402
+from stop.os.accounts import Accounts  # noqa: E402
+from stop.os.common import synchronously  # noqa: E402
 from stop.storage.memory import MemoryStore  # noqa: E402
 
 ROUNDS, PER_ROUND, WARM = 3, 2000, 300
@@ -52,7 +56,13 @@ def make(pairs, overrides=None, listener_check=True, log_line=True):
     lookup = NetlinkLookup()
     if not listener_check:
         lookup._listening = lambda *a: False
-    answerer = Answerer(config, lookup, store, Clock())
+    # As stop.tap builds it: the account and ~/.ident caches (misses read
+    # at once here: a Clock runs them inline), so a repeated uid costs what
+    # it costs in the daemon.
+    clock = Clock()
+    answerer = Answerer(config, lookup, store, clock,
+                        accounts=Accounts.from_config(config, clock, synchronously),
+                        optin=OptIn.from_config(config, clock, synchronously))
     if not log_line:
         answerer._log = lambda *a, **k: None
     queries = [Query(wire.parse_request(b"%d, %d" % p), Endpoint(compare_oidentd.REQUESTER, 40000),

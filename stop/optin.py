@@ -88,6 +88,8 @@ def _resolve(names: list[str]) -> list[str]:
 
 def _matches(host: str, entries: list[str]) -> tuple[bool, list[str]]:
     """(matched by an address or CIDR entry, the entries that are names)."""
+    if not entries:  # most users have no ~/.ident: no address to parse
+        return False, []
     addr = ipaddress.ip_address(host)
     names = []
     for entry in entries:

@@ -55,6 +55,20 @@ def test_new_processes_are_read_into_the_shared_index_not_rebuilt(monkeypatch):
 
 
 @linux
+def test_candidates_follow_owners_as_processes_come_go_and_change_uid():
+    from stop.os.linux import fdindex
+    index = _index(fdindex, {"5", "6"}, {5: [(3, ("socket", 50))], 6: []}, {5: 100, 6: 200})
+    cache = fdindex.IndexCache(10.0, ManualClock())
+    assert cache.candidates(index, 100) == [5] and cache.candidates(index, 200) == [6]
+    cache.patch(index, 6, [(3, ("socket", 60))], uid=100)  # setuid: now uid 100's
+    assert cache.candidates(index, 100) == [6, 5] and cache.candidates(index, 200) == []
+    # 5 exited, 7 is new (uid 300): what a grown index says.
+    cache._grow(index, frozenset({"6", "7"}), lambda pid: ([(3, ("pipe", 70))], 300))
+    assert cache.candidates(index, 100) == [6] and cache.candidates(index, 300) == [7]
+    assert index.by_uid == {100: {6}, 300: {7}} and index.uids == {6: 100, 7: 300}
+
+
+@linux
 def test_patch_and_candidates():
     from stop.os.linux import fdindex
     index = _index(fdindex, {"5", "6", "7", "8"},

@@ -424,7 +424,8 @@ class ManPageCredentialsTests(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, True)
         text = unroff(page("stopctl.8")).replace("\\(aq", "'")
         [block] = [b for b in text.split(".nf\n") if "openssl req -x509" in b]
-        script = block.split("\n.fi", 1)[0].replace("192.0.2.10", HOST)
+        self.script = block.split("\n.fi", 1)[0]
+        script = self.script.replace("192.0.2.10", HOST)
         run = subprocess.run(["bash", "-euc", script], cwd=self.dir, capture_output=True,
                              text=True, timeout=120)
         self.assertEqual(run.returncode, 0, run.stderr)
@@ -441,7 +442,8 @@ class ManPageCredentialsTests(unittest.TestCase):
         token = store.add(a_record())
         config_ = config.Config(data_dir=data_dir, redeem_listen="tcp:0",
                                 redeem_cert=self.path("h1.pem"), redeem_key=self.path("h1.key"),
-                                redeem_ca=self.path("fleet-ca.pem"), redeem_allow="alice", **settings)
+                                redeem_ca=self.path("fleet-ca.pem"),
+                                **{"redeem_allow": "alice", **settings})
         gate, audit = build_redemption(config_, store, reactor)
         audit.open()
         port = reactor.listenTCP(0, gate, interface=HOST)
@@ -463,6 +465,22 @@ class ManPageCredentialsTests(unittest.TestCase):
                                  CertificateRefused)
         yield self.assertFailure(self.serve_and_fetch(redeem_deny=(f"serial:{self.serial}",)),
                                  NotAuthorised)
+        # The deny line in redeem_allow, as stopctl(8) and the README show it.
+        yield self.assertFailure(
+            self.serve_and_fetch(redeem_allow=f"alice\n!serial:{self.serial}"), NotAuthorised)
+
+    def test_readme_shows_these_commands(self):
+        """The README's credentials commands are the tested ones of
+        stopctl(8) (a subset: the man page adds the CRL's set-up)."""
+        from tests.test_docs import ROOT
+        with open(os.path.join(ROOT, "README.rst"), encoding="utf-8") as fh:
+            readme = fh.read()
+        start = readme.index("    # The fleet CA.")
+        block = readme[start:readme.index("\n\n", start)]
+        commands = [line[4:] for line in block.splitlines() if not line.lstrip().startswith("#")]
+        assert len(commands) >= 10
+        tested = self.script.splitlines()
+        self.assertEqual([c for c in commands if c not in tested], [])
 
 
 class BuildTests(unittest.TestCase):

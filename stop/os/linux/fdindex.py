@@ -103,6 +103,11 @@ class FdIndex:
         self.complete = complete
         self.tables: dict[int, list[tuple[int, Key]]] = tables if tables is not None else {}
         self.uids: dict[int, int] = uids if uids is not None else {}
+        #: uid -> its PIDs in ``uids`` (IndexCache.candidates: no pass over
+        #: every process of the host for each search).
+        self.by_uid: dict[int, set[int]] = defaultdict(set)
+        for pid, owner in self.uids.items():
+            self.by_uid[owner].add(pid)
         #: pid -> the highest inode in its table (see IndexCache.candidates).
         self.newest: dict[int, int] = {p: max((k[1] for _fd, k in pairs), default=0)
                                        for p, pairs in self.tables.items()}
@@ -144,15 +149,29 @@ class FdIndex:
         if self.unreadable_pids.pop(pid, None) is not None:
             self.unreadable = _count(self.unreadable_pids)
         if pairs is None:
-            self.uids.pop(pid, None)
+            self._set_uid(pid, None)
             self.newest.pop(pid, None)
             return
         self.tables[pid] = pairs
         self.newest[pid] = max((k[1] for _fd, k in pairs), default=0)
         if uid is not None:
-            self.uids[pid] = uid
+            self._set_uid(pid, uid)
         for fd, key in pairs:
             holders[key] = holders.get(key, []) + [(pid, fd)]
+
+
+    def _set_uid(self, pid: int, uid: Optional[int]) -> None:
+        """``uids[pid] = uid`` (None: forget it), ``by_uid`` in step."""
+        old = self.uids.pop(pid, None)
+        if old is not None:
+            pids = self.by_uid.get(old)
+            if pids is not None:
+                pids.discard(pid)
+                if not pids:
+                    del self.by_uid[old]
+        if uid is not None:
+            self.uids[pid] = uid
+            self.by_uid[uid].add(pid)
 
 
 def _count(unreadable_pids: dict) -> dict[str, int]:
@@ -283,7 +302,7 @@ class IndexCache:
         out), then by PID (newer first)."""
         with self._lock:
             newest = index.newest
-            return sorted((p for p, u in index.uids.items() if u == uid),
+            return sorted(index.by_uid.get(uid, ()),
                           key=lambda p: (newest.get(p, 0), p), reverse=True)
 
     @property
