@@ -95,6 +95,15 @@ def test_dns_and_fingerprint_identities(ca):
     assert parse_policy("dns:team.example.org").rules_for(team) == ()
 
 
+def test_dns_rule_service_identity_refuses_is_no_match(ca):
+    """A name service_identity will not take as a DNS-ID (an IP address:
+    refused when parsed, but a pattern may be built directly) matches
+    nothing instead of raising at request time."""
+    from stop.redeem.policy import IdentityPattern
+    frank = identity(ca, "frank", dns=("frank.cert.example.org",))
+    assert IdentityPattern("dns", "1.2.3.4").matches(frank) is False
+
+
 def test_deny_wins(ca):
     ivan = identity(ca, "ivan")
     judy = identity(ca, "judy")
@@ -125,6 +134,8 @@ def test_deny_lines_in_redeem_allow(ca):
     ("sha256:abcd", (), "sha256"),
     ("dns:bad_name!", (), "DNS"),
     ("dns:*.example.org", (), "wildcard"),
+    ("dns:1.2.3.4", (), "IP address"),  # service_identity refuses it as a DNS-ID
+    ("*", ("dns:10.0.0.1",), "IP address"),
     ("serial:12", (), "only refuse"),
     ("!", (), "one identity"),
     ("!alice type:SV", (), "no scope"),

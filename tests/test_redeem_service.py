@@ -261,6 +261,19 @@ class ServiceTests(TLSCase):
         self.assertEqual(event["outcome"], "error")
 
     @defer.inlineCallbacks
+    def test_unexpected_error_is_audited_and_unavailable(self):
+        """A bug while deciding is a 503 with its audit line, not a bare 500."""
+        def boom(client):
+            raise RuntimeError("policy bug")
+        self.patch(self.gate.redeem.policy.__class__, "denied", lambda self, client: boom(client))
+        status, body = yield self.raw(self.creds(), f"/v1/records/{self.token}")
+        self.assertEqual((status, body), (503, b'{"error": "unavailable"}'))
+        [event] = yield self.events(1)
+        self.assertEqual((event["outcome"], event["identity"]), ("error", "alice"))
+        self.assertIn("RuntimeError", event["why"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    @defer.inlineCallbacks
     def test_unreachable(self):
         self.port.stopListening()
         yield self.assertFailure(self.fetch(self.token, self.creds()), Unreachable)

@@ -256,3 +256,90 @@ def test_stopctl_trace_unreachable_first_host(capsys, tmp_path):
     assert status == cli.EXIT_UNREACHABLE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"127.0.0.1:{port}: " in err and "Traceback" not in err, err
+
+
+def test_stopctl_trace_unencodable_host_is_one_line(capsys, tmp_path):
+    """A host name IDNA cannot encode (a 64-character label) is a one-line
+    error with the failure status, not a UnicodeError traceback (review C1).
+    The name is refused before any lookup: no traffic."""
+    ca = TestCA(tmp_path)
+    cert, key = ca.client("investigator")
+    status = ctl.main(["trace", f"{'a' * 40}@{'b' * 64}", "--cert", cert, "--key", key,
+                       "--ca", ca.path, "--timeout", "5"], io.StringIO())
+    assert status == cli.EXIT_FAIL
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "not a usable host" in err, err
+
+
+def test_parse_release_hostile_shapes_are_redeem_errors():
+    deep = "[" * 100000 + "]" * 100000
+    for body in (json.dumps({"token": "a" * 40, "record": "{}", "linked": 5}),
+                 json.dumps({"token": "a" * 40, "record": deep}),
+                 '{"token": "' + "a" * 40 + '", "record": "{}", "linked": ' + deep + "}",
+                 json.dumps({"token": "a" * 40, "record": "{}", "linked": [deep]})):
+        with pytest.raises(RedeemError):
+            parse_release("a" * 40, body.encode(), "h:1")
+
+
+def test_only_well_formed_tokens_at_addresses_are_followed():
+    good = outcome("t", "10.0.0.9", "c" * 40)
+    assert trace._next_token(good) == ("10.0.0.9", "c" * 40)
+    assert trace._next_token(outcome("t", "2001:db8::9", "d" * 64)) == ("2001:db8::9", "d" * 64)
+    for address, token in (("10.0.0.9", "C" * 40), ("10.0.0.9", "c" * 39), ("10.0.0.9", "x" * 40),
+                           ("b" * 64, "c" * 40), ("host.example.org", "c" * 40),
+                           ("10.0.0.9", "c" * 40 + "\n")):
+        assert trace._next_token(outcome("t", address, token)) is None, (address, token)
+
+
+def test_hostile_record_fields_never_crash_trace():
+    """Every odd shape a hostile host could put in its record or linked
+    entries: trace renders what it can (review C1)."""
+    rec = sv_record("10.0.0.1", "a", "10.0.0.2")
+    state = rec["processes"]
+    state["start"] = 5
+    state["remote_connections"] = ["x", 7, {"remote": "y", "holders": "z"},
+                                   {"remote": {"address": "10.0.0.2", "port": 40001},
+                                    "holders": [["p", 3]]}]
+    state["processes"][0]["reached"] = "not a dict"
+    state["processes"][1]["reached"] = ["from", 300]
+    state["processes"][2]["cmdline"] = 5
+    state["processes"][2]["name"] = None
+    rec["recursion"]["targets"] = 3
+    odd = [outcome("t", "10.0.0.2", "c" * 40, ports=(1, 2)), "a string", 7]
+    odd[0]["request"]["ports"] = 5
+    fleet = Fleet()
+    token = fleet.add("10.0.0.1", rec, [e for e in odd if isinstance(e, dict)])
+    fleet.records[("10.0.0.1", token)].linked.extend(odd[1:])
+    root = run_trace(fleet, "10.0.0.1", token)
+    for entry in (None, odd[0]):
+        trace.process_path(rec, entry)
+    assert "?, ?" in trace.outcome_text(odd[0])
+    trace.render_text(root)
+    trace.render_dot(root)
+    trace.to_json(root, {})
+    no_links = run_trace(fleet, "10.0.0.1", token)
+    no_links.links = []
+    assert trace.end_text(no_links) == "[DEAD END] ? target(s), no outcome saved yet"
+
+
+ESC = "\x1b]0;owned\x07\x1b[2J\x9b31m\u2028"
+
+
+def test_trace_and_audit_output_escape_record_text():
+    """Process names, user names, outcome words and audit fields come from
+    hosts an attacker may control: no control character or escape
+    sequence reaches the terminal (review S3)."""
+    rec = sv_record("10.0.0.1", "u" + ESC, "10.0.0.2")
+    rec["processes"]["processes"][0]["name"] = "ssh" + ESC
+    rec["host"] = "h" + ESC
+    entry = outcome("t", "10.0.0.2", error="NO-USER" + ESC)
+    entry["why"] = "why" + ESC
+    fleet = Fleet()
+    token = fleet.add("10.0.0.1", rec, [entry])
+    root = run_trace(fleet, "10.0.0.1", token)
+    for text in (trace.render_text(root), trace.outcome_text(entry), trace.render_dot(root),
+                 cli.audit_line({"time": "t" + ESC, "outcome": "released" + ESC,
+                                 "identity": "i" + ESC, "client": {"address": "a" + ESC},
+                                 "token": "k" + ESC, "why": "w" + ESC})):
+        assert not any(c in text for c in "\x1b\x07\x9b\u2028"), repr(text)
+        assert "\\x1b" in text

@@ -53,13 +53,21 @@ def audit_path(data_dir: str) -> str:
     return os.path.join(data_dir, AUDIT_DIR, AUDIT_FILE)
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character (controls, escape
+    sequences' ESC and CSI, line and paragraph separators...) written as
+    ``\\xHH`` / ``\\uHHHH``: safe to print on a terminal. Everything taken
+    from a record or the audit trail goes through it before it is shown."""
+    return "".join(c if c.isprintable() else "\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c)
+                   for c in text)
+
+
 def bounded(text: Optional[str], limit: int = MAX_FIELD) -> Optional[str]:
-    """``text`` with non-printable characters escaped, cut to ``limit``
-    characters (a trailing ``...`` says it was cut)."""
+    """``text`` with non-printable characters escaped (:func:`printable`),
+    cut to ``limit`` characters (a trailing ``...`` says it was cut)."""
     if text is None:
         return None
-    out = "".join(c if c.isprintable() else "\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c)
-                  for c in text[:limit + 1])
+    out = printable(text[:limit + 1])
     return out if len(out) <= limit else out[:limit] + "..."
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional, TextIO
 
 from stop.errors import RedeemError, StopError
 from stop.redeem import trace as trace_mod
-from stop.redeem.audit import AuditFailed, audit_path, read_audit
+from stop.redeem.audit import AuditFailed, audit_path, printable, read_audit
 from stop.redeem.client import DEFAULT_TIMEOUT, Credentials, redeem, where
 
 #: The redemption port assumed when TOKEN@HOST names none (our docs use it
@@ -152,7 +152,7 @@ def cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
 
     root = trace_mod.trace(host, port, token, fetch, resolve, args.max_depth, args.max_hosts)
     if root.status != trace_mod.OK:
-        sys.stderr.write(f"stopctl: {root.error}\n")
+        sys.stderr.write(f"stopctl: {printable(str(root.error))}\n")
         return EXIT[root.status]
     if args.json:
         out.write(trace_mod.dump_json(trace_mod.to_json(
@@ -236,5 +236,6 @@ def audit_line(event: dict) -> str:
     """One text line: time, outcome, identity, client address, token, why."""
     client = event.get("client") if isinstance(event.get("client"), dict) else {}
     address = where(str(client.get("address")), client.get("port"))
-    return (f"{event.get('time')}  {str(event.get('outcome')):<17}  {event.get('identity') or '-'}  "
-            f"{address}  {event.get('token') or '-'}" + (f"  {event['why']}" if event.get("why") else ""))
+    return printable(f"{event.get('time')}  {str(event.get('outcome')):<17}  "
+                     f"{event.get('identity') or '-'}  {address}  {event.get('token') or '-'}"
+                     + (f"  {event['why']}" if event.get("why") else ""))

@@ -125,6 +125,8 @@ def redeem(host: str, port: int, token: str, context: ssl.SSLContext,
             raise Unreachable(f"{at}: timed out after {timeout:g} s") from None
         except OSError as e:
             raise Unreachable(f"{at}: {_why(e)}") from None
+        except ValueError as e:  # UnicodeError too: a name IDNA cannot encode
+            raise RedeemError(f"{at}: not a usable host name or address ({e})") from None
         try:
             conn.request("GET", f"/v1/records/{token}", headers={"Accept": "application/json"})
             resp = conn.getresponse()
@@ -137,6 +139,8 @@ def redeem(host: str, port: int, token: str, context: ssl.SSLContext,
             raise Unreachable(f"{at}: no answer within {timeout:g} s") from None
         except (http.client.HTTPException, OSError) as e:
             raise RedeemError(f"{at}: the connection ended without an answer ({_why(e)})") from None
+        except ValueError as e:  # http.client refuses the request line (a bad token)
+            raise RedeemError(f"{at}: cannot ask for {token!r}: {e}") from None
     finally:
         conn.close()
     if len(body) > MAX_REPLY:
@@ -200,7 +204,7 @@ def parse_release(token: str, body: bytes, at: str) -> Redeemed:
                 continue
             if isinstance(value, dict):
                 linked.append(value)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RedeemError(f"{at}: malformed reply ({e})") from None
+    except (ValueError, TypeError, RecursionError) as e:  # a hostile reply never crashes us
+        raise RedeemError(f"{at}: malformed reply ({type(e).__name__}: {e})"[:300]) from None
     return Redeemed(token=token, record_bytes=record_bytes, record=record, linked=linked,
                     linked_bytes=linked_bytes, integrity=bool(obj.get("integrity")))

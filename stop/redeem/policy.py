@@ -135,6 +135,23 @@ def _dns_matches(client: ClientIdentity, name: str) -> bool:
         verify_certificate_hostname(client.certificate, name)
     except (VerificationError, CertificateError):
         return False
+    except ValueError:  # not a DNS-ID (parse_identity refuses those): no match
+        return False
+    return True
+
+
+def _valid_dns_id(name: str) -> bool:
+    """Whether service_identity takes ``name`` as a DNS-ID (it refuses IP
+    addresses, for one: a rule it would refuse at match time is refused
+    when the configuration is read)."""
+    try:
+        from service_identity.hazmat import DNS_ID
+    except ImportError:  # service_identity < 23 (Debian 12: 18.1)
+        from service_identity._common import DNS_ID
+    try:
+        DNS_ID(name)
+    except (ValueError, TypeError):
+        return False
     return True
 
 
@@ -163,8 +180,10 @@ def parse_identity(text: str, setting: str, allow_any: bool = True,
             raise ConfigError(f"{setting}: {text!r}: serial: wants a hexadecimal serial number")
     elif kind == "dns":
         value = value.lower()
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,252})", value) or ".." in value:
-            raise ConfigError(f"{setting}: {text!r} is not a DNS name (no wildcards here)")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,252})", value) or ".." in value \
+                or not _valid_dns_id(value):
+            raise ConfigError(f"{setting}: {text!r} is not a DNS name (no wildcards or "
+                              "IP addresses here)")
     elif kind != "cn":
         raise ConfigError(f"{setting}: {text!r}: unknown identity kind {kind!r}; "
                           "use NAME, cn:, dns:, sha256:" + (" or serial:" if allow_serial else ""))

@@ -351,7 +351,17 @@ class Redemption(resource.Resource):
             status, outcome, why, token, body = (405, BAD_REQUEST, f"method {method}", None,
                                                  {"error": "method not allowed"})
         else:
-            status, outcome, why, token, body = self._decide(request, client)
+            try:
+                status, outcome, why, token, body = self._decide(request, client)
+            except Exception as e:
+                # A bug must not skip the audit line (a plain Twisted 500
+                # would): answer 503, audit it, log it for the admin.
+                log.failure("redemption: request {path} from {client} failed",
+                            path=bounded(request.path.decode("latin-1"), 128),
+                            client=client.name if client is not None else None)
+                status, outcome, why, token, body = (
+                    503, FAILED, f"internal error: {type(e).__name__}", None,
+                    {"error": "unavailable"})
         gone: list = []
         request.notifyFinish().addErrback(gone.append)
 

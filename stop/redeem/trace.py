@@ -12,12 +12,15 @@ under a depth budget and a budget of hosts fetched. The result is a tree of
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from stop.errors import RedeemError
+from stop.redeem.audit import printable
 from stop.redeem.client import Redeemed, where
 
 #: Default budgets: hops from the first host, and hosts fetched in all.
@@ -28,6 +31,9 @@ LIMIT_DEPTH = 256
 
 # Hop statuses besides the RedeemError kinds.
 OK, CYCLE, BUDGET = "ok", "cycle", "budget"
+
+#: A token the walk follows: the spec's form (40 or 64 lowercase hex digits).
+_TOKEN = re.compile(r"[0-9a-f]{40}\Z|[0-9a-f]{64}\Z")
 
 
 @dataclass
@@ -118,16 +124,22 @@ def trace(address: str, port: int, token: str, fetch: Fetch,
 
 def recursion_entries(redeemed: Redeemed) -> list[dict]:
     """The ``"kind": "recursion"`` linked entries of a record, in order."""
-    return [e for e in redeemed.linked if e.get("kind") == "recursion"]
+    return [e for e in redeemed.linked if isinstance(e, dict) and e.get("kind") == "recursion"]
 
 
 def _next_token(entry: dict) -> Optional[tuple[str, str]]:
-    """``(address, token)`` of a ``token`` outcome, or None."""
+    """``(address, token)`` of a ``token`` outcome, or None: only a
+    well-formed token (:data:`_TOKEN`) at an IP address is followed (a
+    record is hostile input: no host names, nothing IDNA could choke on)."""
     if entry.get("outcome") != "token":
         return None
     target = entry.get("target") if isinstance(entry.get("target"), dict) else {}
     address, tok = target.get("address"), entry.get("token")
-    if not isinstance(address, str) or not isinstance(tok, str) or not tok:
+    if not isinstance(address, str) or not isinstance(tok, str) or not _TOKEN.match(tok):
+        return None
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
         return None
     return address, tok
 
@@ -142,8 +154,9 @@ def incomplete(root: Hop) -> bool:
 
 def _proc_name(p: dict) -> str:
     name = p.get("name")
-    if not name and p.get("cmdline"):
-        name = os.path.basename(str(p["cmdline"][0]))
+    cmdline = p.get("cmdline")
+    if not name and isinstance(cmdline, list) and cmdline:
+        name = os.path.basename(str(cmdline[0]))
     return f"{name or '?'}({p.get('pid')})"
 
 
@@ -160,7 +173,7 @@ def process_path(record: dict, entry: Optional[dict] = None) -> list[dict]:
     state = record.get("processes")
     if not isinstance(state, dict):
         return []
-    procs = {p["pid"]: p for p in state.get("processes") or []
+    procs = {p["pid"]: p for p in _list(state.get("processes"))
              if isinstance(p, dict) and isinstance(p.get("pid"), int)}
     target = _holder_of(state, entry) if entry is not None else None
     if target in procs:
@@ -168,31 +181,43 @@ def process_path(record: dict, entry: Optional[dict] = None) -> list[dict]:
         while pid in procs and pid not in seen and len(chain) < 64:
             seen.add(pid)
             chain.append(procs[pid])
-            reached = procs[pid].get("reached") or {}
-            pid = reached.get("from")  # None at a holder of the queried socket
+            pid = _dict(procs[pid].get("reached")).get("from")  # None at a holder of the queried socket
         chain.reverse()
     else:
-        start = [pid for pid in state.get("start") or [] if pid in procs]
+        start = [pid for pid in _list(state.get("start")) if isinstance(pid, int) and pid in procs]
         chain, pid = [], start[0] if start else None
-        while pid in procs and pid > 1 and procs[pid] not in chain and len(chain) < 8:
+        while isinstance(pid, int) and pid in procs and pid > 1 and procs[pid] not in chain and len(chain) < 8:
             chain.append(procs[pid])
             pid = procs[pid].get("ppid")
     return [{"pid": p.get("pid"), "name": _proc_name(p),
-             "via": (p.get("reached") or {}).get("via")} for p in chain]
+             "via": _dict(p.get("reached")).get("via")} for p in chain]
+
+
+def _dict(value) -> dict:
+    """``value`` when it is a dict, else ``{}`` (record fields are hostile)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value) -> list:
+    """``value`` when it is a list, else ``[]``."""
+    return value if isinstance(value, list) else []
 
 
 def _holder_of(state: dict, entry: dict) -> Optional[int]:
     """The PID holding the connection a recursion outcome asked about."""
     target = entry.get("target") if isinstance(entry.get("target"), dict) else {}
     ports = (entry.get("request") or {}).get("ports") if isinstance(entry.get("request"), dict) else None
-    for c in state.get("remote_connections") or []:
-        remote = c.get("remote") or {}
+    for c in _list(state.get("remote_connections")):
+        if not isinstance(c, dict):
+            continue
+        remote = _dict(c.get("remote"))
         if remote.get("address") != target.get("address"):
             continue
         if isinstance(ports, list) and len(ports) == 2 and remote.get("port") != ports[0]:
             continue
-        holders = c.get("holders") or ([[c.get("pid"), c.get("fd")]] if "pid" in c else [])
-        if holders and isinstance(holders[0], list) and holders[0]:
+        holders = _list(c.get("holders")) or ([[c.get("pid"), c.get("fd")]] if "pid" in c else [])
+        if holders and isinstance(holders[0], list) and holders[0] \
+                and isinstance(holders[0][0], int):
             return holders[0][0]
     return None
 
@@ -215,11 +240,17 @@ def outcome_text(entry: dict) -> str:
     came back."""
     target = entry.get("target") if isinstance(entry.get("target"), dict) else {}
     req = entry.get("request") if isinstance(entry.get("request"), dict) else {}
-    ports = req.get("ports") or ["?", "?"]
+    ports = _ports(req)
     asked = (f"{where(str(target.get('address')), target.get('port'))} "
              f"{ports[0]}, {ports[1]} : {req.get('type')}:{req.get('sid')}")
     from stop.ctl import outcome_result  # here: stop.ctl imports this package
-    return f"{asked} -> {outcome_result(entry)}"
+    return printable(f"{asked} -> {outcome_result(entry)}")
+
+
+def _ports(req: dict) -> list:
+    """A request's two ports, or ``["?", "?"]`` when it has no such pair."""
+    ports = req.get("ports")
+    return ports if isinstance(ports, list) and len(ports) == 2 else ["?", "?"]
 
 
 _MARKS = {
@@ -238,7 +269,9 @@ def end_text(hop: Hop) -> Optional[str]:
     if not rec.get("targets"):
         return "[ORIGIN] no inbound connection: the chain starts here"
     if not hop.links:
-        return f"[DEAD END] {len(rec['targets'])} target(s), no outcome saved yet"
+        targets = rec["targets"]
+        count = len(targets) if isinstance(targets, list) else "?"
+        return f"[DEAD END] {count} target(s), no outcome saved yet"
     if not any(link.hop is not None for link in hop.links):
         return "[DEAD END] no previous host gave a token"
     return None
@@ -251,7 +284,9 @@ def render_text(root: Hop) -> str:
     """The chain as an indented tree (docs/redeem.rst shows one)."""
     lines: list[str] = []
     _text_hop(root, "", lines)
-    return "\n".join(lines) + "\n"
+    # Records are hostile (process names, user names...): no control
+    # character or escape sequence reaches the terminal.
+    return "\n".join(printable(line) for line in lines) + "\n"
 
 
 def _text_hop(hop: Hop, indent: str, lines: list[str]) -> None:
@@ -313,7 +348,8 @@ def _hop_json(hop: Hop) -> dict:
 
 
 def _dot_str(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + "\\n".join(printable(part) for part in text.split("\n")) + '"'
 
 
 def render_dot(root: Hop) -> str:
@@ -347,7 +383,8 @@ def render_dot(root: Hop) -> str:
         for link in hop.links:
             e = link.entry
             req = e.get("request") if isinstance(e.get("request"), dict) else {}
-            elabel = f"{req.get('type')} {(req.get('ports') or ['?', '?'])[0]},{(req.get('ports') or ['?', '?'])[1]}"
+            ports = _ports(req)
+            elabel = f"{req.get('type')} {ports[0]},{ports[1]}"
             if link.hop is not None:
                 out.append(f"  {name} -> {node(link.hop)} [label={_dot_str(elabel + ': token')}];")
             else:
