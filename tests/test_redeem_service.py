@@ -22,6 +22,7 @@ from stop import config, records
 from stop.errors import (CertificateRefused, NotAuthorised, RateLimited, RedeemError,
                          UnknownToken, Unreachable)
 from stop.redeem import audit as audit_mod
+from stop.redeem import service as service_mod
 from stop.redeem import tls as tls_mod
 from stop.redeem.audit import audit_path, read_audit
 from stop.redeem.client import Credentials, redeem
@@ -319,6 +320,66 @@ class SlotTests(TLSCase):
         self.assertEqual((self.gate.slots.active, len(self.gate.slots.waiting)), (1, 1))
         first.close()
         sock = yield second
+        sock.close()
+
+    def idle_tcp(self, source="127.0.0.1"):
+        """A TCP connection that never starts its TLS handshake."""
+        sock = socket.create_connection((HOST, self.portno), 10, source_address=(source, 0))
+        self.addCleanup(sock.close)
+        return sock
+
+    @defer.inlineCallbacks
+    def until(self, check, seconds=10):
+        deadline = time.monotonic() + seconds
+        while not check():
+            self.assertLess(time.monotonic(), deadline, "condition not reached in time")
+            pause = defer.Deferred()
+            reactor.callLater(0.02, pause.callback, None)
+            yield pause
+
+    @defer.inlineCallbacks
+    def test_no_handshake_loses_the_slot(self):
+        """A served TCP connection that never handshakes is closed after
+        HANDSHAKE_TIMEOUT, and the one waiting is served (review S1)."""
+        self.patch(service_mod, "HANDSHAKE_TIMEOUT", 0.5)
+        idle = yield threads.deferToThread(self.idle_tcp)
+        yield self.until(lambda: self.gate.slots.active == 1)
+
+        def served():
+            sock = socket.create_connection((HOST, self.portno), 10, source_address=("127.0.0.2", 0))
+            return self.creds().wrap_socket(sock, server_hostname=HOST)
+        started = time.monotonic()
+        sock = yield threads.deferToThread(served)
+        sock.close()
+        self.assertLess(time.monotonic() - started, 8)
+
+        def closed():
+            idle.settimeout(5)
+            try:
+                return idle.recv(100)
+            except ConnectionResetError:
+                return b""
+        self.assertEqual((yield threads.deferToThread(closed)), b"")
+        events = yield self.events(1)
+        self.assertEqual([(e["outcome"], e["why"]) for e in events][:1],
+                         [("tls-refused", "no TLS handshake within 0.5 s")])
+
+    @defer.inlineCallbacks
+    def test_one_served_connection_per_address(self):
+        """Two idle connections from one address take one slot; another
+        address is served at once (review S1)."""
+        self.gate.slots.limit = 2
+        self.patch(service_mod, "HANDSHAKE_TIMEOUT", 60)
+        yield threads.deferToThread(self.idle_tcp)
+        yield threads.deferToThread(self.idle_tcp)
+        slots = self.gate.slots
+        yield self.until(lambda: (slots.active, len(slots.waiting)) == (1, 1))
+
+        def other():
+            sock = socket.create_connection((HOST, self.portno), 5, source_address=("127.0.0.2", 0))
+            return self.creds().wrap_socket(sock, server_hostname=HOST)
+        sock = yield threads.deferToThread(other)
+        self.assertEqual((slots.active, len(slots.waiting)), (2, 1))
         sock.close()
 
     @defer.inlineCallbacks

@@ -63,6 +63,10 @@ MAX_BODY = 1024
 MAX_TRACKED = 4096
 #: TLS connections served at once; the others wait (see :class:`Slots`).
 MAX_ACTIVE = 2
+#: Seconds a served connection has to complete its TLS handshake before it
+#: is aborted: an idle TCP connection must not hold a slot for
+#: ``redeem_timeout``.
+HANDSHAKE_TIMEOUT = 5.0
 
 # Audit outcomes (docs/redeem.rst lists them).
 RELEASED = "released"
@@ -118,10 +122,13 @@ class Slots:
     Every event of a TLS connection (a handshake step, a request) runs on
     the reactor thread, between ident answers; many connections in flight
     would put many such events before an ident query's turn. So at most
-    ``active`` connections are served at once; the others (up to the
-    gate's limit) wait, unread, in accept order, and are let in as served
-    ones close. A served keep-alive connection is closed after its response
-    while others wait, so it cannot hold its place.
+    ``active`` connections are served at once, at most one per source
+    address; the others (up to the gate's limit) wait, unread, in accept
+    order, and are let in as served ones close. A served connection has
+    :data:`HANDSHAKE_TIMEOUT` seconds to complete its TLS handshake; a
+    served keep-alive connection is closed after its response while others
+    wait, so it cannot hold its place. So one address (idle TCP connections
+    that never handshake) cannot keep the investigators out.
     """
 
     def __init__(self, active: int = MAX_ACTIVE):
@@ -129,15 +136,20 @@ class Slots:
         self.active = 0
         self.limit = active
         self.waiting: deque = deque()
+        self.hosts: set = set()  # the source addresses being served
 
     def admit(self, channel: "RedeemChannel") -> bool:
         """Serve ``channel`` now (True), or queue it (False: the caller
         stops reading its transport)."""
-        if self.active < self.limit:
-            self.active += 1
+        if self.active < self.limit and channel.host not in self.hosts:
+            self._take(channel)
             return True
         self.waiting.append(channel)
         return False
+
+    def _take(self, channel: "RedeemChannel") -> None:
+        self.active += 1
+        self.hosts.add(channel.host)
 
     def release(self, channel: "RedeemChannel") -> None:
         """``channel`` closed: free its place or its slot (and serve the
@@ -149,9 +161,13 @@ class Slots:
                 pass
             return
         self.active -= 1
-        while self.waiting and self.active < self.limit:
-            nxt = self.waiting.popleft()
-            self.active += 1
+        self.hosts.discard(channel.host)
+        while self.active < self.limit:
+            nxt = next((c for c in self.waiting if c.host not in self.hosts), None)
+            if nxt is None:
+                return
+            self.waiting.remove(nxt)
+            self._take(nxt)
             nxt.serve()
 
 
@@ -180,16 +196,20 @@ class RedeemChannel(http.HTTPChannel):
 
     client: Optional[ClientIdentity] = None
     served = False
+    host = None  # the source address (Slots serves one per address)
     _handshook = False
     _counted = False
+    _deadline = None
 
     def connectionMade(self):
         slots = self.factory.slots
         slots.open += 1
         self._counted = True
+        self.host = getattr(self.transport.getPeer(), "host", None)
         http.HTTPChannel.connectionMade(self)
         if slots.admit(self):
             self.served = True
+            self._start_deadline()
         else:
             # Not read until served: no TLS work for it meanwhile (the
             # idle timeout runs: a connection cannot wait forever).
@@ -201,16 +221,38 @@ class RedeemChannel(http.HTTPChannel):
     def serve(self) -> None:
         """Our turn (see :class:`Slots`): start reading."""
         self.served = True
+        self._start_deadline()
         if self._tcp() is not None:
             self._tcp().resumeProducing()
+
+    def _start_deadline(self) -> None:
+        """Give the TLS handshake :data:`HANDSHAKE_TIMEOUT` seconds from now."""
+        if not self._handshook:
+            self._deadline = self.factory.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self._handshook:
+            log.info("redemption: no TLS handshake from {host} within {t:g} s: closed",
+                     host=self.host, t=HANDSHAKE_TIMEOUT)
+            self._why_lost = f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s"
+            self.transport.abortConnection()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def requestDone(self, request):
         if self.factory.slots.waiting:
             self.persistent = False  # make room: it closes after this response
         http.HTTPChannel.requestDone(self, request)
 
+    _why_lost: Optional[str] = None
+
     def handshakeCompleted(self) -> None:
         self._handshook = True
+        self._stop_deadline()
         try:
             self.client = peer_identity(self.transport)
         except Exception:
@@ -218,13 +260,14 @@ class RedeemChannel(http.HTTPChannel):
             self.client = None
 
     def connectionLost(self, reason):
+        self._stop_deadline()
         if self._counted:
             self.factory.slots.open -= 1
             self._counted = False
             self.factory.slots.release(self)
         if not self._handshook:
             handle = getattr(self.transport, "getHandle", lambda: None)()
-            why = handshake_failure(reason, handle)
+            why = self._why_lost or handshake_failure(reason, handle)
             self.factory.redeem.note(TLS_REFUSED, self.getPeer(), why=why)
         http.HTTPChannel.connectionLost(self, reason)
 
