@@ -31,12 +31,13 @@ DEFAULT_PORT = 8113
 
 EXIT_OK = 0
 EXIT_FAIL = 1  # local files, a bad reply, Graphviz failed
-EXIT_UNKNOWN = 2  # the first token was not found (and argparse's usage errors)
+EXIT_USAGE = 2  # a usage error (argparse's status too)
 EXIT_UNREACHABLE = 3
 EXIT_CERTIFICATE = 4
 EXIT_NOT_AUTHORISED = 5
 EXIT_INCOMPLETE = 6  # the first hop was fetched, a later one was not
 EXIT_RATE_LIMITED = 7
+EXIT_UNKNOWN = 8  # the first host answered "not found" (distinct from a usage error)
 #: The exit status when the FIRST hop fails, by RedeemError kind.
 EXIT = {"not-found": EXIT_UNKNOWN, "unreachable": EXIT_UNREACHABLE,
         "certificate-refused": EXIT_CERTIFICATE, "not-authorised": EXIT_NOT_AUTHORISED,
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace, out: TextIO, settings: Callable) -> int:
 
 def _usage(message: str) -> int:
     sys.stderr.write(f"stopctl trace: {message}\n")
-    return EXIT_UNKNOWN
+    return EXIT_USAGE
 
 
 def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, str, int]:
