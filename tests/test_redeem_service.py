@@ -245,6 +245,31 @@ class ServiceTests(TLSCase):
                          ["bad-request", "bad-request", "unknown-token"])
 
     @defer.inlineCallbacks
+    def test_declared_large_body_closes_at_once(self):
+        """A Content-Length over MAX_BODY closes the connection before any
+        body arrives (no temporary file for it; review S5)."""
+        def run():
+            sock = socket.create_connection((HOST, self.portno), 10)
+            tls = self.creds().wrap_socket(sock, server_hostname=HOST)
+            try:
+                tls.sendall(b"POST /v1/records/%s HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Length: 200000\r\n\r\n" % self.token.encode())
+                tls.settimeout(5)
+                try:
+                    return tls.recv(100)
+                except (ConnectionResetError, ssl.SSLError):
+                    return b""
+            finally:
+                tls.close()
+        self.assertEqual((yield threads.deferToThread(run)), b"")
+
+    def test_no_renegotiation(self):
+        from OpenSSL import SSL
+        ctx = tls_mod.build_context(self.settings.redeem_cert, self.settings.redeem_key,
+                                    self.ca.path)
+        self.assertTrue(ctx.set_options(0) & SSL.OP_NO_RENEGOTIATION)
+
+    @defer.inlineCallbacks
     def test_unaudited_means_unreleased(self):
         def broken(fd):
             raise OSError(28, "No space left on device")

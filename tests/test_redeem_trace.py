@@ -356,3 +356,29 @@ def test_stopctl_trace_not_found_has_its_own_status(capsys, monkeypatch):
     assert status == cli.EXIT_UNKNOWN == 8 and cli.EXIT_USAGE == 2
     assert "not found" in capsys.readouterr().err
     assert len(set(cli.EXIT.values()) | {cli.EXIT_USAGE, cli.EXIT_INCOMPLETE, cli.EXIT_OK}) == 9  # 0..8, none shared
+
+
+def test_stopctl_trace_dot_file_is_private_and_atomic(monkeypatch, tmp_path):
+    """--dot replaces its file atomically, mode 0600, and does not follow a
+    symlink planted at the path (review S5)."""
+    import os
+    import stat
+    fleet = Fleet()
+    token = fleet.add("192.0.2.1", sv_record("192.0.2.1", "alice", None))
+    monkeypatch.setattr(cli, "redeem", lambda h, p, t, c, **kw: fleet.fetch(h, p, t, h))
+    monkeypatch.setattr(cli.Credentials, "context", lambda self: None)
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    out = tmp_path / "trace.dot"
+    os.symlink(victim, out)
+    old = os.umask(0o022)
+    try:
+        status = ctl.main(["trace", f"{token}@192.0.2.1", "--cert", "c", "--key", "k", "--ca", "a",
+                           "--dot", str(out)], io.StringIO())
+    finally:
+        os.umask(old)
+    assert status == cli.EXIT_OK
+    assert victim.read_text() == "keep" and not out.is_symlink()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text().startswith("digraph stop_trace {")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.dot", "victim"]

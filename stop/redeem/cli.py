@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Optional, TextIO
 
 from stop.errors import RedeemError, StopError
@@ -165,14 +166,36 @@ def cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     if args.dot or args.svg:
         dot = trace_mod.render_dot(root)
         if args.dot:
-            with open(args.dot, "w", encoding="utf-8") as fh:
-                fh.write(dot)
+            replace_file(args.dot, lambda tmp: _write_text(tmp, dot))
         if args.svg:
-            failed = draw_svg(dot, args.svg)
+            failed = replace_file(args.svg, lambda tmp: draw_svg(dot, tmp))
             if failed:
                 sys.stderr.write(f"stopctl: --svg: {failed}\n")
                 return EXIT_FAIL
     return status
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def replace_file(path: str, write: Callable[[str], Optional[str]]) -> Optional[str]:
+    """Write ``path`` atomically, mode 0600 (a trace holds records): ``write``
+    fills a temporary file beside it, which then replaces ``path``; a
+    symlink at ``path`` is replaced, not followed. :return: what ``write``
+    returned (a reason it failed: ``path`` is left alone), or None."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        failed = write(tmp)
+        if failed is None:
+            os.replace(tmp, path)
+        return failed
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def draw_svg(dot: str, path: str, timeout: float = 60.0) -> Optional[str]:

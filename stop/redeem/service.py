@@ -177,6 +177,14 @@ class RedeemRequest(server.Request):
 
     _body_bytes = 0
 
+    def gotLength(self, length) -> None:
+        # A declared body over the bound closes the connection at once
+        # (Twisted would spool more than 100,000 bytes to a temporary file).
+        server.Request.gotLength(self, None if length is not None and length > MAX_BODY
+                                 else length)
+        if length is not None and length > MAX_BODY:
+            self.channel.transport.abortConnection()
+
     def handleContentChunk(self, data: bytes) -> None:
         self._body_bytes += len(data)
         if self._body_bytes > MAX_BODY:
