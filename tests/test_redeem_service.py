@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import time
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -482,6 +482,41 @@ class RateTests(TLSCase):
         events = yield self.events(4)
         self.assertEqual(events[2]["outcome"], "dropped")
         self.assertEqual(events[2]["count"], 2)
+
+
+class GateKeyTests(unittest.TestCase):
+    """The connection rate is counted per IPv4 address and per IPv6 /64
+    (review S1)."""
+
+    def test_rate_key(self):
+        from stop.redeem.service import rate_key
+        self.assertEqual(rate_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(rate_key("2001:db8::1"), "2001:db8::/64")
+        self.assertEqual(rate_key("2001:db8::ffff:1234"), rate_key("2001:db8::1"))
+        self.assertNotEqual(rate_key("2001:db8:0:1::1"), rate_key("2001:db8::1"))
+        self.assertEqual(rate_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(rate_key("fe80::1%eth0"), "fe80::/64")
+
+    def test_one_slash_64_shares_a_bucket(self):
+        from twisted.internet.address import IPv6Address
+        from stop.redeem.service import ConnectionGate, RateLimiter, Slots
+
+        class Inner(protocol.Factory):
+            def buildProtocol(self, addr):
+                return protocol.Protocol()
+
+        class Notes:
+            def __init__(self):
+                self.seen = []
+
+            def note(self, outcome, addr, **fields):
+                self.seen.append((outcome, addr.host))
+        notes = Notes()
+        gate = ConnectionGate(Inner(), Slots(), 32, RateLimiter(1e-9, 1, Clock()), notes)
+        self.assertIsNotNone(gate.buildProtocol(IPv6Address("TCP", "2001:db8::1", 1)))
+        self.assertIsNone(gate.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1)))
+        self.assertIsNotNone(gate.buildProtocol(IPv6Address("TCP", "2001:db8:0:1::2", 1)))
+        self.assertEqual(notes.seen, [("dropped", "2001:db8::2")])
 
 
 class CRLTests(TLSCase):

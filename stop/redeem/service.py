@@ -32,6 +32,7 @@ is released (``503``).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from collections import OrderedDict, deque
@@ -325,7 +326,7 @@ class ConnectionGate(protocol.ServerFactory):
         host = getattr(addr, "host", "?")
         if self.slots.open >= self.max_connections:
             why = f"{self.max_connections} connections open (redeem_max_connections)"
-        elif not self.limiter.allow(("address", host)):
+        elif not self.limiter.allow(("address", rate_key(host))):
             why = "over the connection rate of its address (redeem_rate)"
         else:
             more = self._dropped.pop(host, 0) - 1
@@ -340,6 +341,21 @@ class ConnectionGate(protocol.ServerFactory):
         if seen or len(self._dropped) < MAX_TRACKED:
             self._dropped[host] = seen + 1
         return None
+
+
+def rate_key(host: str) -> str:
+    """What the connection rate is counted on: the address, or its /64 for
+    IPv6 (one host usually holds a whole /64: counting each address would
+    give it billions of buckets)."""
+    if ":" not in host:
+        return host
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{addr}/64", strict=False))
 
 
 def _json(obj) -> bytes:
