@@ -195,6 +195,22 @@ class ServiceTests(TLSCase):
         self.assertEqual(events[1]["why"], "redeem_deny cn:mallory")
 
     @defer.inlineCallbacks
+    def test_tls_refusals_of_one_address_are_counted(self):
+        """At most REFUSED_BURST tls-refused lines per address per
+        REFUSED_WINDOW; the others are counted into the next line (review S5)."""
+        self.patch(service_mod, "REFUSED_BURST", 1)
+        bare = ssl.create_default_context(cafile=self.ca.path)
+        for _ in range(3):
+            yield self.assertFailure(self.fetch(self.token, bare), CertificateRefused)
+        [first] = yield self.events(1)
+        self.assertEqual((first["outcome"], first.get("more")), ("tls-refused", None))
+        self.patch(service_mod, "REFUSED_WINDOW", 0)
+        yield self.assertFailure(self.fetch(self.token, bare), CertificateRefused)
+        events = yield self.events(2)
+        self.assertEqual([(e["outcome"], e.get("more")) for e in events],
+                         [("tls-refused", None), ("tls-refused", 2)])
+
+    @defer.inlineCallbacks
     def test_tls_refusals_are_audited_and_carry_nothing(self):
         # No client certificate.
         bare = ssl.create_default_context(cafile=self.ca.path)

@@ -64,6 +64,10 @@ MAX_BODY = 1024
 MAX_TRACKED = 4096
 #: TLS connections served at once; the others wait (see :class:`Slots`).
 MAX_ACTIVE = 2
+#: Refused handshakes of one address written per :data:`REFUSED_WINDOW`
+#: seconds; more are counted, and the count written with its next line.
+REFUSED_BURST = 10
+REFUSED_WINDOW = 60.0
 #: Seconds a served connection has to complete its TLS handshake before it
 #: is aborted: an idle TCP connection must not hold a slot for
 #: ``redeem_timeout``.
@@ -277,7 +281,7 @@ class RedeemChannel(http.HTTPChannel):
         if not self._handshook:
             handle = getattr(self.transport, "getHandle", lambda: None)()
             why = self._why_lost or handshake_failure(reason, handle)
-            self.factory.redeem.note(TLS_REFUSED, self.getPeer(), why=why)
+            self.factory.redeem.tls_refused(self.getPeer(), why)
         http.HTTPChannel.connectionLost(self, reason)
 
 
@@ -374,12 +378,15 @@ class Redemption(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, store, policy: Policy, audit: AuditLog, limiter: RateLimiter):
+    def __init__(self, store, policy: Policy, audit: AuditLog, limiter: RateLimiter, clock=None):
         resource.Resource.__init__(self)
         self.store = store
         self.policy = policy
         self.audit = audit
         self.limiter = limiter
+        self.clock = clock if clock is not None else limiter._clock
+        #: address -> (time of its last tls-refused line, refusals since)
+        self._refused: OrderedDict = OrderedDict()
 
     # -- audit -------------------------------------------------------------
 
@@ -400,6 +407,24 @@ class Redemption(resource.Resource):
             event["why"] = bounded(why)
         event.update(extra)
         return self.audit.record(event)
+
+    def tls_refused(self, peer, why: str) -> None:
+        """Audit a refused handshake: at most :data:`REFUSED_BURST` lines
+        per address per :data:`REFUSED_WINDOW` seconds; the refusals
+        counted beyond are written (``more``) with the next line for that
+        address."""
+        host = getattr(peer, "host", None)
+        now = self.clock.seconds()
+        start, written, more = self._refused.pop(host, (None, 0, 0))
+        if start is None or now - start >= REFUSED_WINDOW:
+            start, written = now, 0
+        if written >= REFUSED_BURST:
+            self._refused[host] = (start, written, more + 1)
+            return
+        self._refused[host] = (start, written + 1, 0)
+        while len(self._refused) > MAX_TRACKED:
+            self._refused.popitem(last=False)
+        self.note(TLS_REFUSED, peer, why=why, **({"more": more} if more else {}))
 
     def note(self, outcome: str, peer, **fields) -> None:
         """:meth:`audit_event` for events nobody waits for (connections
@@ -557,7 +582,7 @@ def build_redemption(settings, store, reactor) -> tuple[ConnectionGate, AuditLog
                     settings.redeem_crl, clock=reactor)
     audit = AuditLog(audit_path(settings.data_dir), reactor)
     limiter = RateLimiter(settings.redeem_rate, settings.redeem_burst, reactor)
-    redeem = Redemption(store, policy, audit, limiter)
+    redeem = Redemption(store, policy, audit, limiter, clock=reactor)
     site = server.Site(redeem, timeout=settings.redeem_timeout, reactor=reactor)
     site.protocol = RedeemChannel
     site.requestFactory = RedeemRequest
