@@ -142,3 +142,28 @@ def test_the_unit_reloads_and_restarts_as_stop_8_says():
     assert "ExecReload=/bin/kill -HUP $MAINPID" in lines
     assert "Restart=on-failure" in lines
     assert f"RestartPreventExitStatus={tap.EXIT_CONFIG}" in lines
+
+
+def test_stopctl_8_lists_every_trace_exit_status():
+    """Each status stopctl trace returns has its own entry in stopctl(8)."""
+    from stop.redeem import cli
+    text = unroff(page("stopctl.8"))
+    sections = dict(re.findall(r"^\.SH ([^\n]+)\n(.*?)(?=^\.SH |\Z)", text, re.M | re.S))
+    statuses = {int(s) for s in re.findall(r"^\.TP\n\.B (\d+)\n", sections["EXIT STATUS"], re.M)}
+    codes = set(cli.EXIT.values()) | {cli.EXIT_OK, cli.EXIT_USAGE, cli.EXIT_INCOMPLETE}
+    assert codes <= statuses
+    assert 'answered "not found"' in sections["EXIT STATUS"].split(f".B {cli.EXIT_UNKNOWN}\n")[1]
+    assert "trace" in sections["NAME"] and "audit" in sections["NAME"]
+
+
+def test_stop_conf_redeem_allow_example_parses():
+    """The commented redeem_allow example of etc/stop.conf is a policy the
+    daemon accepts."""
+    from stop.redeem.policy import parse_policy
+    with open(os.path.join(ROOT, "etc", "stop.conf"), encoding="utf-8") as fh:
+        text = fh.read()
+    block = re.search(r"^#   redeem_allow = (.*?)\n((?:#                  .*\n)*)", text, re.M)
+    lines = [block.group(1)] + [l[1:].strip() for l in block.group(2).splitlines()]
+    assert len(lines) == 4
+    policy = parse_policy("\n".join(lines))
+    assert len(policy.rules) == 3 and len(policy.refused) == 1

@@ -40,6 +40,18 @@ class AuditLogTests(unittest.TestCase):
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(self.path)).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
 
+    def test_created_directory_and_file_are_fsynced(self):
+        """Creating the audit directory and file fsyncs their parents (review
+        S4); opening an existing trail does not."""
+        synced = []
+        self.patch(audit_mod, "fsync_dir", synced.append)
+        self.open()
+        directory = os.path.dirname(self.path)
+        self.assertEqual(synced, [os.path.dirname(directory), directory])
+        del synced[:]
+        self.open()
+        self.assertEqual(synced, [])
+
     @defer.inlineCallbacks
     def test_fires_after_fdatasync_and_reads_back(self):
         synced = []

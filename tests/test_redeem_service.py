@@ -14,7 +14,7 @@ import ssl
 import subprocess
 import time
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -22,6 +22,7 @@ from stop import config, records
 from stop.errors import (CertificateRefused, NotAuthorised, RateLimited, RedeemError,
                          UnknownToken, Unreachable)
 from stop.redeem import audit as audit_mod
+from stop.redeem import service as service_mod
 from stop.redeem import tls as tls_mod
 from stop.redeem.audit import audit_path, read_audit
 from stop.redeem.client import Credentials, redeem
@@ -194,6 +195,22 @@ class ServiceTests(TLSCase):
         self.assertEqual(events[1]["why"], "redeem_deny cn:mallory")
 
     @defer.inlineCallbacks
+    def test_tls_refusals_of_one_address_are_counted(self):
+        """At most REFUSED_BURST tls-refused lines per address per
+        REFUSED_WINDOW; the others are counted into the next line (review S5)."""
+        self.patch(service_mod, "REFUSED_BURST", 1)
+        bare = ssl.create_default_context(cafile=self.ca.path)
+        for _ in range(3):
+            yield self.assertFailure(self.fetch(self.token, bare), CertificateRefused)
+        [first] = yield self.events(1)
+        self.assertEqual((first["outcome"], first.get("more")), ("tls-refused", None))
+        self.patch(service_mod, "REFUSED_WINDOW", 0)
+        yield self.assertFailure(self.fetch(self.token, bare), CertificateRefused)
+        events = yield self.events(2)
+        self.assertEqual([(e["outcome"], e.get("more")) for e in events],
+                         [("tls-refused", None), ("tls-refused", 2)])
+
+    @defer.inlineCallbacks
     def test_tls_refusals_are_audited_and_carry_nothing(self):
         # No client certificate.
         bare = ssl.create_default_context(cafile=self.ca.path)
@@ -242,6 +259,31 @@ class ServiceTests(TLSCase):
         events = yield self.events(3)
         self.assertEqual([e["outcome"] for e in events[:3]],
                          ["bad-request", "bad-request", "unknown-token"])
+
+    @defer.inlineCallbacks
+    def test_declared_large_body_closes_at_once(self):
+        """A Content-Length over MAX_BODY closes the connection before any
+        body arrives (no temporary file for it; review S5)."""
+        def run():
+            sock = socket.create_connection((HOST, self.portno), 10)
+            tls = self.creds().wrap_socket(sock, server_hostname=HOST)
+            try:
+                tls.sendall(b"POST /v1/records/%s HTTP/1.1\r\nHost: x\r\n"
+                            b"Content-Length: 200000\r\n\r\n" % self.token.encode())
+                tls.settimeout(5)
+                try:
+                    return tls.recv(100)
+                except (ConnectionResetError, ssl.SSLError):
+                    return b""
+            finally:
+                tls.close()
+        self.assertEqual((yield threads.deferToThread(run)), b"")
+
+    def test_no_renegotiation(self):
+        from OpenSSL import SSL
+        ctx = tls_mod.build_context(self.settings.redeem_cert, self.settings.redeem_key,
+                                    self.ca.path)
+        self.assertTrue(ctx.set_options(0) & SSL.OP_NO_RENEGOTIATION)
 
     @defer.inlineCallbacks
     def test_unaudited_means_unreleased(self):
@@ -321,6 +363,66 @@ class SlotTests(TLSCase):
         sock = yield second
         sock.close()
 
+    def idle_tcp(self, source="127.0.0.1"):
+        """A TCP connection that never starts its TLS handshake."""
+        sock = socket.create_connection((HOST, self.portno), 10, source_address=(source, 0))
+        self.addCleanup(sock.close)
+        return sock
+
+    @defer.inlineCallbacks
+    def until(self, check, seconds=10):
+        deadline = time.monotonic() + seconds
+        while not check():
+            self.assertLess(time.monotonic(), deadline, "condition not reached in time")
+            pause = defer.Deferred()
+            reactor.callLater(0.02, pause.callback, None)
+            yield pause
+
+    @defer.inlineCallbacks
+    def test_no_handshake_loses_the_slot(self):
+        """A served TCP connection that never handshakes is closed after
+        HANDSHAKE_TIMEOUT, and the one waiting is served (review S1)."""
+        self.patch(service_mod, "HANDSHAKE_TIMEOUT", 0.5)
+        idle = yield threads.deferToThread(self.idle_tcp)
+        yield self.until(lambda: self.gate.slots.active == 1)
+
+        def served():
+            sock = socket.create_connection((HOST, self.portno), 10, source_address=("127.0.0.2", 0))
+            return self.creds().wrap_socket(sock, server_hostname=HOST)
+        started = time.monotonic()
+        sock = yield threads.deferToThread(served)
+        sock.close()
+        self.assertLess(time.monotonic() - started, 8)
+
+        def closed():
+            idle.settimeout(5)
+            try:
+                return idle.recv(100)
+            except ConnectionResetError:
+                return b""
+        self.assertEqual((yield threads.deferToThread(closed)), b"")
+        events = yield self.events(1)
+        self.assertEqual([(e["outcome"], e["why"]) for e in events][:1],
+                         [("tls-refused", "no TLS handshake within 0.5 s")])
+
+    @defer.inlineCallbacks
+    def test_one_served_connection_per_address(self):
+        """Two idle connections from one address take one slot; another
+        address is served at once (review S1)."""
+        self.gate.slots.limit = 2
+        self.patch(service_mod, "HANDSHAKE_TIMEOUT", 60)
+        yield threads.deferToThread(self.idle_tcp)
+        yield threads.deferToThread(self.idle_tcp)
+        slots = self.gate.slots
+        yield self.until(lambda: (slots.active, len(slots.waiting)) == (1, 1))
+
+        def other():
+            sock = socket.create_connection((HOST, self.portno), 5, source_address=("127.0.0.2", 0))
+            return self.creds().wrap_socket(sock, server_hostname=HOST)
+        sock = yield threads.deferToThread(other)
+        self.assertEqual((slots.active, len(slots.waiting)), (2, 1))
+        sock.close()
+
     @defer.inlineCallbacks
     def test_keepalive_gives_way(self):
         def request(sock):
@@ -396,6 +498,41 @@ class RateTests(TLSCase):
         events = yield self.events(4)
         self.assertEqual(events[2]["outcome"], "dropped")
         self.assertEqual(events[2]["count"], 2)
+
+
+class GateKeyTests(unittest.TestCase):
+    """The connection rate is counted per IPv4 address and per IPv6 /64
+    (review S1)."""
+
+    def test_rate_key(self):
+        from stop.redeem.service import rate_key
+        self.assertEqual(rate_key("192.0.2.7"), "192.0.2.7")
+        self.assertEqual(rate_key("2001:db8::1"), "2001:db8::/64")
+        self.assertEqual(rate_key("2001:db8::ffff:1234"), rate_key("2001:db8::1"))
+        self.assertNotEqual(rate_key("2001:db8:0:1::1"), rate_key("2001:db8::1"))
+        self.assertEqual(rate_key("::ffff:192.0.2.7"), "192.0.2.7")
+        self.assertEqual(rate_key("fe80::1%eth0"), "fe80::/64")
+
+    def test_one_slash_64_shares_a_bucket(self):
+        from twisted.internet.address import IPv6Address
+        from stop.redeem.service import ConnectionGate, RateLimiter, Slots
+
+        class Inner(protocol.Factory):
+            def buildProtocol(self, addr):
+                return protocol.Protocol()
+
+        class Notes:
+            def __init__(self):
+                self.seen = []
+
+            def note(self, outcome, addr, **fields):
+                self.seen.append((outcome, addr.host))
+        notes = Notes()
+        gate = ConnectionGate(Inner(), Slots(), 32, RateLimiter(1e-9, 1, Clock()), notes)
+        self.assertIsNotNone(gate.buildProtocol(IPv6Address("TCP", "2001:db8::1", 1)))
+        self.assertIsNone(gate.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1)))
+        self.assertIsNotNone(gate.buildProtocol(IPv6Address("TCP", "2001:db8:0:1::2", 1)))
+        self.assertEqual(notes.seen, [("dropped", "2001:db8::2")])
 
 
 class CRLTests(TLSCase):

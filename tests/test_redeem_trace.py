@@ -234,9 +234,9 @@ def test_parse_release_rejects_malformed():
 def test_stopctl_trace_usage_errors(capsys):
     out = io.StringIO()
     common = ["--cert", "c", "--key", "k", "--ca", "a"]
-    assert ctl.main(["trace", "nonsense"] + common, out) == cli.EXIT_UNKNOWN
+    assert ctl.main(["trace", "nonsense"] + common, out) == cli.EXIT_USAGE
     assert "TOKEN@HOST" in capsys.readouterr().err
-    assert ctl.main(["trace", "a" * 40 + "@h", "--max-hosts", "0"] + common, out) == cli.EXIT_UNKNOWN
+    assert ctl.main(["trace", "a" * 40 + "@h", "--max-hosts", "0"] + common, out) == cli.EXIT_USAGE
     assert "--max-hosts" in capsys.readouterr().err
     # Unreadable credentials: one line, exit 1, no traceback.
     assert ctl.main(["trace", "a" * 40 + "@h"] + common, out) == cli.EXIT_FAIL
@@ -343,3 +343,42 @@ def test_trace_and_audit_output_escape_record_text():
                                  "token": "k" + ESC, "why": "w" + ESC})):
         assert not any(c in text for c in "\x1b\x07\x9b\u2028"), repr(text)
         assert "\\x1b" in text
+
+
+def test_stopctl_trace_not_found_has_its_own_status(capsys, monkeypatch):
+    """"Not found" at the first host is not a usage error (review C4)."""
+    def not_found(host, port, token, context, **kw):
+        raise UnknownToken(f"{token}@{host}:{port}: not found")
+    monkeypatch.setattr(cli, "redeem", not_found)
+    monkeypatch.setattr(cli.Credentials, "context", lambda self: None)
+    status = ctl.main(["trace", "a" * 40 + "@192.0.2.1", "--cert", "c", "--key", "k", "--ca", "a"],
+                      io.StringIO())
+    assert status == cli.EXIT_UNKNOWN == 8 and cli.EXIT_USAGE == 2
+    assert "not found" in capsys.readouterr().err
+    assert len(set(cli.EXIT.values()) | {cli.EXIT_USAGE, cli.EXIT_INCOMPLETE, cli.EXIT_OK}) == 9  # 0..8, none shared
+
+
+def test_stopctl_trace_dot_file_is_private_and_atomic(monkeypatch, tmp_path):
+    """--dot replaces its file atomically, mode 0600, and does not follow a
+    symlink planted at the path (review S5)."""
+    import os
+    import stat
+    fleet = Fleet()
+    token = fleet.add("192.0.2.1", sv_record("192.0.2.1", "alice", None))
+    monkeypatch.setattr(cli, "redeem", lambda h, p, t, c, **kw: fleet.fetch(h, p, t, h))
+    monkeypatch.setattr(cli.Credentials, "context", lambda self: None)
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    out = tmp_path / "trace.dot"
+    os.symlink(victim, out)
+    old = os.umask(0o022)
+    try:
+        status = ctl.main(["trace", f"{token}@192.0.2.1", "--cert", "c", "--key", "k", "--ca", "a",
+                           "--dot", str(out)], io.StringIO())
+    finally:
+        os.umask(old)
+    assert status == cli.EXIT_OK
+    assert victim.read_text() == "keep" and not out.is_symlink()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text().startswith("digraph stop_trace {")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.dot", "victim"]

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from typing import Optional
 
 from twisted.internet import defer
+
+from stop.storage.entries import fsync_dir
 from twisted.logger import Logger
 
 from stop.errors import StopError
@@ -99,6 +101,7 @@ class AuditLog:
         try:
             if not os.path.lexists(directory):
                 os.mkdir(directory, 0o700)
+                fsync_dir(os.path.dirname(directory) or ".")  # the new directory is durable
             st = os.lstat(directory)
             if not stat.S_ISDIR(st.st_mode):
                 raise AuditFailed(f"audit directory {directory} is not a directory (or a symlink)")
@@ -106,8 +109,15 @@ class AuditLog:
                 raise AuditFailed(f"audit directory {directory} is owned by uid {st.st_uid}, "
                                   f"not by uid {os.getuid()}")
             os.chmod(directory, 0o700)
+            created = not os.path.lexists(self.path)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600)
+            if created:
+                try:
+                    fsync_dir(directory)  # the new file's name is durable
+                except OSError:
+                    os.close(fd)
+                    raise
         except OSError as e:
             raise AuditFailed(f"cannot open audit file {self.path}: {e.strerror}") from None
         try:

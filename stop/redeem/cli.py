@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Callable, Optional, TextIO
 
 from stop.errors import RedeemError, StopError
@@ -31,12 +32,13 @@ DEFAULT_PORT = 8113
 
 EXIT_OK = 0
 EXIT_FAIL = 1  # local files, a bad reply, Graphviz failed
-EXIT_UNKNOWN = 2  # the first token was not found (and argparse's usage errors)
+EXIT_USAGE = 2  # a usage error (argparse's status too)
 EXIT_UNREACHABLE = 3
 EXIT_CERTIFICATE = 4
 EXIT_NOT_AUTHORISED = 5
 EXIT_INCOMPLETE = 6  # the first hop was fetched, a later one was not
 EXIT_RATE_LIMITED = 7
+EXIT_UNKNOWN = 8  # the first host answered "not found" (distinct from a usage error)
 #: The exit status when the FIRST hop fails, by RedeemError kind.
 EXIT = {"not-found": EXIT_UNKNOWN, "unreachable": EXIT_UNREACHABLE,
         "certificate-refused": EXIT_CERTIFICATE, "not-authorised": EXIT_NOT_AUTHORISED,
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace, out: TextIO, settings: Callable) -> int:
 
 def _usage(message: str) -> int:
     sys.stderr.write(f"stopctl trace: {message}\n")
-    return EXIT_UNKNOWN
+    return EXIT_USAGE
 
 
 def parse_target(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, str, int]:
@@ -164,14 +166,36 @@ def cmd_trace(args: argparse.Namespace, out: TextIO) -> int:
     if args.dot or args.svg:
         dot = trace_mod.render_dot(root)
         if args.dot:
-            with open(args.dot, "w", encoding="utf-8") as fh:
-                fh.write(dot)
+            replace_file(args.dot, lambda tmp: _write_text(tmp, dot))
         if args.svg:
-            failed = draw_svg(dot, args.svg)
+            failed = replace_file(args.svg, lambda tmp: draw_svg(dot, tmp))
             if failed:
                 sys.stderr.write(f"stopctl: --svg: {failed}\n")
                 return EXIT_FAIL
     return status
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def replace_file(path: str, write: Callable[[str], Optional[str]]) -> Optional[str]:
+    """Write ``path`` atomically, mode 0600 (a trace holds records): ``write``
+    fills a temporary file beside it, which then replaces ``path``; a
+    symlink at ``path`` is replaced, not followed. :return: what ``write``
+    returned (a reason it failed: ``path`` is left alone), or None."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        failed = write(tmp)
+        if failed is None:
+            os.replace(tmp, path)
+        return failed
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def draw_svg(dot: str, path: str, timeout: float = 60.0) -> Optional[str]:

@@ -32,6 +32,7 @@ is released (``503``).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from collections import OrderedDict, deque
@@ -63,6 +64,14 @@ MAX_BODY = 1024
 MAX_TRACKED = 4096
 #: TLS connections served at once; the others wait (see :class:`Slots`).
 MAX_ACTIVE = 2
+#: Refused handshakes of one address written per :data:`REFUSED_WINDOW`
+#: seconds; more are counted, and the count written with its next line.
+REFUSED_BURST = 10
+REFUSED_WINDOW = 60.0
+#: Seconds a served connection has to complete its TLS handshake before it
+#: is aborted: an idle TCP connection must not hold a slot for
+#: ``redeem_timeout``.
+HANDSHAKE_TIMEOUT = 5.0
 
 # Audit outcomes (docs/redeem.rst lists them).
 RELEASED = "released"
@@ -118,10 +127,13 @@ class Slots:
     Every event of a TLS connection (a handshake step, a request) runs on
     the reactor thread, between ident answers; many connections in flight
     would put many such events before an ident query's turn. So at most
-    ``active`` connections are served at once; the others (up to the
-    gate's limit) wait, unread, in accept order, and are let in as served
-    ones close. A served keep-alive connection is closed after its response
-    while others wait, so it cannot hold its place.
+    ``active`` connections are served at once, at most one per source
+    address; the others (up to the gate's limit) wait, unread, in accept
+    order, and are let in as served ones close. A served connection has
+    :data:`HANDSHAKE_TIMEOUT` seconds to complete its TLS handshake; a
+    served keep-alive connection is closed after its response while others
+    wait, so it cannot hold its place. So one address (idle TCP connections
+    that never handshake) cannot keep the investigators out.
     """
 
     def __init__(self, active: int = MAX_ACTIVE):
@@ -129,15 +141,20 @@ class Slots:
         self.active = 0
         self.limit = active
         self.waiting: deque = deque()
+        self.hosts: set = set()  # the source addresses being served
 
     def admit(self, channel: "RedeemChannel") -> bool:
         """Serve ``channel`` now (True), or queue it (False: the caller
         stops reading its transport)."""
-        if self.active < self.limit:
-            self.active += 1
+        if self.active < self.limit and channel.host not in self.hosts:
+            self._take(channel)
             return True
         self.waiting.append(channel)
         return False
+
+    def _take(self, channel: "RedeemChannel") -> None:
+        self.active += 1
+        self.hosts.add(channel.host)
 
     def release(self, channel: "RedeemChannel") -> None:
         """``channel`` closed: free its place or its slot (and serve the
@@ -149,9 +166,13 @@ class Slots:
                 pass
             return
         self.active -= 1
-        while self.waiting and self.active < self.limit:
-            nxt = self.waiting.popleft()
-            self.active += 1
+        self.hosts.discard(channel.host)
+        while self.active < self.limit:
+            nxt = next((c for c in self.waiting if c.host not in self.hosts), None)
+            if nxt is None:
+                return
+            self.waiting.remove(nxt)
+            self._take(nxt)
             nxt.serve()
 
 
@@ -160,6 +181,14 @@ class RedeemRequest(server.Request):
     than :data:`MAX_BODY` bytes close the connection."""
 
     _body_bytes = 0
+
+    def gotLength(self, length) -> None:
+        # A declared body over the bound closes the connection at once
+        # (Twisted would spool more than 100,000 bytes to a temporary file).
+        server.Request.gotLength(self, None if length is not None and length > MAX_BODY
+                                 else length)
+        if length is not None and length > MAX_BODY:
+            self.channel.transport.abortConnection()
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_bytes += len(data)
@@ -180,16 +209,20 @@ class RedeemChannel(http.HTTPChannel):
 
     client: Optional[ClientIdentity] = None
     served = False
+    host = None  # the source address (Slots serves one per address)
     _handshook = False
     _counted = False
+    _deadline = None
 
     def connectionMade(self):
         slots = self.factory.slots
         slots.open += 1
         self._counted = True
+        self.host = getattr(self.transport.getPeer(), "host", None)
         http.HTTPChannel.connectionMade(self)
         if slots.admit(self):
             self.served = True
+            self._start_deadline()
         else:
             # Not read until served: no TLS work for it meanwhile (the
             # idle timeout runs: a connection cannot wait forever).
@@ -201,16 +234,38 @@ class RedeemChannel(http.HTTPChannel):
     def serve(self) -> None:
         """Our turn (see :class:`Slots`): start reading."""
         self.served = True
+        self._start_deadline()
         if self._tcp() is not None:
             self._tcp().resumeProducing()
+
+    def _start_deadline(self) -> None:
+        """Give the TLS handshake :data:`HANDSHAKE_TIMEOUT` seconds from now."""
+        if not self._handshook:
+            self._deadline = self.factory.reactor.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self._handshook:
+            log.info("redemption: no TLS handshake from {host} within {t:g} s: closed",
+                     host=self.host, t=HANDSHAKE_TIMEOUT)
+            self._why_lost = f"no TLS handshake within {HANDSHAKE_TIMEOUT:g} s"
+            self.transport.abortConnection()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def requestDone(self, request):
         if self.factory.slots.waiting:
             self.persistent = False  # make room: it closes after this response
         http.HTTPChannel.requestDone(self, request)
 
+    _why_lost: Optional[str] = None
+
     def handshakeCompleted(self) -> None:
         self._handshook = True
+        self._stop_deadline()
         try:
             self.client = peer_identity(self.transport)
         except Exception:
@@ -218,14 +273,15 @@ class RedeemChannel(http.HTTPChannel):
             self.client = None
 
     def connectionLost(self, reason):
+        self._stop_deadline()
         if self._counted:
             self.factory.slots.open -= 1
             self._counted = False
             self.factory.slots.release(self)
         if not self._handshook:
             handle = getattr(self.transport, "getHandle", lambda: None)()
-            why = handshake_failure(reason, handle)
-            self.factory.redeem.note(TLS_REFUSED, self.getPeer(), why=why)
+            why = self._why_lost or handshake_failure(reason, handle)
+            self.factory.redeem.tls_refused(self.getPeer(), why)
         http.HTTPChannel.connectionLost(self, reason)
 
 
@@ -274,7 +330,7 @@ class ConnectionGate(protocol.ServerFactory):
         host = getattr(addr, "host", "?")
         if self.slots.open >= self.max_connections:
             why = f"{self.max_connections} connections open (redeem_max_connections)"
-        elif not self.limiter.allow(("address", host)):
+        elif not self.limiter.allow(("address", rate_key(host))):
             why = "over the connection rate of its address (redeem_rate)"
         else:
             more = self._dropped.pop(host, 0) - 1
@@ -289,6 +345,21 @@ class ConnectionGate(protocol.ServerFactory):
         if seen or len(self._dropped) < MAX_TRACKED:
             self._dropped[host] = seen + 1
         return None
+
+
+def rate_key(host: str) -> str:
+    """What the connection rate is counted on: the address, or its /64 for
+    IPv6 (one host usually holds a whole /64: counting each address would
+    give it billions of buckets)."""
+    if ":" not in host:
+        return host
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{addr}/64", strict=False))
 
 
 def _json(obj) -> bytes:
@@ -307,12 +378,15 @@ class Redemption(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, store, policy: Policy, audit: AuditLog, limiter: RateLimiter):
+    def __init__(self, store, policy: Policy, audit: AuditLog, limiter: RateLimiter, clock=None):
         resource.Resource.__init__(self)
         self.store = store
         self.policy = policy
         self.audit = audit
         self.limiter = limiter
+        self.clock = clock if clock is not None else limiter._clock
+        #: address -> (time of its last tls-refused line, refusals since)
+        self._refused: OrderedDict = OrderedDict()
 
     # -- audit -------------------------------------------------------------
 
@@ -333,6 +407,24 @@ class Redemption(resource.Resource):
             event["why"] = bounded(why)
         event.update(extra)
         return self.audit.record(event)
+
+    def tls_refused(self, peer, why: str) -> None:
+        """Audit a refused handshake: at most :data:`REFUSED_BURST` lines
+        per address per :data:`REFUSED_WINDOW` seconds; the refusals
+        counted beyond are written (``more``) with the next line for that
+        address."""
+        host = getattr(peer, "host", None)
+        now = self.clock.seconds()
+        start, written, more = self._refused.pop(host, (None, 0, 0))
+        if start is None or now - start >= REFUSED_WINDOW:
+            start, written = now, 0
+        if written >= REFUSED_BURST:
+            self._refused[host] = (start, written, more + 1)
+            return
+        self._refused[host] = (start, written + 1, 0)
+        while len(self._refused) > MAX_TRACKED:
+            self._refused.popitem(last=False)
+        self.note(TLS_REFUSED, peer, why=why, **({"more": more} if more else {}))
 
     def note(self, outcome: str, peer, **fields) -> None:
         """:meth:`audit_event` for events nobody waits for (connections
@@ -490,7 +582,7 @@ def build_redemption(settings, store, reactor) -> tuple[ConnectionGate, AuditLog
                     settings.redeem_crl, clock=reactor)
     audit = AuditLog(audit_path(settings.data_dir), reactor)
     limiter = RateLimiter(settings.redeem_rate, settings.redeem_burst, reactor)
-    redeem = Redemption(store, policy, audit, limiter)
+    redeem = Redemption(store, policy, audit, limiter, clock=reactor)
     site = server.Site(redeem, timeout=settings.redeem_timeout, reactor=reactor)
     site.protocol = RedeemChannel
     site.requestFactory = RedeemRequest

@@ -80,7 +80,9 @@ def build_context(cert: str, key: str, ca: str, crl: str = ""):
     from OpenSSL import SSL, crypto
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                    # no client-initiated TLS 1.2 renegotiation (OpenSSL >= 1.1.0h)
+                    | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_session_id(b"stop-redeem")
     ctx.set_cipher_list(CIPHERS)

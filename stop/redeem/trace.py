@@ -281,7 +281,7 @@ def end_text(hop: Hop) -> Optional[str]:
 
 
 def render_text(root: Hop) -> str:
-    """The chain as an indented tree (docs/redeem.rst shows one)."""
+    """The chain as an indented tree (README.rst's worked example shows one)."""
     lines: list[str] = []
     _text_hop(root, "", lines)
     # Records are hostile (process names, user names...): no control
