@@ -88,11 +88,19 @@ def test_dns_and_fingerprint_identities(ca):
     assert policy.rules_for(identity(ca, "heidi", dns=("heidi.example.net",))) == ()
     # A DNS-ID is not a common name: "cn" rules do not match dns names.
     assert parse_policy("frank.cert.example.org").rules_for(frank) == ()
-    # RFC 6125 through service_identity: a wildcard certificate is valid
-    # for the names under it.
+    # A wildcard client certificate identifies no one (review C5): it
+    # matches no dns: rule, though RFC 6125 would make it valid for the
+    # names under it; a name it also holds as such still matches.
     team = identity(ca, "team", dns=("*.team.example.org",))
-    assert parse_policy("dns:ivy.team.example.org").rules_for(team)
+    assert parse_policy("dns:ivy.team.example.org").rules_for(team) == ()
     assert parse_policy("dns:team.example.org").rules_for(team) == ()
+    both = identity(ca, "both", dns=("*.team.example.org", "Ivy.Team.example.org"))
+    assert parse_policy("dns:ivy.team.example.org").rules_for(both)
+    assert parse_policy("dns:eve.team.example.org").rules_for(both) == ()
+    # Refusing fails closed: a deny entry matches through the wildcard.
+    assert parse_policy("*", ("dns:eve.team.example.org",)).rules_for(both) == ()
+    assert parse_policy("*\n!dns:eve.team.example.org").rules_for(team) == ()
+    assert parse_policy("*").rules_for(team)
 
 
 def test_dns_rule_service_identity_refuses_is_no_match(ca):

@@ -12,9 +12,11 @@ IDENTITY says which clients the rule is for:
 ``NAME`` or ``cn:NAME``
     the certificate's subject common name is exactly NAME;
 ``dns:NAME``
-    the certificate is valid for the DNS name NAME: its subjectAltName
-    holds it (checked with ``service_identity``, RFC 6125, so a certificate
-    for ``*.team.example.org`` is valid for ``dns:alice.team.example.org``);
+    the certificate's subjectAltName holds the DNS name NAME itself (then
+    checked with ``service_identity``, RFC 6125). A wildcard entry
+    (``*.team.example.org``) names no one: it never matches a ``dns:``
+    rule, or one certificate would stand for every investigator under it
+    (a refusing ``dns:`` entry, below, does match through a wildcard);
 ``sha256:HEX``
     the certificate's SHA-256 fingerprint (colons optional).
 
@@ -109,7 +111,9 @@ class IdentityPattern:
     kind: str  # "any", "cn", "dns", "sha256", "serial"
     value: str = ""
 
-    def matches(self, client: ClientIdentity) -> bool:
+    def matches(self, client: ClientIdentity, wildcards: bool = False) -> bool:
+        """Whether this names ``client``; ``wildcards``: a ``dns:`` pattern
+        also matches through a wildcard entry (for refusing: fail closed)."""
         if self.kind == "any":
             return True
         if self.kind == "cn":
@@ -118,17 +122,20 @@ class IdentityPattern:
             return client.fingerprint == "sha256:" + self.value
         if self.kind == "serial":
             return client.serial == self.value
-        return _dns_matches(client, self.value)
+        return _dns_matches(client, self.value, wildcards)
 
     def __str__(self) -> str:
         return "*" if self.kind == "any" else f"{self.kind}:{self.value}"
 
 
-def _dns_matches(client: ClientIdentity, name: str) -> bool:
-    """Whether ``client``'s certificate is valid for the DNS name ``name``
-    (service_identity's RFC 6125 check of the subjectAltName DNS-IDs)."""
+def _dns_matches(client: ClientIdentity, name: str, wildcards: bool = False) -> bool:
+    """Whether ``client``'s certificate holds the DNS name ``name`` as such
+    (not through a wildcard entry, unless ``wildcards``), confirmed by service_identity's RFC 6125
+    check of the subjectAltName DNS-IDs."""
     if client.certificate is None or not client.dns_names:
         return False
+    if not wildcards and name not in {d.lower() for d in client.dns_names if "*" not in d}:
+        return False  # a wildcard client certificate identifies no one
     from service_identity import CertificateError, VerificationError
     from service_identity.cryptography import verify_certificate_hostname
     try:
@@ -273,7 +280,7 @@ class Policy:
         for setting, mark, patterns in (("redeem_allow", "!", self.refused),
                                         ("redeem_deny", "", self.deny)):
             for pattern in patterns:
-                if pattern.matches(client):
+                if pattern.matches(client, wildcards=True):
                     return f"{setting} {mark}{pattern}"
         return None
 
