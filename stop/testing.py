@@ -145,6 +145,41 @@ class TableInspector:
         return self.scan
 
 
+class FakeProcessState:
+    """Stands in for :class:`stop.sv.ProcessState` (the SV walk as the
+    answerer and recursion see it): ``collect`` fires with a one-process walk
+    whose ``remote_connections`` are ``remote`` (dicts shaped as
+    :class:`stop.interfaces.IProcessScan` describes); ``hold`` keeps the
+    Deferreds until :meth:`release`; ``fail`` makes every walk fail."""
+
+    def __init__(self, remote=(), hold=False, fail=False):
+        self.remote = list(remote)
+        self.hold = hold
+        self.fail = fail
+        self.calls = []
+        self.held = []
+
+    def state(self):
+        return {"processes": {"start": [10], "processes": [{"pid": 10, "ppid": 1}],
+                              "users": ["alice"], "remote_connections": self.remote},
+                "system": {"hostname": "h1"}}
+
+    def collect(self, conn):
+        self.calls.append(conn)
+        if self.fail:
+            return defer.fail(RuntimeError("walk exploded"))
+        if self.hold:
+            d = defer.Deferred()
+            self.held.append(d)
+            return d
+        return defer.succeed(self.state())
+
+    def release(self):
+        held, self.held = self.held, []
+        for d in held:
+            d.callback(self.state())
+
+
 class ManualClock:
     """A monotonic clock for code that takes ``clock: () -> seconds``
     (e.g. :class:`stop.os.linux.fdindex.IndexCache`): it reads ``now``,

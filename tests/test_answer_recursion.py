@@ -19,7 +19,8 @@ from stop.client import Outcome
 from stop.config import Config
 from stop.model import Connection, Endpoint
 from stop.recursion import Recursion
-from stop.testing import FakeAccounts, FakeLookup, FakeRecursiveClient, HeldStore
+from stop.testing import (FakeAccounts, FakeLookup, FakeProcessState, FakeRecursiveClient,
+                          HeldStore)
 
 HERE, PEER, OTHER_PEER = "192.0.2.10", "198.51.100.20", "198.51.100.21"
 PREV = "203.0.113.5"  # the previous host: the walk's inbound connection comes from it
@@ -34,38 +35,6 @@ OUTBOUND = {**INBOUND, "remote": {"address": "203.0.113.6", "port": 22},
             "direction_by": "ephemeral-range"}
 
 
-class FakeProcessState:
-    """``collect`` fires with a walk whose remote connections are given;
-    ``hold`` keeps the Deferreds for the test to fire."""
-
-    def __init__(self, remote=(INBOUND, OUTBOUND), hold=False, fail=False):
-        self.remote = list(remote)
-        self.hold = hold
-        self.fail = fail
-        self.calls = []
-        self.held = []
-
-    def state(self):
-        return {"processes": {"start": [10], "processes": [{"pid": 10, "ppid": 1}],
-                              "users": ["alice"], "remote_connections": self.remote},
-                "system": {"hostname": "h1"}}
-
-    def collect(self, conn):
-        self.calls.append(conn)
-        if self.fail:
-            return defer.fail(RuntimeError("walk exploded"))
-        if self.hold:
-            d = defer.Deferred()
-            self.held.append(d)
-            return d
-        return defer.succeed(self.state())
-
-    def release(self):
-        held, self.held = self.held, []
-        for d in held:
-            d.callback(self.state())
-
-
 class Setup:
     def __init__(self, config=None, outcomes=None, auto=True, **walk):
         self.config = config or Config(local_addresses=(HERE,))
@@ -74,6 +43,7 @@ class Setup:
         self.clock = Clock()
         self.clock.advance(1764072000)
         self.client = FakeRecursiveClient(outcomes)
+        walk.setdefault("remote", (INBOUND, OUTBOUND))
         self.walk = FakeProcessState(**walk)
         self.recursion = Recursion(self.config, self.client, self.store, self.clock)
         conns = (OUT, Connection(Endpoint(HERE, 40001), Endpoint(OTHER_PEER, 6667), 1000, 78,
