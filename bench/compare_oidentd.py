@@ -192,11 +192,13 @@ class OidentdServer:
 class FloorServer:
     """bench/floor_server.py: a bare Twisted LineReceiver (no lookup, no
     record, no log), to show what Twisted itself costs per connection here.
-    ``kind`` "minimal" ("floor+d"): plus the least a durable server does (an
-    ID-sized record appended and fdatasync'ed with group commit before the
-    reply) and the daemon's log line per query; "store" ("floor+st"): the
-    record in stop's own flat store (fsync = batch) instead, with the same
-    log line. What stop costs above them is its own per-query work."""
+    ``kind`` "minimal" ("floor+d"): plus the least an ident server doing
+    stop's job does per query: stop's netlink lookup of the asked
+    connection, an ID-sized record appended and fdatasync'ed with group
+    commit before the reply, and the daemon's log line; "store"
+    ("floor+st"): no lookup, the record in stop's own flat store (fsync =
+    batch), the same log line. What stop costs above floor+d is its own
+    per-query work (record, policy, store)."""
 
     NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st"}
 
@@ -208,6 +210,8 @@ class FloorServer:
             base = workdir / f"floor-{kind}"
             base.mkdir(mode=0o700)
             self.args = [f"--{kind}", str(base / "data"), "--log", str(base / "floor.log")]
+            if kind == "minimal":
+                self.args.append("--lookup")
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),

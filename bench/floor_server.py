@@ -2,6 +2,10 @@
 this machine. A bare LineReceiver that answers every line with a fixed-form
 USERID reply and a random token; no lookup, no record, no log line.
 
+``--lookup`` finds the asked connection (local = the address the query
+came to, remote = the requester's) with stop's netlink lookup, both its
+requests (the 4-tuple, the listener probe), as the daemon does.
+
 ``--minimal DIR`` adds the least a *durable* server must do: an ID-sized
 record appended to ``DIR/records.log`` and ``fdatasync``'ed before the
 reply, with group commit (the records of one reactor turn written and
@@ -15,13 +19,15 @@ chain, no sequence numbers: a lower bound, not a store.
 per query, written as the daemon writes its own (stop.logsetup's observer
 for twistd's log file, the same line shape), emitted before the reply.
 
-With ``--minimal`` and ``--log``, what ``stop`` spends above this figure is
-what its lookup, record, policy and store cost beyond the least a durable
-Twisted server with a log line costs; with ``--store`` and ``--log``,
-beyond the store.
+With ``--lookup --minimal --log`` ("floor+d" in hot_bench.py): the least
+an ident server doing stop's job can cost here (the lookup, a durable record
+and a log line per query, on Twisted); what ``stop`` spends above it is its
+record, policy and store. With ``--store --log`` ("floor+st"): the store
+and the log line without any lookup.
 
 Prints its port on stdout, then serves until killed:
-    python bench/floor_server.py [--interface 127.0.0.1] [--minimal DIR | --store DIR] [--log FILE]
+    python bench/floor_server.py [--interface 127.0.0.1] [--lookup]
+                                 [--minimal DIR | --store DIR] [--log FILE]
 """
 
 from __future__ import annotations
@@ -107,10 +113,20 @@ class FloorProtocol(LineReceiver):
     store = None
     minimal = None
     log = None
+    lookup = None
 
     def lineReceived(self, line: bytes) -> None:
         token = os.urandom(20).hex()
-        reply = line.rstrip(b"\r") + b" : USERID : OTHER : " + token.encode()
+        line = line.rstrip(b"\r")
+        if self.lookup is not None:
+            from stop.model import Endpoint
+            p1, _, p2 = line.partition(b",")
+            here, peer = self.transport.getHost(), self.transport.getPeer()
+            conn = self.lookup.find(Endpoint(here.host, int(p1)), Endpoint(peer.host, int(p2)))
+            if conn is None or conn.accepted:
+                self.sendLine(line + b" : ERROR : NO-USER")
+                return
+        reply = line + b" : USERID : OTHER : " + token.encode()
         if self.minimal is not None:
             self.minimal.save(RECORD + b"\n", lambda: self._reply(None, reply, token))
         elif self.store is not None:
@@ -134,8 +150,12 @@ def main() -> int:
     durable.add_argument("--minimal", help="append + fdatasync each record to a file here")
     durable.add_argument("--store", help="save a record per query in stop's flat store here")
     ap.add_argument("--log", help="log one line per query to this file")
+    ap.add_argument("--lookup", action="store_true", help="look the asked connection up")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
+    if a.lookup:
+        from stop.os.linux.lookup import NetlinkLookup
+        FloorProtocol.lookup = NetlinkLookup()
     if a.log:
         from twisted.logger import globalLogBeginner
         from stop import logsetup
