@@ -231,19 +231,38 @@ class LogStoreTests(TempDirMixin):
 
     @defer.inlineCallbacks
     def test_group_commit(self):
-        """50 saves in one reactor turn while the first batch is held in its
-        fdatasync: the first batch has one record, the other 49 go together
-        in the next batch: two fdatasync calls in all."""
+        """One save, then 49 more in later turns while its batch is held in
+        its fdatasync: the 49 go together as the next batch, in the worker:
+        two fdatasync calls in all."""
         hold = threading.Event()
         calls = self.spy_fdatasync(hold)
         store = self.make()
-        ds = [store.save(f"g{i}", canonical({"i": i, "pad": "p" * 250})) for i in range(50)]
         self.addCleanup(hold.set)  # never leave the worker blocked
-        release = reactor.callLater(0.05, hold.set)
-        self.addCleanup(lambda: release.active() and release.cancel())
+        ds = [store.save("g0", canonical({"i": 0, "pad": "p" * 250}))]
+        for _ in range(500):  # bounded: 5 s
+            if calls:
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        for i in range(1, 50):
+            ds.append(store.save(f"g{i}", canonical({"i": i, "pad": "p" * 250})))
+            yield deferLater(reactor, 0, lambda: None)  # each in a turn of its own
+        hold.set()
         yield defer.gatherResults(ds)
         self.assertEqual(len(calls), 2)
+        main = threading.current_thread()
+        self.assertTrue(all(thread is not main for thread, _, _ in calls))
         self.assertEqual(calls[-1][2], os.path.getsize(segment_files(store)[0]))
+        self.assertEqual(len(list(store.records())), 50)
+
+    @defer.inlineCallbacks
+    def test_saves_of_one_turn_are_one_batch(self):
+        """50 saves in one reactor turn: one batch, in the worker: one
+        fdatasync."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        yield self.save_all(store, [(f"t{i}", canonical({"i": i})) for i in range(50)])
+        self.assertEqual(len(calls), 1)
+        self.assertIsNot(calls[0][0], threading.current_thread())
         self.assertEqual(len(list(store.records())), 50)
 
     @defer.inlineCallbacks
@@ -263,6 +282,310 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual(calls, [])
         yield store.close()
         self.assertEqual(list(self.reopen(store).records()), items)
+
+    # -- who commits: the worker, or the reactor thread inline -----------
+
+    @defer.inlineCallbacks
+    def lone(self, store, token, record=b"{}"):
+        """Save ``record`` alone in a reactor turn (as a query of a client
+        alone: it comes in a turn after the reply to the one before), then
+        wait until the worker is idle (it may still run the index
+        follow-up of a batch when the batch's Deferreds fire)."""
+        yield deferLater(reactor, 0, lambda: None)
+        yield store.save(token, record)
+        for _ in range(1000):  # bounded: about 1 s
+            yield deferLater(reactor, 0, lambda: None)  # (and out of the save's callbacks)
+            if not store._pool._lock.locked() and store._pool._queue.empty():
+                break
+            yield deferLater(reactor, 0.001, lambda: None)
+
+    @defer.inlineCallbacks
+    def alone(self, store, prefix="w"):
+        """Save INLINE_AFTER records one after the other, each alone (one
+        client alone): the store then commits a lone save inline."""
+        for i in range(storelog.INLINE_AFTER):
+            yield self.lone(store, f"{prefix}{i}", canonical({"i": i}))
+
+    def busy_writer(self, store, wrap=lambda f: f):
+        """Keep the worker busy (in a call, its queue empty) until the
+        returned Event is set (always set at cleanup); ``wrap`` wraps the
+        call the worker runs meanwhile."""
+        gate, started = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+        store._pool.call(wrap(lambda: started.set() or gate.wait(10)))
+        self.assertTrue(started.wait(10))
+        return gate
+
+    @defer.inlineCallbacks
+    def test_lone_save_is_committed_inline_and_fires_after_fdatasync(self):
+        """One client alone: its first saves go to the worker; once
+        INLINE_AFTER lone batches came in a row, a lone save is written and
+        fdatasync'ed on the reactor thread, and its Deferred fires only
+        after that fdatasync covered it."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        main = threading.current_thread()
+        yield self.lone(store, "first")
+        self.assertIsNot(calls[0][0], main)  # no streak yet: the worker
+        yield self.alone(store)
+        fired = []
+        d = store.save("lone", canonical({"x": 1}))
+        d.addCallback(lambda _: fired.append(list(calls)))
+        self.assertEqual(fired, [])  # not before the end of the turn
+        yield d
+        seg, off, length = store.locate("R", "lone")[0]
+        path = os.path.realpath(store._seg_path(seg))
+        thread, synced, size = fired[0][-1]
+        self.assertIs(thread, main)
+        self.assertEqual((synced, size), (path, off + length))
+        self.assertEqual(store.get("lone"), canonical({"x": 1}))
+
+    @defer.inlineCallbacks
+    def test_a_lone_save_goes_to_a_busy_worker_and_in_flight_saves_follow_together(self):
+        """The worker busy (a call running): a lone save is not committed
+        inline but queued to the worker; saves that arrive while that batch
+        is in flight go together as the next batch, in the worker too."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        yield self.alone(store)
+        gate = self.busy_writer(store)
+        first = store.save("b0", b"{}")
+        yield deferLater(reactor, 0.02, lambda: None)  # its turn ended: queued
+        self.assertEqual(calls[storelog.INLINE_AFTER:], [])
+        self.assertNoResult(first)
+        rest = []
+        for i in range(1, 6):
+            rest.append(store.save(f"b{i}", b"{}"))
+            yield deferLater(reactor, 0, lambda: None)
+        gate.set()
+        yield defer.gatherResults([first] + rest)
+        new = calls[storelog.INLINE_AFTER:]
+        self.assertEqual(len(new), 2)  # b0 alone, then b1..b5 in one batch
+        main = threading.current_thread()
+        self.assertTrue(all(thread is not main for thread, _, _ in new))
+        self.assertEqual([t for t, _ in store.records()][-6:], [f"b{i}" for i in range(6)])
+
+    @defer.inlineCallbacks
+    def test_several_clients_keep_the_worker(self):
+        """Lone batches between batches of several entries (a load of
+        several clients): no inline commit until INLINE_AFTER lone batches
+        came in a row again."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        main = threading.current_thread()
+        yield self.alone(store)
+        yield self.lone(store, "w-inline")
+        self.assertIs(calls[-1][0], main)
+        yield self.save_all(store, [("p0", b"{}"), ("p1", b"{}")])
+        for i in range(storelog.INLINE_AFTER - 1):
+            yield self.lone(store, f"q{i}")
+        self.assertTrue(all(thread is not main for thread, _, _ in calls[-storelog.INLINE_AFTER:]))
+        yield self.lone(store, "q-last")
+        self.assertIs(calls[-1][0], main)
+
+    @defer.inlineCallbacks
+    def test_inline_failure_fails_that_save_and_the_next_works(self):
+        """An OSError in an inline commit: that save fails with StoreFailed
+        (logged), the torn bytes are cut back, and the next lone save is
+        stored inline."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        yield self.alone(store)
+        seg = segment_files(store)[0]
+        size = os.path.getsize(seg)
+        self.fail_next_write(errno.ENOSPC, half=True)
+        errors = []
+        observer = lambda event: event.get("log_level") == LogLevel.error and errors.append(formatEvent(event))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        err = yield self.assertFailure(store.save("lost", b'{"a":2}'), StoreFailed)
+        self.assertIn("No space left on device", str(err))
+        self.assertTrue(any("not stored" in e and "No space left" in e for e in errors), errors)
+        self.assertEqual(os.path.getsize(seg), size)
+        n = len(calls)
+        yield self.lone(store, "after", b'{"a":3}')
+        self.assertEqual(len(calls), n + 1)
+        self.assertIs(calls[-1][0], threading.current_thread())
+        yield store.close()
+        self.assertEqual([t for t, _ in self.reopen(store).records()][-1:], ["after"])
+
+    @defer.inlineCallbacks
+    def test_an_index_to_catch_up_sends_the_next_batch_to_the_worker(self):
+        """An inline commit whose index write fails: that save fails; the
+        next lone save goes to the worker, which catches the index up
+        first (that can take long: never on the reactor thread)."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        main = threading.current_thread()
+        yield self.alone(store)
+        real = store._wix.add_record
+        broken = [sqlite3.OperationalError("disk I/O error")]
+
+        def add_record(row):
+            if broken:
+                raise broken.pop()
+            return real(row)
+        store._wix.add_record = add_record
+        n = len(calls)
+        yield deferLater(reactor, 0, lambda: None)
+        yield self.assertFailure(store.save("f1", b"{}"), StoreFailed)
+        self.assertEqual(len(calls), n)  # refused before any write
+        yield self.lone(store, "f2")
+        self.assertIsNot(calls[-1][0], main)
+        self.assertFalse(store._ix_stale)
+        yield self.lone(store, "f3")
+        self.assertIs(calls[-1][0], main)
+        self.assertEqual([t for t, _ in store.records()][-2:], ["f2", "f3"])
+
+    @defer.inlineCallbacks
+    def test_reactor_shutdown_writes_the_saves_of_its_turn(self):
+        """The shutdown trigger comes in the turn of a save: the save is
+        handed to the worker and written before the worker stops."""
+        store = self.make()
+        yield self.alone(store)
+        yield deferLater(reactor, 0, lambda: None)
+        store.save("last", b"{}")
+        store._stop_pool()  # what the "during shutdown" trigger calls
+        yield store.close()
+        self.assertEqual([t for t, _ in self.reopen(store).records()][-1], "last")
+
+    @defer.inlineCallbacks
+    def test_close_after_and_during_inline_commits(self):
+        """close() right after an inline commit fires at once; close() from
+        the callback of an inline save waits for what that callback saved;
+        a save and a close in one turn: the save is written first."""
+        calls = self.spy_fdatasync()
+        store = self.make()
+        main = threading.current_thread()
+        yield self.alone(store)
+        yield self.lone(store, "i1")
+        self.assertIs(calls[-1][0], main)
+        self.assertIsNone(self.successResultOf(store.close()))
+        again = self.reopen(store)
+        yield self.alone(again, "v")
+        yield deferLater(reactor, 0, lambda: None)
+        second, closing = [], []
+
+        def then(_):
+            self.assertIs(calls[-1][0], main)  # this save was inline
+            second.append(again.save("i3", b"{}"))
+            closing.append(again.close())
+        yield again.save("i2", b"{}").addCallback(then)
+        yield closing[0]
+        self.assertIsNone(self.successResultOf(second[0]))
+        third = self.reopen(store)
+        yield self.alone(third, "x")
+        yield deferLater(reactor, 0, lambda: None)
+        saved = third.save("i4", b"{}")
+        yield third.close()
+        self.assertIsNone(self.successResultOf(saved))
+        stored = [t for t, _ in self.reopen(store).records()]
+        self.assertEqual([t for t in stored if t.startswith("i")], ["i1", "i2", "i3", "i4"])
+        self.assertEqual(stored[-1], "i4")
+
+    @defer.inlineCallbacks
+    def test_inline_and_worker_commits_never_overlap_and_keep_the_chain(self):
+        """Lone saves, bursts and a sometimes busy worker, mixed: no two
+        commits ever run at once; sequence numbers follow the order of the
+        commits and ``verify --all`` finds the chain sound."""
+        from stop.storage.chain import verify_all
+        store = self.make(segment_bytes=2000)
+        running, overlaps, threads_seen = [0], [], set()
+        lock = threading.Lock()
+
+        def watched(f):
+            """``f`` is writer work: count how many run at once."""
+            def run(*args):
+                with lock:
+                    running[0] += 1
+                    if running[0] > 1:
+                        overlaps.append(running[0])
+                try:
+                    return f(*args)
+                finally:
+                    with lock:
+                        running[0] -= 1
+            return run
+        real = watched(store._commit)
+
+        def commit(items):
+            threads_seen.add(threading.current_thread())
+            return real(items)
+        store._commit = commit
+        order = []
+        n = 0
+        for round_ in range(12):
+            if round_ % 3 == 2:
+                # The worker busy with other writer work (as with an index
+                # commit) while a lone save that could go inline comes.
+                gate = self.busy_writer(store, watched)
+                reactor.callLater(0.005, gate.set)
+            if round_ % 4 == 3:
+                burst = [store.save(f"m{n + i}", canonical({"n": n + i})) for i in range(5)]
+                order += [f"m{n + i}" for i in range(5)]
+                n += 5
+                yield defer.gatherResults(burst)
+            else:
+                for _ in range(storelog.INLINE_AFTER + 1):
+                    order.append(f"m{n}")
+                    yield self.lone(store, f"m{n}", canonical({"n": n}))
+                    n += 1
+        self.assertEqual(overlaps, [])
+        self.assertEqual(len(threads_seen), 2)  # both paths were taken
+        with store._snapshot():
+            seqs = [store._rix.record(t) or store._find("R", t) for t in order]
+        self.assertEqual(store.head()[0], n)
+        yield store.close()
+        reader = self.cls(store.data_dir, readonly=True)
+        reader.open()
+        self.addCleanup(reader.close)
+        self.assertEqual([t for t, _ in reader.records()], order)
+        report = verify_all(reader, head=f"{n}:{store.head()[1]}")
+        self.assertTrue(report.sound, report.findings)
+        self.assertEqual((report.records, report.head_seq), (n, n))
+        self.assertEqual(len(seqs), n)
+
+    @defer.inlineCallbacks
+    def test_fsync_never_commits_inline_when_the_worker_is_idle(self):
+        """fsync = never: no fdatasync to overlap, so a batch of any size is
+        written on the reactor thread when the worker is idle; with the
+        worker busy it goes to the worker."""
+        writes = []
+        real = storelog.pwrite
+
+        def spy(fd, data, offset):
+            writes.append(threading.current_thread())
+            return real(fd, data, offset)
+        self.patch(storelog, "pwrite", spy)
+        calls = self.spy_fdatasync()
+        store = self.make(fsync="never")
+        items = [(f"n{i}", canonical({"i": i})) for i in range(10)]
+        yield self.save_all(store, items)
+        self.assertEqual(writes, [threading.current_thread()])
+        yield deferLater(reactor, 0, lambda: None)
+        gate = self.busy_writer(store)
+        reactor.callLater(0.01, gate.set)
+        yield store.save("n-busy", b"{}")
+        self.assertIsNot(writes[-1], threading.current_thread())
+        self.assertEqual(calls, [])
+
+    @defer.inlineCallbacks
+    def test_fsync_always_inline_and_in_the_worker(self):
+        """fsync = always: a lone save (alone) is one inline fdatasync; five
+        saves of one turn are five batches of one, five fdatasync calls, in
+        the worker."""
+        calls = self.spy_fdatasync()
+        store = self.make(fsync="always")
+        main = threading.current_thread()
+        yield self.alone(store)
+        yield self.lone(store, "a-lone")
+        self.assertIs(calls[-1][0], main)
+        n = len(calls)
+        yield self.save_all(store, [(f"a{i}", canonical({"i": i})) for i in range(5)])
+        self.assertEqual(len(calls), n + 5)
+        self.assertTrue(all(thread is not main for thread, _, _ in calls[n:]))
+        sizes = [size for _, _, size in calls]
+        self.assertEqual(sizes, sorted(set(sizes)))
 
     def test_bad_settings(self):
         for kw in ({"fsync": "sometimes"}, {"segment_bytes": 0}):
@@ -517,11 +840,12 @@ class LogStoreTests(TempDirMixin):
                 raise failures.pop()
             real(fd)
         self.patch(storelog, "fdatasync", broken)
-        ds = [store.save("x1", b"{}"), store.save("x2", b"{}")]
-        err = yield self.assertFailure(ds[0], StoreFailed)
-        self.assertIn("Input/output error", str(err))
-        yield ds[1]  # queued behind: its own batch, which worked
-        self.assertEqual(list(store.records()), [("x2", b"{}")])
+        ds = [store.save("x1", b"{}"), store.save("x2", b"{}")]  # one batch
+        for d in ds:
+            err = yield self.assertFailure(d, StoreFailed)
+            self.assertIn("Input/output error", str(err))
+        yield store.save("x3", b"{}")  # the next batch works
+        self.assertEqual(list(store.records()), [("x3", b"{}")])
 
     @defer.inlineCallbacks
     def test_damage_is_reported_not_returned(self):

@@ -57,3 +57,46 @@ class WriterThreadTests(unittest.TestCase):
         self.assertEqual((yield d), "ok")
         self.assertEqual((yield self.w.call(lambda: "still here")), "still here")
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    @defer.inlineCallbacks
+    def test_hold_if_idle_only_when_nothing_runs_or_waits(self):
+        """hold_if_idle: False while a call runs or is queued; True when
+        idle, and then the thread runs no call until release."""
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        running = self.w.call(gate.wait, 10)
+        queued = self.w.call(lambda: "queued")
+        self.assertFalse(self.w.hold_if_idle())  # a call runs (or waits for the thread)
+        gate.set()
+        yield running
+        yield queued
+        for _ in range(1000):  # bounded: 1 s; the thread leaves its last call
+            if not self.w._lock.locked():
+                break
+            threading.Event().wait(0.001)
+        self.assertTrue(self.w.hold_if_idle())
+        ran = threading.Event()
+        later = self.w.call(ran.set)
+        self.assertFalse(ran.wait(0.2))  # held: the thread waits
+        self.w.release()
+        yield later
+        self.assertTrue(ran.is_set())
+        self.assertTrue(self.w.hold_if_idle())
+        self.w.release()
+
+    def test_hold_if_idle_refuses_while_a_call_is_queued(self):
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        self.w.call(gate.wait, 10)
+        for _ in range(1000):  # bounded: 1 s; until the thread runs the first call
+            if self.w._lock.locked():
+                break
+            threading.Event().wait(0.001)
+        self.assertFalse(self.w.hold_if_idle())
+        # The lock alone would be free between calls: the queue still says busy.
+        self.w._lock.release()
+        try:
+            self.w.call(lambda: None)
+            self.assertFalse(self.w.hold_if_idle())
+        finally:
+            self.w._lock.acquire()

@@ -13,10 +13,27 @@ The entries and their chain are described in :mod:`stop.storage.entries`; a
 codec (:class:`~stop.storage.entries.Codec`) is the only difference between
 the flat and gzip stores.
 
-Writes: ``save``/``save_linked`` queue the entry; one worker thread writes
-each batch with one write and one ``fdatasync`` (group commit), then every
-Deferred of the batch fires on the reactor thread; after that, in the same
-thread, the batch's rows go into the index (one SQLite commit, no fsync).
+Writes: ``save``/``save_linked`` queue the entry; the entries that arrive
+in one reactor turn make a batch, written with one write and one
+``fdatasync`` (group commit); every Deferred of the batch fires on the
+reactor thread once it is durable, never before. Who writes a batch:
+
+* the worker thread (:class:`~stop.storage.writer.WriterThread`), as a
+  rule: it overlaps the ``fdatasync`` with the reactor's work on the next
+  requests, which then arrive while a batch is in flight and go together
+  as the next batch when it returns;
+* the reactor thread itself ("inline"), when the store is alone with one
+  client: a batch of one entry, the worker idle (nothing running or
+  queued: its lock, taken without waiting, keeps the two from ever
+  writing at once), the last ``INLINE_AFTER`` batches of one entry each
+  too, and the index not to be caught up first. That saves two thread
+  hand-offs (waking the worker, then waking the reactor) per query. With
+  ``fsync = never`` (no fdatasync to overlap) any batch is written inline
+  when the worker is idle.
+
+Both run the same code (:meth:`LogStore._commit`) with the same outcomes.
+After a batch the rows go into the index in the worker (one SQLite commit
+per ``INDEX_ROWS`` rows or ``INDEX_DELAY`` seconds, no fsync).
 Reads are synchronous: an index lookup, then a ``pread`` whose payload is
 checked against its SHA-256 every time. Nothing is kept in memory per
 record: the daemon's memory does not grow with the store.
@@ -34,6 +51,7 @@ from typing import Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from stop.errors import ConfigError, StoreFailed
@@ -63,6 +81,11 @@ _BUILD_ROWS = 10000
 INDEX_ROWS = 256
 #: ... or this many seconds after the first of them (whichever comes first).
 INDEX_DELAY = 1.0
+#: A lone entry is committed on the reactor thread (worker idle) only after
+#: this many batches in a row held one entry each: a load of several
+#: clients, which sometimes leaves one entry in a turn, keeps the worker
+#: (an inline fdatasync there would stall the other clients' requests).
+INLINE_AFTER = 4
 
 log = Logger()
 
@@ -122,7 +145,9 @@ class LogStore:
         self._index_bytes = 0
         self._read_fds: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._released = False
-        # Writer state; the worker thread owns _seg_*, _w_*, _rows while a batch is in flight.
+        # Writer state: while a batch is in flight, _seg_*, _w_*, _ix_* and the
+        # writer's index belong to whoever holds the writer's lock (the worker
+        # thread, or the reactor thread committing a batch inline).
         self._pool: WriterThread | None = None
         self._shutdown_trigger = None
         self._seg_no = 0
@@ -139,6 +164,9 @@ class LogStore:
         self._pending: list[tuple[str, str, bytes, defer.Deferred]] = []
         self._reserved: set[str] = set()
         self._flushing = False
+        self._turn_call = None         # the end of this reactor turn: batch what came in it
+        self._arrived = 0              # entries queued since the last batch started
+        self._lone = 0                 # batches in a row that had one new entry each
         self._close_waiters: list[defer.Deferred] = []
 
     # -- paths -------------------------------------------------------------
@@ -478,22 +506,68 @@ class LogStore:
     def _queue(self, kind: str, token: str, payload: bytes) -> defer.Deferred:
         d = defer.Deferred()
         self._pending.append((kind, token, payload, d))
-        if not self._flushing:
-            self._flush()
+        self._arrived += 1
+        if not self._flushing and self._turn_call is None:
+            # Right after this turn's I/O: what came in it is one batch.
+            self._turn_call = self._reactor.callLater(0, self._end_of_turn)
         return d
 
-    def _flush(self) -> None:
-        """Hand the queued entries to the worker as one batch ("always":
-        one entry per batch); their index rows follow once the Deferreds
-        are on their way."""
+    def _end_of_turn(self) -> None:
+        """Reactor: commit what this turn queued, inline when it may."""
+        self._turn_call = None
+        if not self._flushing and self._pending:
+            self._flush(turn=True)
+
+    def _flush_turn_now(self) -> None:
+        """Reactor: hand what the current turn queued to the worker now
+        (close, shutdown: they must not wait for the end of the turn)."""
+        if self._turn_call is not None:
+            if self._turn_call.active():
+                self._turn_call.cancel()
+            self._turn_call = None
+            if not self._flushing and self._pending:
+                self._flush()
+
+    def _flush(self, turn: bool = False) -> None:
+        """Commit the queued entries as one batch ("always": one entry per
+        batch): inline when ``turn`` (the end of a reactor turn) and
+        :meth:`_may_inline` says so, else in the worker; the index rows
+        follow once the Deferreds are on their way."""
+        arrived, self._arrived = self._arrived, 0
+        if arrived == 1:
+            self._lone += 1
+        elif arrived > 1:
+            self._lone = 0
         take = 1 if self._fsync == "always" else len(self._pending)
         batch, self._pending = self._pending[:take], self._pending[take:]
         self._flushing = True
         items = [(kind, token, payload) for kind, token, payload, _ in batch]
-        d = self._pool.call(self._commit, items, then=self._index_some)
-        d.addBoth(self._committed, batch)
         if self._index_timer is None:
             self._index_timer = self._reactor.callLater(INDEX_DELAY, self._index_due)
+        if turn and self._may_inline(len(batch)) and self._pool.hold_if_idle():
+            try:
+                done = not self._ix_stale  # (read under the lock) catching up may take long
+                if done:
+                    try:
+                        result = self._commit(items)
+                    except Exception:
+                        result = Failure()
+            finally:
+                self._pool.release()
+            if done:
+                self._committed(result, batch)
+                if self._pool is not None and self._ix_rows >= INDEX_ROWS:
+                    self._pool.call(self._index_some)
+                return
+        d = self._pool.call(self._commit, items, then=self._index_some)
+        d.addBoth(self._committed, batch)
+
+    def _may_inline(self, size: int) -> bool:
+        """May a batch of ``size`` entries be committed on the reactor
+        thread (if the worker is idle)? See the module doc."""
+        if self._fsync == "never":
+            return True
+        return size == 1 and not self._pending and self._lone >= INLINE_AFTER
 
     def _index_due(self) -> None:
         """Reactor: INDEX_DELAY after a batch, have the writer commit the
@@ -534,8 +608,10 @@ class LogStore:
 
 
     def _commit(self, items: list[tuple[str, str, bytes]]):
-        """Worker thread: append ``items`` durably, their index rows in the
-        index's open transaction (committed later: :meth:`_index_commit`).
+        """Writer (the worker thread, or the reactor thread holding the
+        writer's lock: see :meth:`_flush`): append ``items`` durably, their
+        index rows in the index's open transaction (committed later:
+        :meth:`_index_commit`).
 
         The duplicate check and the rows go into the index *before* the
         write (so a token is never taken twice); rows of entries whose
@@ -1020,12 +1096,14 @@ class LogStore:
             return d
         self._closed = True
         self._close_waiters.append(d)
+        self._flush_turn_now()
         if not self._flushing:
             self._finish_close()
         return d
 
     def _stop_pool(self) -> None:
-        """Stop the worker (idempotent)."""
+        """Stop the worker once it wrote what is queued (idempotent)."""
+        self._flush_turn_now()
         if self._pool is not None:
             self._pool.stop()
 

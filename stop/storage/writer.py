@@ -1,6 +1,12 @@
 """One writer thread for a store: calls run there one at a time, in order;
 their results come back on the reactor thread.
 
+The thread holds a lock around every call it runs (the call and its
+``then``). The owner may run writer work on its own thread instead, when the
+writer is idle: :meth:`WriterThread.hold_if_idle` takes that lock without
+waiting, so the work done there never overlaps a call of the thread
+(:class:`stop.storage.log.LogStore` commits a lone record that way).
+
 Twisted's ThreadPool + deferToThreadPool does the same with more layers
 (a team of workers, a Queue with a Condition, context copies); on the hot
 path, with one record per batch, those layers cost more CPU than the write
@@ -28,6 +34,9 @@ class WriterThread:
         self._name = name
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        # Held by the thread around each call; by the owner while it runs
+        # writer work itself (hold_if_idle .. release).
+        self._lock = threading.Lock()
 
     @property
     def started(self) -> bool:
@@ -58,20 +67,38 @@ class WriterThread:
         self._queue.put((d, f, args, then))
         return d
 
+    def hold_if_idle(self) -> bool:
+        """Take the writer's lock if no call is running or queued, without
+        waiting. ``True``: the caller holds it and may run writer work on
+        its own thread until it calls :meth:`release`; the thread runs no
+        call meanwhile (one it took from the queue just now waits for the
+        lock). ``False``: the writer is busy; nothing held."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        if not self._queue.empty():
+            self._lock.release()
+            return False
+        return True
+
+    def release(self) -> None:
+        """Give back the lock :meth:`hold_if_idle` took."""
+        self._lock.release()
+
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
             d, f, args, then = item
-            try:
-                result = f(*args)
-            except BaseException:
-                self._reactor.callFromThread(d.errback, Failure())
-            else:
-                self._reactor.callFromThread(d.callback, result)
-            if then is not None:
+            with self._lock:
                 try:
-                    then()
+                    result = f(*args)
                 except BaseException:
-                    log.failure("{name}: follow-up call failed", name=self._name)
+                    self._reactor.callFromThread(d.errback, Failure())
+                else:
+                    self._reactor.callFromThread(d.callback, result)
+                if then is not None:
+                    try:
+                        then()
+                    except BaseException:
+                        log.failure("{name}: follow-up call failed", name=self._name)
