@@ -231,39 +231,35 @@ class LogStoreTests(TempDirMixin):
 
     @defer.inlineCallbacks
     def test_group_commit(self):
-        """One save, then 49 more in later turns while its batch is held in
-        its fdatasync: the 49 go together as the next batch, in the worker:
-        two fdatasync calls in all."""
+        """50 saves in one reactor turn while the first batch is held in its
+        fdatasync: the first batch has one record, the other 49 go together
+        in the next batch: two fdatasync calls in all."""
         hold = threading.Event()
         calls = self.spy_fdatasync(hold)
         store = self.make()
+        ds = [store.save(f"g{i}", canonical({"i": i, "pad": "p" * 250})) for i in range(50)]
         self.addCleanup(hold.set)  # never leave the worker blocked
-        ds = [store.save("g0", canonical({"i": 0, "pad": "p" * 250}))]
-        for _ in range(500):  # bounded: 5 s
-            if calls:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        for i in range(1, 50):
-            ds.append(store.save(f"g{i}", canonical({"i": i, "pad": "p" * 250})))
-            yield deferLater(reactor, 0, lambda: None)  # each in a turn of its own
-        hold.set()
+        release = reactor.callLater(0.05, hold.set)
+        self.addCleanup(lambda: release.active() and release.cancel())
         yield defer.gatherResults(ds)
         self.assertEqual(len(calls), 2)
-        main = threading.current_thread()
-        self.assertTrue(all(thread is not main for thread, _, _ in calls))
         self.assertEqual(calls[-1][2], os.path.getsize(segment_files(store)[0]))
         self.assertEqual(len(list(store.records())), 50)
 
     @defer.inlineCallbacks
     def test_saves_of_one_turn_are_one_batch(self):
-        """50 saves in one reactor turn: one batch, in the worker: one
+        """A client alone (saves wait for the end of their turn), then 50
+        saves in one reactor turn: one batch, in the worker: one
         fdatasync."""
         calls = self.spy_fdatasync()
         store = self.make()
+        yield self.alone(store)
+        n = len(calls)
+        yield deferLater(reactor, 0, lambda: None)
         yield self.save_all(store, [(f"t{i}", canonical({"i": i})) for i in range(50)])
-        self.assertEqual(len(calls), 1)
-        self.assertIsNot(calls[0][0], threading.current_thread())
-        self.assertEqual(len(list(store.records())), 50)
+        self.assertEqual(len(calls), n + 1)
+        self.assertIsNot(calls[-1][0], threading.current_thread())
+        self.assertEqual(len(list(store.records())), 50 + storelog.INLINE_AFTER)
 
     @defer.inlineCallbacks
     def test_fsync_always(self):
@@ -377,7 +373,7 @@ class LogStoreTests(TempDirMixin):
         yield self.lone(store, "w-inline")
         self.assertIs(calls[-1][0], main)
         yield self.save_all(store, [("p0", b"{}"), ("p1", b"{}")])
-        for i in range(storelog.INLINE_AFTER - 1):
+        for i in range(storelog.INLINE_AFTER):
             yield self.lone(store, f"q{i}")
         self.assertTrue(all(thread is not main for thread, _, _ in calls[-storelog.INLINE_AFTER:]))
         yield self.lone(store, "q-last")
@@ -446,6 +442,7 @@ class LogStoreTests(TempDirMixin):
         yield deferLater(reactor, 0, lambda: None)
         store.save("last", b"{}")
         store._stop_pool()  # what the "during shutdown" trigger calls
+        self.assertEqual(store.get("last"), b"{}")  # written before the worker stopped
         yield store.close()
         self.assertEqual([t for t, _ in self.reopen(store).records()][-1], "last")
 
@@ -840,12 +837,11 @@ class LogStoreTests(TempDirMixin):
                 raise failures.pop()
             real(fd)
         self.patch(storelog, "fdatasync", broken)
-        ds = [store.save("x1", b"{}"), store.save("x2", b"{}")]  # one batch
-        for d in ds:
-            err = yield self.assertFailure(d, StoreFailed)
-            self.assertIn("Input/output error", str(err))
-        yield store.save("x3", b"{}")  # the next batch works
-        self.assertEqual(list(store.records()), [("x3", b"{}")])
+        ds = [store.save("x1", b"{}"), store.save("x2", b"{}")]
+        err = yield self.assertFailure(ds[0], StoreFailed)
+        self.assertIn("Input/output error", str(err))
+        yield ds[1]  # queued behind: its own batch, which worked
+        self.assertEqual(list(store.records()), [("x2", b"{}")])
 
     @defer.inlineCallbacks
     def test_damage_is_reported_not_returned(self):
