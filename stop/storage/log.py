@@ -549,9 +549,16 @@ class LogStore:
             self._lone += 1
         elif arrived > 1:
             self._lone = 0
-        take = 1 if self._fsync == "always" else len(self._pending)
+        stopped = self._pool is None or not self._pool.started
+        take = 1 if self._fsync == "always" and not stopped else len(self._pending)
         batch, self._pending = self._pending[:take], self._pending[take:]
         self._flushing = True
+        if stopped:
+            # The reactor shuts down and the worker is gone: fail them
+            # rather than leave them (and a close) waiting for ever.
+            error = StoreFailed(f"{self.name} store {self.data_dir}: the writer stopped (shutdown)")
+            self._committed(([error] * len(batch), 0, None), batch)
+            return
         items = [(kind, token, payload) for kind, token, payload, _ in batch]
         if self._index_timer is None:
             self._index_timer = self._reactor.callLater(INDEX_DELAY, self._index_due)
@@ -578,7 +585,7 @@ class LogStore:
         thread (if the worker is idle)? See the module doc."""
         if self._fsync == "never":
             return True
-        return size == 1 and not self._pending and self._lone >= INLINE_AFTER
+        return size == 1 and not self._pending  # (and INLINE_AFTER: see _queue)
 
     def _index_due(self) -> None:
         """Reactor: INDEX_DELAY after a batch, have the writer commit the
