@@ -447,6 +447,20 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual([t for t, _ in self.reopen(store).records()][-1], "last")
 
     @defer.inlineCallbacks
+    def test_a_batch_after_the_worker_stopped_fails_instead_of_waiting(self):
+        """Saves still waiting for their turn when the worker is gone: the
+        batch fails with StoreFailed and close() fires, nothing hangs."""
+        store = self.make()
+        yield self.alone(store)
+        yield deferLater(reactor, 0, lambda: None)
+        waiting = store.save("late", b"{}")
+        store._pool.stop()  # the worker alone, without the store's flush
+        closed = store.close()
+        err = yield self.assertFailure(waiting, StoreFailed)
+        self.assertIn("writer stopped", str(err))
+        self.assertIsNone((yield closed))
+
+    @defer.inlineCallbacks
     def test_close_after_and_during_inline_commits(self):
         """close() right after an inline commit fires at once; close() from
         the callback of an inline save waits for what that callback saved;
