@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -190,19 +191,27 @@ class OidentdServer:
 
 class FloorServer:
     """bench/floor_server.py: a bare Twisted LineReceiver (no lookup, no
-    record, no log), to show what Twisted itself costs per connection here;
-    ``durable``: plus a record in the flat store (fsync = batch) and a log
-    line per query ("floor+st"): what durability and the log line cost
-    without any of stop's own per-query work."""
+    record, no log), to show what Twisted itself costs per connection here.
+    ``kind`` "minimal" ("floor+d"): plus the least an ident server doing
+    stop's job does per query: stop's netlink lookup of the asked
+    connection, an ID-sized record appended and fdatasync'ed with group
+    commit before the reply, and the daemon's log line; "store"
+    ("floor+st"): no lookup, the record in stop's own flat store (fsync =
+    batch), the same log line. What stop costs above floor+d is its own
+    per-query work (record, policy, store)."""
 
-    def __init__(self, workdir: pathlib.Path, durable: bool = False):
+    NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st"}
+
+    def __init__(self, workdir: pathlib.Path, kind: Optional[str] = None):
         self.proc: subprocess.Popen | None = None
-        self.name = "floor+st" if durable else "floor"
+        self.name = self.NAMES[kind]
         self.args = []
-        if durable:
-            base = workdir / "floor-store"
+        if kind is not None:
+            base = workdir / f"floor-{kind}"
             base.mkdir(mode=0o700)
-            self.args = ["--store", str(base / "data"), "--log", str(base / "floor.log")]
+            self.args = [f"--{kind}", str(base / "data"), "--log", str(base / "floor.log")]
+            if kind == "minimal":
+                self.args.append("--lookup")
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),
@@ -420,7 +429,7 @@ def main(argv=None) -> int:
     if a.floor:
         servers.append(FloorServer(workdir))
     if a.floor_store:
-        servers.append(FloorServer(workdir, durable=True))
+        servers.append(FloorServer(workdir, "store"))
     holder = None
     results: list[dict] = []
     gen = None

@@ -2,24 +2,43 @@
 this machine. A bare LineReceiver that answers every line with a fixed-form
 USERID reply and a random token; no lookup, no record, no log line.
 
-``--store DIR`` adds the durable part as the daemon does it: a fixed-size
-ID-like record saved in the flat store (``fsync = batch``, group commit in
-its writer thread) before the reply; ``--log`` adds one twisted.logger line
-per query to the global log (``--logfile``). With both, what ``stop`` spends
-above this figure is its own per-query work (lookup, record, policy).
+``--lookup`` finds the asked connection (local = the address the query
+came to, remote = the requester's) with stop's netlink lookup, both its
+requests (the 4-tuple, the listener probe), as the daemon does.
+
+``--minimal DIR`` adds the least a *durable* server must do: an ID-sized
+record appended to ``DIR/records.log`` and ``fdatasync``'ed before the
+reply, with group commit (the records of one reactor turn written and
+synced together by one writer thread; a record alone, with the writer idle
+and the recent batches single, synced inline on the reactor thread, which
+spares two thread hand-offs at one client at a time). No index, no hash
+chain, no sequence numbers: a lower bound, not a store.
+
+``--store DIR`` instead saves the record in stop's own flat store
+(``fsync = batch``), as the daemon does. ``--log FILE`` adds one log line
+per query, written as the daemon writes its own (stop.logsetup's observer
+for twistd's log file, the same line shape), emitted before the reply.
+
+With ``--lookup --minimal --log`` ("floor+d" in hot_bench.py): the least
+an ident server doing stop's job can cost here (the lookup, a durable record
+and a log line per query, on Twisted); what ``stop`` spends above it is its
+record, policy and store. With ``--store --log`` ("floor+st"): the store
+and the log line without any lookup.
 
 Prints its port on stdout, then serves until killed:
-    python bench/floor_server.py [--interface 127.0.0.1] [--store DIR] [--log FILE]
+    python bench/floor_server.py [--interface 127.0.0.1] [--lookup]
+                                 [--minimal DIR | --store DIR] [--log FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import queue
 import sys
+import threading
 
 from twisted.internet import protocol, reactor
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,39 +51,121 @@ RECORD = (b'{"connection":{"inode":1234567,"local":{"address":"127.0.0.1","port"
           b'"time":"2026-12-01T04:00:00.000000Z","type":"ID","user":{"name":"nobody",'
           b'"uid":65534},"version":1}')
 
+#: --minimal: batches of one in a row before a lone record is synced inline.
+INLINE_AFTER = 4
+
+
+class MinimalLog:
+    """Append + fdatasync with group commit; ``save(data, done)`` calls
+    ``done()`` on the reactor thread once ``data`` is on disk."""
+
+    def __init__(self, path: str):
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._pending: list = []
+        self._busy = False        # a batch is in the writer thread
+        self._turn = False        # the end-of-turn call is scheduled
+        self._singles = 0         # batches of one in a row
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def save(self, data: bytes, done) -> None:
+        self._pending.append((data, done))
+        if not self._busy and not self._turn:
+            self._turn = True
+            reactor.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._turn = False
+        if self._busy or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._singles = self._singles + 1 if len(batch) == 1 else 0
+        if len(batch) == 1 and self._singles > INLINE_AFTER:
+            self._write(batch)
+            self._done(batch)
+        else:
+            self._busy = True
+            self._queue.put(batch)
+
+    def _write(self, batch: list) -> None:
+        os.write(self._fd, b"".join(data for data, _ in batch))
+        os.fdatasync(self._fd)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            self._write(batch)
+            reactor.callFromThread(self._returned, batch)
+
+    def _returned(self, batch: list) -> None:
+        self._busy = False
+        self._done(batch)
+
+    def _done(self, batch: list) -> None:
+        for _, done in batch:
+            done()
+        if self._pending and not self._turn:
+            self._turn = True
+            reactor.callLater(0, self._end_of_turn)
+
 
 class FloorProtocol(LineReceiver):
     store = None
+    minimal = None
     log = None
+    lookup = None
 
     def lineReceived(self, line: bytes) -> None:
         token = os.urandom(20).hex()
-        reply = line.rstrip(b"\r") + b" : USERID : OTHER : " + token.encode()
-        if self.store is None:
+        line = line.rstrip(b"\r")
+        if self.lookup is not None:
+            from stop.model import Endpoint
+            p1, _, p2 = line.partition(b",")
+            here, peer = self.transport.getHost(), self.transport.getPeer()
+            conn = self.lookup.find(Endpoint(here.host, int(p1)), Endpoint(peer.host, int(p2)))
+            if conn is None or conn.accepted:
+                self.sendLine(line + b" : ERROR : NO-USER")
+                return
+        reply = line + b" : USERID : OTHER : " + token.encode()
+        if self.minimal is not None:
+            self.minimal.save(RECORD + b"\n", lambda: self._reply(None, reply, token))
+        elif self.store is not None:
+            self.store.save(token, RECORD).addCallback(self._reply, reply, token)
+        else:
             self._reply(None, reply, token)
-            return
-        self.store.save(token, RECORD).addCallback(self._reply, reply, token)
 
     def _reply(self, _, reply: bytes, token: str) -> None:
         if self.log is not None:
-            self.log.info("{peer} asked: token {token}", peer=str(self.transport.getPeer()),
-                          token=token)
+            peer = self.transport.getPeer()
+            # The daemon's line shape, made before it is logged (stop.answer).
+            self.log.info(f"{peer.host}:{peer.port} asked 40000, 6667 ID: 127.0.0.1:40000->"
+                          f"127.0.0.2:6667 uid 65534: token {token}")
         self.sendLine(reply)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--interface", default="127.0.0.1")
-    ap.add_argument("--store", help="save a record per query in a flat store here")
+    durable = ap.add_mutually_exclusive_group()
+    durable.add_argument("--minimal", help="append + fdatasync each record to a file here")
+    durable.add_argument("--store", help="save a record per query in stop's flat store here")
     ap.add_argument("--log", help="log one line per query to this file")
+    ap.add_argument("--lookup", action="store_true", help="look the asked connection up")
     a = ap.parse_args()
+    sys.path.insert(0, ROOT)
+    if a.lookup:
+        from stop.os.linux.lookup import NetlinkLookup
+        FloorProtocol.lookup = NetlinkLookup()
     if a.log:
-        from twisted.logger import globalLogBeginner, textFileLogObserver
-        out = open(a.log, "a")
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(out)], redirectStandardIO=False)
-        FloorProtocol.log = Logger()
+        from twisted.logger import globalLogBeginner
+        from stop import logsetup
+        _, observer = logsetup.file_observer(a.log, reactor)
+        globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+        FloorProtocol.log = logsetup.QuickLogger()
+    if a.minimal:
+        os.makedirs(a.minimal, mode=0o700, exist_ok=True)
+        FloorProtocol.minimal = MinimalLog(os.path.join(a.minimal, "records.log"))
     if a.store:
-        sys.path.insert(0, ROOT)
         from stop.storage import make_store
         store = make_store("flat", a.store, reactor=reactor, fsync="batch")
         store.open()
