@@ -225,17 +225,23 @@ def test_fresh_connections_walk_as_a_full_scan_does(tmp_path):
 @pytest.mark.parametrize("build", [svtrees.figure4, svtrees.socat_unix],
                          ids=["figure4", "socat_unix"])
 def test_socket_ends_asked_of_the_socket_equal_the_table_dump(build, monkeypatch):
-    """The walk learns a TCP socket's ends from the socket itself
-    (pidfd_getfd) where it can; where it cannot it dumps the TCP table.
-    Both give the same sockets."""
+    """The walk learns a TCP socket's ends from the lookup that found the
+    queried socket, else from the socket itself (pidfd_getfd); where it
+    cannot it dumps the TCP table. All give the same sockets."""
     from stop.os.linux.procfs import ProcfsScan
     dumps = []
     real = ProcfsScan._refresh_tcp
+    real_remember = ProcfsScan._remember_ends
 
     def counted(scan):
         dumps.append(scan._inspector)
         return real(scan)
+
+    def remember(scan, *args):
+        if scan._inspector is not dumped:  # the dump alone tells it its ends
+            real_remember(scan, *args)
     monkeypatch.setattr(ProcfsScan, "_refresh_tcp", counted)
+    monkeypatch.setattr(ProcfsScan, "_remember_ends", remember)
     tree = build()
     try:
         pids = tree_pids(tree)
