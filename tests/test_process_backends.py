@@ -203,3 +203,32 @@ def test_process_notes_refused_links(monkeypatch):
         assert scan._denied == {os.getpid()}
     finally:
         scan.close()
+
+
+@linux
+def test_walks_reuse_sock_diag_transports():
+    """A walk's sock_diag transport is kept for the next walk; walks
+    running at once each have their own; at most TRANSPORTS_KEPT are kept."""
+    from stop.os.linux import procfs
+    inspector = procfs.ProcfsInspector(index_max_age=0)
+    first = inspector.begin(100)
+    d = first._diag()
+    first.close()
+    assert inspector.transports == [d]
+    a, b = inspector.begin(100), inspector.begin(100)
+    assert a._diag() is d
+    other = b._diag()
+    assert other is not d
+    d.close()  # as a failed request leaves it: reopened on use
+    a.close()
+    b.close()
+    assert sorted(map(id, inspector.transports)) == sorted((id(d), id(other)))
+    again = inspector.begin(100)
+    assert again._is_listening(b"\x7f\0\0\x01", 1) is False  # a request on a reused one
+    again.close()
+    scans = [inspector.begin(100) for _ in range(procfs.TRANSPORTS_KEPT + 3)]
+    for scan in scans:
+        scan._diag()
+    for scan in scans:
+        scan.close()
+    assert len(inspector.transports) == procfs.TRANSPORTS_KEPT

@@ -105,6 +105,10 @@ class ProcfsInspector:
         self.tcp_ends: dict[int, tuple[bytes, int, bytes, int]] = {}
         #: False once pidfd_getfd turned out unavailable (stop.os.linux.fdsock).
         self.peek_ok = True
+        #: sock_diag transports of finished walks, for the next ones (a walk
+        #: takes one for itself: no walk waits on another's dump); opening
+        #: one costs about as much as two requests.
+        self.transports: list[SockDiag] = []
         #: The inode -> (pid, fd) index shared by walks.
         self.index_cache = IndexCache(index_max_age)
         self._names = UserNames()
@@ -347,7 +351,10 @@ class ProcfsScan:
 
     def _diag(self) -> SockDiag:
         if self._diag_transport is None:
-            self._diag_transport = SockDiag()
+            try:
+                self._diag_transport = self._inspector.transports.pop()
+            except IndexError:
+                self._diag_transport = SockDiag()
         return self._diag_transport
 
     def _tcp_sock(self, inode: int, holder: Holder | None = None) -> InetSock | None:
@@ -760,13 +767,23 @@ class ProcfsScan:
         return [h for h in self._holders(key) if h != me]
 
     def close(self) -> None:
-        if self._diag_transport is not None:
-            self._diag_transport.close()
-            self._diag_transport = None
+        transport, self._diag_transport = self._diag_transport, None
+        if transport is not None:
+            # Kept for the next walk (a request that failed closed its
+            # socket already: the next one opens a new one).
+            kept = self._inspector.transports
+            if len(kept) < TRANSPORTS_KEPT:
+                kept.append(transport)
+            else:
+                transport.close()
 
 
 #: Most TCP socket ends remembered between walks (then forgotten at once).
 TCP_ENDS_MAX = 65536
+
+#: Most idle sock_diag transports kept for later walks (one per walk
+#: running at once is enough: the reactor's pool has 10 threads).
+TRANSPORTS_KEPT = 10
 
 #: Restarts of one walk on the shared index brought up to date (each after a
 #: walked process turned out to hold descriptors it lacked) before the last
