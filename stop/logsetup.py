@@ -14,7 +14,8 @@ again.
 :func:`file_observer` makes twistd's log file observer for ``--logfile``,
 kept by the daemon so that SIGHUP can reopen the file. :class:`TextLogObserver`
 writes exactly twistd's lines (those of ``textFileLogObserver``) at a
-fraction of the CPU for a plain-text event, and :class:`QuickLogger` emits
+fraction of the CPU for a plain-text event, the lines of a reactor turn in
+one write at its end, and :class:`QuickLogger` emits
 the same events as ``Logger`` without its level check by iteration: one line
 per query is on the hot path (bench/README.rst, ``profile_answer.py``).
 """
@@ -206,6 +207,22 @@ class QuickLogger(Logger):
         self.observer(kwargs)
 
 
+class _Pending:
+    """The file Twisted's own text observer writes into (for the events
+    :class:`TextLogObserver` leaves to it): its lines join the others in
+    the observer's pending list, in order."""
+
+    def __init__(self, pending: list) -> None:
+        self.write = pending.append
+
+    def flush(self) -> None:
+        pass
+
+
+#: Events at these levels are written at once, with every line before them.
+_URGENT = frozenset((LogLevel.error, LogLevel.critical))
+
+
 @implementer(ILogObserver)
 class TextLogObserver:
     """Writes the lines ``twisted.logger.textFileLogObserver(out,
@@ -216,14 +233,34 @@ class TextLogObserver:
     the time stamp is made once per second. Events with fields, a failure,
     a ``log_system`` or flattened fields go through Twisted's own formatter.
 
+    With a running ``reactor``, the lines of one reactor turn are written
+    together, in one ``write`` (and ``flush``) at the end of the turn,
+    before the reactor waits for the next event: a turn that answers many
+    queries makes one system call for their lines, and the replies go out
+    before their lines are written. Lines are written at once (with every
+    line still pending before them) when the reactor is not running
+    (before it starts, after it stopped: twistd's last lines), for events
+    at level error or critical (a crash report), and on :meth:`flush`; the
+    reactor's "after shutdown" event flushes too. A process killed outright
+    (SIGKILL) loses at most the lines of the turn it was in.
+
     :param out: a text or binary file (binary gets UTF-8), flushed after
-        every line, as Twisted's ``FileLogObserver`` does.
+        every write, as Twisted's ``FileLogObserver`` does.
+    :param reactor: an IReactorTime and IReactorCore; None (or an object
+        without ``running``, such as a ``Clock``): every line is written at
+        once, as Twisted's observer does.
     """
 
-    def __init__(self, out: IO[Any], time_format: Optional[str] = timeFormatRFC3339) -> None:
-        self._full = textFileLogObserver(out, time_format)
+    def __init__(self, out: IO[Any], time_format: Optional[str] = timeFormatRFC3339,
+                 reactor=None) -> None:
+        self._pending: list[str] = []
+        self._full = textFileLogObserver(_Pending(self._pending), time_format)
         self._out = out
         self._encoding = None if ioType(out) is str else "utf-8"
+        self._reactor = reactor
+        self._scheduled = False
+        if reactor is not None and hasattr(reactor, "addSystemEventTrigger"):
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         # A stamp per second: only for formats without fractions of one.
         self._time_format = time_format
         self._per_second = time_format is not None and "%f" not in time_format
@@ -233,37 +270,61 @@ class TextLogObserver:
     def __call__(self, event: dict) -> None:
         text = event.get("log_format")
         when = event.get("log_time")
+        level = event.get("log_level")
         if (text.__class__ is not str or not text or "{" in text or "}" in text
                 or when.__class__ is not float or not self._per_second or when < 0
                 or "log_failure" in event or "log_system" in event
                 or "log_flattened" in event):
             self._full(event)
-            return
-        second = int(when)
-        if second == self._second and when - second < _LAST_SAFE_FRACTION:
-            stamp = self._stamp
         else:
-            stamp = formatTime(when, self._time_format)
-            if when - second < _LAST_SAFE_FRACTION:
-                self._second, self._stamp = second, stamp
-        level = event.get("log_level")
-        system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
-        text = text.replace("\n", "\n\t")
-        line = f"{stamp} [{system}] {text}\n"
-        self._out.write(line if self._encoding is None else line.encode(self._encoding))
+            second = int(when)
+            if second == self._second and when - second < _LAST_SAFE_FRACTION:
+                stamp = self._stamp
+            else:
+                stamp = formatTime(when, self._time_format)
+                if when - second < _LAST_SAFE_FRACTION:
+                    self._second, self._stamp = second, stamp
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+            text = text.replace("\n", "\n\t")
+            self._pending.append(f"{stamp} [{system}] {text}\n")
+        reactor = self._reactor
+        if reactor is None or level in _URGENT or not getattr(reactor, "running", False):
+            self.flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            reactor.callLater(0, self._end_of_turn)
+
+    def _end_of_turn(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write every pending line now (one ``write``, then ``flush``)."""
+        pending = self._pending
+        if not pending:
+            return
+        data = "".join(pending)
+        pending.clear()
+        self._out.write(data if self._encoding is None else data.encode(self._encoding))
         self._out.flush()
 
 
-def file_observer(path: str, reactor) -> tuple[LogFile, ILogObserver]:
+def file_observer(path: str, reactor) -> tuple[LogFile, "TextLogObserver"]:
     """twistd's log file and observer for ``--logfile=path``, made as twistd
     makes them (a :class:`LogFile` that twistd rotates at 1 MB and on
-    SIGUSR1, the lines of ``textFileLogObserver``: :class:`TextLogObserver`),
-    but kept by the daemon, which reopens the file on SIGHUP (after
-    logrotate moved it)."""
+    SIGUSR1, the lines of ``textFileLogObserver``: :class:`TextLogObserver`,
+    written once per reactor turn), but kept by the daemon, which reopens
+    the file on SIGHUP (after logrotate moved it; flush the observer first).
+    SIGUSR1 writes the pending lines to the file before it is rotated."""
     log_file = LogFile.fromFullPath(path)
+    observer = TextLogObserver(log_file, reactor=reactor)
+
+    def rotate() -> None:
+        observer.flush()
+        log_file.rotate()
     if not signal.getsignal(signal.SIGUSR1):  # as twistd: unless someone else took it
-        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(log_file.rotate))
-    return log_file, TextLogObserver(log_file)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(rotate))
+    return log_file, observer
 
 
 def syslog_service(config) -> Optional[SyslogService]:

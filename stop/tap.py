@@ -402,6 +402,9 @@ class Lifecycle(service.MultiService):
         self.failure: Optional[StartFailed] = None
         #: twistd's log file, when it logs to one (reopened on SIGHUP).
         self.log_file = None
+        #: The observer writing twistd's lines (to log_file or standard
+        #: output), when it is ours: flushed before the file is reopened.
+        self.log_observer: Optional[logsetup.TextLogObserver] = None
 
     def setServiceParent(self, parent) -> None:
         # twistd puts this service into its Application, then starts its
@@ -412,10 +415,11 @@ class Lifecycle(service.MultiService):
         if (isinstance(parent, components.Componentized)
                 and parent.getComponent(ILogObserver, None) is None):
             if path is not None:
-                self.log_file, observer = logsetup.file_observer(path, self._reactor)
-                parent.setComponent(ILogObserver, observer)
+                self.log_file, self.log_observer = logsetup.file_observer(path, self._reactor)
             elif self.twistd.logs_to_stdout():
-                parent.setComponent(ILogObserver, logsetup.TextLogObserver(sys.stdout))
+                self.log_observer = logsetup.TextLogObserver(sys.stdout, reactor=self._reactor)
+            if self.log_observer is not None:
+                parent.setComponent(ILogObserver, self.log_observer)
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
@@ -475,7 +479,10 @@ class Lifecycle(service.MultiService):
         file that cannot be read or holds a bad setting changes nothing."""
         if self.log_file is not None:
             try:
-                self.log_file.reopen()
+                try:
+                    self.log_observer.flush()  # the lines so far: to the file logrotate moved
+                finally:
+                    self.log_file.reopen()
             except OSError as e:
                 log.error("SIGHUP: cannot reopen the log file: {err}", err=str(e))
         daemon = self.daemon

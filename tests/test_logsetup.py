@@ -5,17 +5,20 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 
 import pytest
 from hypothesis import given, strategies as st
 from twisted.logger import (ILogObserver, Logger, LogLevel, LogPublisher, formatEvent,
                             textFileLogObserver)
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from stop.errors import ConfigError
 from stop.logsetup import (MAX_DATAGRAM, QuickLogger, SyslogObserver, SyslogService,
-                           TextLogObserver, facility_number, format_datagram)
+                           TextLogObserver, facility_number, file_observer,
+                           format_datagram)
 
 from tests import rsyslogd
 
@@ -135,10 +138,29 @@ def _lines(make, events, binary=False):
     return out.getvalue()
 
 
+def _running_reactor() -> MemoryReactorClock:
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    return reactor
+
+
+def _buffered(out):
+    """A TextLogObserver on a running reactor whose every turn ends after
+    each event (so _lines reads the file after the turn's write)."""
+    reactor = _running_reactor()
+    observer = TextLogObserver(out, reactor=reactor)
+
+    def observe(event):
+        observer(event)
+        reactor.advance(0)
+    return observe
+
+
 def _same_as_twisted(events, binary=False):
     ours = _lines(TextLogObserver, events, binary)
     theirs = _lines(textFileLogObserver, events, binary)
     assert ours == theirs
+    assert _lines(_buffered, events, binary) == theirs
     return ours
 
 
@@ -190,6 +212,89 @@ def test_text_observer_time_format_with_fractions_is_not_reused():
     ours = _lines(lambda out: TextLogObserver(out, "%S.%f"), events)
     assert ours == _lines(lambda out: textFileLogObserver(out, "%S.%f"), events)
     assert ".250000" in ours and ".500000" in ours
+
+
+class _Writes(io.StringIO):
+    """A text file that counts its write calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = 0
+
+    def write(self, data):
+        self.writes += 1
+        return super().write(data)
+
+
+def _event(text, level=LogLevel.info, **more):
+    return {"log_format": text, "log_level": level, "log_time": 1764565200.25,
+            "log_namespace": "stop.answer", **more}
+
+
+def test_lines_of_a_turn_are_written_together_at_its_end():
+    reactor = _running_reactor()
+    out = _Writes()
+    observer = TextLogObserver(out, reactor=reactor)
+    for n in range(5):
+        observer(_event(f"query {n}"))
+    observer(_event("a {field}", field="with Twisted's formatter"))  # in order with the rest
+    assert out.getvalue() == "" and len(reactor.getDelayedCalls()) == 1
+    reactor.advance(0)  # the turn ends
+    lines = out.getvalue().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "query 0", "query 1", "query 2", "query 3", "query 4", "a with Twisted's formatter"]
+    assert out.writes == 1 and reactor.getDelayedCalls() == []
+    observer(_event("next turn"))
+    reactor.advance(0)
+    assert out.writes == 2 and out.getvalue().endswith("next turn\n")
+
+
+@pytest.mark.parametrize("level,running", [
+    (LogLevel.error, True),  # a crash report
+    (LogLevel.critical, True),
+    (LogLevel.info, False),  # stopped (twistd's last lines): the end of turn never comes
+])
+def test_written_at_once_with_the_lines_before_it(level, running):
+    reactor = _running_reactor()
+    out = io.StringIO()
+    observer = TextLogObserver(out, reactor=reactor)
+    observer(_event("query"))
+    reactor.running = running
+    observer(_event("Main loop terminated.", level))
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == [
+        "query", "Main loop terminated."]
+
+
+def test_the_reactors_shutdown_flushes_the_pending_lines():
+    reactor = _running_reactor()
+    out = io.StringIO()
+    observer = TextLogObserver(out, reactor=reactor)
+    observer(_event("said while stopping"))
+    assert out.getvalue() == ""
+    for f, args, kwargs in reactor.triggers["after"]["shutdown"]:
+        f(*args, **kwargs)
+    assert out.getvalue().endswith("said while stopping\n")
+
+
+def test_sigusr1_rotation_writes_the_pending_lines_to_the_file_being_rotated(tmp_path):
+    class Reactor(MemoryReactorClock):
+        def callFromThread(self, f, *args, **kwargs):
+            f(*args, **kwargs)
+    reactor = Reactor()
+    reactor.running = True
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        log_file, observer = file_observer(str(tmp_path / "twistd.log"), reactor)
+        observer(_event("before the rotation"))
+        signal.getsignal(signal.SIGUSR1)(signal.SIGUSR1, None)
+        observer(_event("after it"))
+        reactor.advance(0)
+        log_file.close()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert (tmp_path / "twistd.log.1").read_text().endswith("before the rotation\n")
+    assert (tmp_path / "twistd.log").read_text().endswith("] after it\n")
+    assert "before" not in (tmp_path / "twistd.log").read_text()
 
 
 def test_quick_logger_emits_the_event_logger_emits():

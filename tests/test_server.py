@@ -9,7 +9,7 @@ from twisted.internet.testing import StringTransport
 from stop.answer import Answerer
 from stop.config import Config
 from stop.model import Connection, Endpoint
-from stop.server import IdentFactory
+from stop.server import SWEEP_INTERVAL, IdentFactory
 from stop.testing import FakeLookup, FakeOptIn, HeldStore
 
 OUT = Connection(Endpoint("127.0.0.1", 40000), Endpoint("127.0.0.2", 6667), 1000, 5, False)
@@ -90,6 +90,96 @@ def test_idle_timeout():
     assert not (t.disconnecting or t.disconnected)
     clock.advance(2)
     assert t.disconnecting or t.disconnected
+
+
+def closed(t) -> bool:
+    return t.disconnecting or t.disconnected
+
+
+def test_idle_timeout_bound_is_one_sweep_interval():
+    """Closed after idle_timeout, at most SWEEP_INTERVAL later: a connection
+    whose last reply went out just after a sweep is not closed early, and
+    is closed by the first sweep past its timeout."""
+    f, clock, store = factory(idle_timeout=10)
+    p, t = connect(f)
+    clock.advance(0.5)  # between two sweeps (the first is at 1.0)
+    p.dataReceived(b"40000, 6667\r\n")  # a line and its reply at 0.5
+    for _ in range(9):
+        clock.advance(1.0)  # sweeps at 1.5 ... 9.5: idle up to 9 s
+    assert not closed(t)
+    clock.advance(1.0)  # the sweep at 10.5: idle 10 s
+    assert closed(t)
+    assert 10 <= clock.seconds() - 0.5 <= 10 + SWEEP_INTERVAL
+
+
+def test_a_reply_counts_as_activity():
+    f, clock, store = factory(idle_timeout=5)
+    store.auto = False
+    p, t = connect(f)
+    p.dataReceived(b"40000, 6667\r\n")
+    clock.advance(4)
+    store.complete()  # the reply at 4 s
+    clock.advance(4)
+    assert b"USERID" in t.value() and not closed(t)
+    clock.advance(1)
+    assert closed(t)
+
+
+def test_one_timer_for_all_connections_and_none_when_all_are_closed():
+    f, clock, store = factory(idle_timeout=3, max_connections=200, max_connections_per_host=200)
+    conns = [connect(f, port=50000 + i) for i in range(100)]
+    assert len(clock.getDelayedCalls()) == 1  # the sweep, not a DelayedCall per connection
+    for p, t in conns[:50]:
+        t.loseConnection()
+        p.connectionLost(None)
+    clock.advance(1)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(2)  # the other 50 time out, once each
+    assert all(closed(t) for _, t in conns[50:])
+    assert clock.getDelayedCalls() == []  # nothing watched: no sweep is scheduled
+    clock.advance(10)
+    assert f.connections == 50  # still counted until the reactor reports the close
+    for p, t in conns[50:]:
+        p.connectionLost(None)
+    assert f.connections == 0 and f.per_host == {}
+    p, t = connect(f, port=60000)  # the next connection starts the sweep again
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(3)
+    assert closed(t)
+
+
+def test_a_connection_times_out_once_while_it_closes():
+    f, clock, store = factory(idle_timeout=2)
+    p, t = connect(f)
+    calls = []
+    p.timeoutConnection = lambda: calls.append(clock.seconds())  # its close never completes
+    clock.advance(2)
+    clock.advance(1)
+    clock.advance(1)
+    assert calls == [2.0]
+
+
+def test_sub_second_idle_timeout_sweeps_more_often():
+    f, clock, store = factory(idle_timeout=0.25)
+    p, t = connect(f)
+    clock.advance(0.25)
+    assert closed(t)
+
+
+def test_the_sweep_survives_a_failing_close():
+    f, clock, store = factory(idle_timeout=1)
+    bad, t_bad = connect(f, port=50001)
+    good, t_good = connect(f, port=50002)
+
+    def fail():
+        raise RuntimeError("test")
+    bad.timeoutConnection = fail
+    later, t_later = connect(f, port=50003)
+    later._last = 5  # active until 5: keeps the sweep going
+    clock.advance(1)
+    assert closed(t_good) and not closed(t_later)
+    clock.advance(5)
+    assert closed(t_later)
 
 
 def test_requests_per_connection():

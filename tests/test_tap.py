@@ -309,6 +309,41 @@ def test_the_log_file_is_taken_from_twistd_and_reopened(tmp_path, usr1):
     assert callable(signal.getsignal(signal.SIGUSR1))  # twistd's rotation, as before
 
 
+def test_sighup_writes_the_pending_lines_to_the_old_file_first(tmp_path, usr1):
+    path = tmp_path / "twistd.log"
+    reactor = MemoryReactorClock()
+    reactor.running = True  # lines wait for the end of the reactor turn
+    top = tap.Lifecycle(reactor, tap.Twistd({"logfile": str(path), "nodaemon": True}))
+    app = service.Application("stop")
+    top.setServiceParent(app)
+    observer = app.getComponent(ILogObserver)
+    assert observer is top.log_observer
+    observer({"log_format": "before", "log_level": LogLevel.info, "log_time": 0.0,
+              "log_namespace": "t"})
+    assert "before" not in path.read_text()  # pending until the turn ends
+    os.rename(path, tmp_path / "twistd.log.1")
+    top.reload()
+    observer({"log_format": "after", "log_level": LogLevel.info, "log_time": 0.0,
+              "log_namespace": "t"})
+    reactor.advance(0)
+    assert "before" in (tmp_path / "twistd.log.1").read_text()
+    assert "after" in path.read_text() and "before" not in path.read_text()
+
+
+def test_the_stdout_log_is_written_once_per_reactor_turn(capsys):
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    top = tap.Lifecycle(reactor, tap.Twistd({"logfile": "-", "nodaemon": True}))
+    app = service.Application("stop")
+    top.setServiceParent(app)
+    observer = app.getComponent(ILogObserver)
+    observer({"log_format": "to the journal", "log_level": LogLevel.info, "log_time": 0.0,
+              "log_namespace": "t"})
+    assert capsys.readouterr().out == ""
+    reactor.advance(0)
+    assert capsys.readouterr().out == f"{formatTime(0.0)} [t#info] to the journal\n"
+
+
 @pytest.mark.parametrize("options,path", [
     ({}, None),
     ({"logfile": "-", "nodaemon": True}, None),

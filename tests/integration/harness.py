@@ -126,6 +126,20 @@ class Daemon:
                 pass
         return "".join(parts)
 
+    def wait_log(self, text: str, timeout: float = IO_TIMEOUT) -> str:
+        """The whole log once it holds ``text`` (AssertionError after
+        ``timeout`` s): the daemon writes a reactor turn's lines at the end
+        of the turn, so a line can reach the file just after the reply or
+        the close it is about reached the peer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.read_log()
+            if text in log:
+                return log
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not in the log:\n{log}")
+            time.sleep(0.02)
+
     def stop(self) -> None:
         if self.proc is not None:
             stop_process(self.proc)
