@@ -3,7 +3,7 @@ the reactor thread.
 
 :class:`ProcessState` is what the answerer calls for SV and SV_REC; it
 turns the settings (``sv_fields``, ``open_files``, ``walk_max_*``) into one
-:func:`stop.walk.walk` and one :func:`stop.sysinfo.system_info` call, in a
+:func:`stop.walk.walk` and one :meth:`stop.sysinfo.SystemInfo.collect` call, in a
 worker thread so the reactor keeps answering while ``/proc`` is read.
 """
 
@@ -16,7 +16,7 @@ from twisted.internet import defer
 from stop.interfaces import IProcessInspector
 from stop.model import Connection
 from stop.os.common import PROCESS_FIELDS, SYSTEM_FIELDS, synchronously
-from stop.sysinfo import system_info
+from stop.sysinfo import SystemInfo
 from stop.walk import Budget, walk
 
 
@@ -48,6 +48,8 @@ class ProcessState:
         self._process_fields, self._system_fields = selected_fields(config.sv_fields)
         self._open_files = config.open_files
         self._budget = Budget(config.walk_max_processes, config.walk_max_fds)
+        #: Boot time and OS version kept between records (stop.sysinfo).
+        self._facts = SystemInfo()
 
     @property
     def backend(self) -> str:
@@ -63,4 +65,4 @@ class ProcessState:
         state = walk(self._inspector, connection, self._budget,
                      self._process_fields, self._open_files, here)
         return {"processes": state,
-                "system": system_info(self._system_fields, state["users"])}
+                "system": self._facts.collect(self._system_fields, state["users"])}

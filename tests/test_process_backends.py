@@ -148,3 +148,87 @@ def test_link_keys():
     assert link_key("socket:[34]") == ("socket", 34)
     assert link_key("anon_inode:[eventfd]") is None
     assert link_key("/dev/null") is None
+
+
+@linux
+def test_refused_links_fail_without_listing_the_table(monkeypatch):
+    """A process whose cwd/exe link was refused (EACCES) has its fd links
+    refused by the same kernel check: its descriptors are reported
+    unreadable as the first refused readlink would, without the listdir;
+    the budget counts that one descriptor as before."""
+    from stop.os.linux import procfs
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(procfs.os, "listdir", lambda p: listed.append(p) or real_listdir(p))
+    me = os.getpid()
+    if os.stat(f"/proc/{me}/fd").st_size == 0:
+        pytest.skip("kernel before 6.2: /proc/PID/fd has no size")
+    scan = procfs.ProcfsInspector(index_max_age=0).begin(100)
+    try:
+        scan._denied.add(me)
+        with pytest.raises(Unavailable, match="EACCES"):
+            scan._read_links(me)
+        assert listed == [] and scan._fds_read == 1 and not scan.truncated
+        # Budget spent: what the loop does (truncated, nothing listed).
+        scan._fds_read = 100
+        assert scan._read_links(me) == [] and scan.truncated
+    finally:
+        scan.close()
+    # A kernel that does not count descriptors (size 0): listed as before.
+    monkeypatch.setattr(procfs, "_fd_count", lambda base: 0)
+    scan = procfs.ProcfsInspector(index_max_age=0).begin(100)
+    try:
+        scan._denied.add(me)
+        links = scan._read_links(me)
+        assert links and all(isinstance(fd, int) for fd, _target in links)
+        assert listed == [f"/proc/{me}/fd"]
+    finally:
+        scan.close()
+
+
+@linux
+def test_process_notes_refused_links(monkeypatch):
+    from stop.os.linux import procfs
+    real = procfs.os.readlink
+
+    def readlink(path):
+        if path.endswith(("/cwd", "/exe")):
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+    monkeypatch.setattr(procfs.os, "readlink", readlink)
+    scan = procfs.ProcfsInspector(index_max_age=0).begin(100)
+    try:
+        got = scan.process(os.getpid(), ("cwd", "exe", "name"))
+        assert got["unavailable"] == {"cwd": "EACCES", "exe": "EACCES"}
+        assert scan._denied == {os.getpid()}
+    finally:
+        scan.close()
+
+
+@linux
+def test_walks_reuse_sock_diag_transports():
+    """A walk's sock_diag transport is kept for the next walk; walks
+    running at once each have their own; at most TRANSPORTS_KEPT are kept."""
+    from stop.os.linux import procfs
+    inspector = procfs.ProcfsInspector(index_max_age=0)
+    first = inspector.begin(100)
+    d = first._diag()
+    first.close()
+    assert inspector.transports == [d]
+    a, b = inspector.begin(100), inspector.begin(100)
+    assert a._diag() is d
+    other = b._diag()
+    assert other is not d
+    d.close()  # as a failed request leaves it: reopened on use
+    a.close()
+    b.close()
+    assert sorted(map(id, inspector.transports)) == sorted((id(d), id(other)))
+    again = inspector.begin(100)
+    assert again._is_listening(b"\x7f\0\0\x01", 1) is False  # a request on a reused one
+    again.close()
+    scans = [inspector.begin(100) for _ in range(procfs.TRANSPORTS_KEPT + 3)]
+    for scan in scans:
+        scan._diag()
+    for scan in scans:
+        scan.close()
+    assert len(inspector.transports) == procfs.TRANSPORTS_KEPT

@@ -225,17 +225,23 @@ def test_fresh_connections_walk_as_a_full_scan_does(tmp_path):
 @pytest.mark.parametrize("build", [svtrees.figure4, svtrees.socat_unix],
                          ids=["figure4", "socat_unix"])
 def test_socket_ends_asked_of_the_socket_equal_the_table_dump(build, monkeypatch):
-    """The walk learns a TCP socket's ends from the socket itself
-    (pidfd_getfd) where it can; where it cannot it dumps the TCP table.
-    Both give the same sockets."""
+    """The walk learns a TCP socket's ends from the lookup that found the
+    queried socket, else from the socket itself (pidfd_getfd); where it
+    cannot it dumps the TCP table. All give the same sockets."""
     from stop.os.linux.procfs import ProcfsScan
     dumps = []
     real = ProcfsScan._refresh_tcp
+    real_remember = ProcfsScan._remember_ends
 
     def counted(scan):
         dumps.append(scan._inspector)
         return real(scan)
+
+    def remember(scan, *args):
+        if scan._inspector is not dumped:  # the dump alone tells it its ends
+            real_remember(scan, *args)
     monkeypatch.setattr(ProcfsScan, "_refresh_tcp", counted)
+    monkeypatch.setattr(ProcfsScan, "_remember_ends", remember)
     tree = build()
     try:
         pids = tree_pids(tree)
@@ -306,5 +312,85 @@ def test_a_refused_pidfd_getfd_falls_back_to_the_dump(monkeypatch):
         want = walk(make_inspector("procfs", index_max_age=0), tree.connection)
         pids = tree_pids(tree)
         assert comparable(result, pids) == comparable(want, pids)
+    finally:
+        tree.stop()
+
+
+def refused_process():
+    """A PID whose exe link this process may not read though it may list
+    its descriptors (PID 1 in some VMs and containers), or None."""
+    for entry in sorted(os.listdir("/proc"), key=lambda e: (len(e), e)):
+        if not entry.isdigit():
+            continue
+        try:
+            os.readlink(f"/proc/{entry}/exe")
+            continue
+        except PermissionError:
+            pass
+        except OSError:
+            continue
+        try:
+            if os.listdir(f"/proc/{entry}/fd"):
+                return int(entry)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_refused_process_reports_as_listing_its_table_does(monkeypatch):
+    """The walk does not list the descriptors of a process whose exe link
+    was refused (the same kernel check guards its fd links); what it
+    reports is what listing and reading them reports."""
+    from stop.os.linux import procfs
+    pid = refused_process()
+    if pid is None:
+        pytest.skip("no process here refuses its links to root")
+    fields = ("name", "cwd", "exe", "ppid")
+
+    def read(scan):
+        proc = scan.process(pid, fields)
+        try:
+            scan.descriptors(pid, True)
+        except Exception as exc:  # noqa: BLE001: the outcome is compared
+            proc["descriptors"] = (type(exc).__name__, str(exc))
+        return proc, scan._fds_read, scan.truncated
+
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(procfs.os, "listdir", lambda p: listed.append(p) or real_listdir(p))
+    fast = read(make_inspector("procfs", index_max_age=0).begin(65536))
+    assert f"/proc/{pid}/fd" not in listed
+    monkeypatch.setattr(procfs, "_fd_count", lambda base: 0)  # the plain listing
+    plain = read(make_inspector("procfs", index_max_age=0).begin(65536))
+    assert f"/proc/{pid}/fd" in listed
+    assert fast == plain
+    assert fast[0]["descriptors"] == ("Unavailable", "EACCES")
+
+
+def test_the_queried_socket_is_not_asked_for_its_ends(tmp_path, monkeypatch):
+    """The lookup gave the queried socket's ends: the walk looks it up by
+    them, without pidfd_getfd, and reports it as asking it would."""
+    from stop.os.linux import fdsock, procfs
+    peeked = []
+    real_peek = fdsock.peek
+    monkeypatch.setattr(fdsock, "peek", lambda pid, fd: peeked.append((pid, fd)) or
+                        real_peek(pid, fd))
+    tree = svtrees.Tree()
+    try:
+        opener = Opener(tree, tmp_path)
+        opener.new()  # an earlier connection, whose sockets the walk asks
+        conn = opener.new()
+        seeded = walk(make_inspector("procfs", index_max_age=0), conn)
+        queried_fds = [d["fd"] for p in seeded["processes"] if p["pid"] == opener.pid
+                       for d in p["sockets"] if d["inode"] == conn.inode]
+        assert len(queried_fds) == 1
+        assert (opener.pid, queried_fds[0]) not in peeked
+        assert (opener.pid, queried_fds[0] - 1) in peeked  # the earlier one still is
+        monkeypatch.setattr(procfs.ProcfsScan, "_remember_ends", lambda *a: None)
+        peeked.clear()
+        asked = walk(make_inspector("procfs", index_max_age=0), conn)
+        assert (opener.pid, queried_fds[0]) in peeked
+        pids = tree_pids(tree)
+        assert comparable(seeded, pids) == comparable(asked, pids)
     finally:
         tree.stop()
