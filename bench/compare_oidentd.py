@@ -207,8 +207,8 @@ class FloorServer:
         self.name = self.NAMES[kind]
         self.args = []
         if kind is not None:
-            base = workdir / f"floor-{kind}"
-            base.mkdir(mode=0o700)
+            # A directory of its own: the ID and SV parts of hot_bench each start one.
+            base = pathlib.Path(tempfile.mkdtemp(prefix=f"floor-{kind}-", dir=workdir))
             self.args = [f"--{kind}", str(base / "data"), "--log", str(base / "floor.log")]
             if kind == "minimal":
                 self.args.append("--lookup")
