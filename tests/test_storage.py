@@ -748,6 +748,34 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual(again.get("dup"), b"{}")
 
     @defer.inlineCallbacks
+    def test_a_stored_token_in_a_batch_fails_alone(self):
+        """A batch of records whose one token was stored before (in the
+        committed index, or in its open transaction): that one fails, the
+        others are stored in order with no gap in the chain."""
+        store = self.make()
+        yield store.save("old", b"{}")
+        yield store._pool.call(store._index_commit)
+        yield store.save("recent", b'{"a":1}')  # its row not committed yet
+        first = store.save("n0", b'{"b":0}')   # goes at once; the rest wait for it
+        batch = [store.save(t, b'{"b":%d}' % i)
+                 for i, t in enumerate(["n1", "old", "n2", "recent", "n3"], 1)]
+        self.assertGreater(len(store._pending), 1)
+        yield first
+        results = yield defer.DeferredList(batch, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results], [True, False, True, False, True])
+        for ok, value in results:
+            if not ok:
+                self.assertIn("already stored", str(value.value))
+        self.assertEqual(store.head()[0], 6)
+        yield store.close()
+        again = self.reopen(store)
+        self.assertEqual([t for t, _ in again.records()],
+                         ["old", "recent", "n0", "n1", "n2", "n3"])
+        self.assertEqual(again.get("old"), b"{}")
+        self.assertEqual(again.get("n2"), b'{"b":3}')
+        yield self.assertFailure(again.save("n3", b"{}"), StoreFailed)
+
+    @defer.inlineCallbacks
     def test_bad_entries_refused(self):
         store = self.make()
         for token, record in [("a b", b"{}"), ("", b"{}"), ("tök", b"{}"), ("ok", b"{\n}"), ("ok", "{}")]:

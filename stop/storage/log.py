@@ -688,19 +688,25 @@ class LogStore:
         self._w_seq, self._w_chain = seq, chain
         return outcomes, added, (seq, chain)
 
-    def _plan(self, items: list, outcomes: list) -> list:
+    def _plan(self, items: list, outcomes: list, checked: bool = False) -> list:
         """Worker thread: number, chain, place and index ``items``: a list
         of ``(kind, token, seq, seg, off, len, raw, item index, chain)`` in
         write order, rows already in the index's open transaction; refused
         items get their StoreFailed in ``outcomes``.
 
+        The inserts are the duplicate check of a batch of records alone
+        (the common case): one record's insert, or a batch's inserts all
+        or none (:meth:`Index.add_new`); only when one of them was stored
+        already, or the batch has linked entries (whose records must be
+        there), does one query first ask which tokens the index knows
+        (``checked``).
+
         :raise sqlite3.Error: the index cannot be read or written.
         """
         ix = self._wix
-        # One record alone (the common case when not loaded): its insert
-        # is its duplicate check. Else one query checks them all.
         single = len(items) == 1 and items[0][0] == RECORD
-        before = set() if single else ix.known([item[1] for item in items])
+        fast = not checked and all(item[0] == RECORD for item in items)
+        before = set() if fast else ix.known([item[1] for item in items])
         here: set[str] = set()
         plan = []
         rows: tuple[list, list] = ([], [])  # records, linked
@@ -733,7 +739,13 @@ class LogStore:
             seq, chain = seq + 1, next_chain
             plan.append((kind, token, seq, seg, size, n, raw, i, chain))
             size += n
-        if rows[0] or rows[1]:
+        if fast and rows[0]:
+            if not ix.add_new(rows[0]):
+                # A token stored before (nothing was inserted): plan again,
+                # asking the index which.
+                outcomes[:] = [None] * len(items)
+                return self._plan(items, outcomes, checked=True)
+        elif rows[0] or rows[1]:
             ix.add(*rows)
         return plan
 
