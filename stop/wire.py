@@ -28,6 +28,9 @@ _PORTS = re.compile(_WS + r"([0-9]+)" + _WS + "," + _WS + r"([0-9]+)" + _WS)
 _TYPE = re.compile(":" + _WS + r"([A-Za-z_]+)" + _WS)
 _SID = re.compile(":" + _WS + r"([0-9]{1,10})" + _WS)
 _ADDRESS = re.compile(":" + _WS + r"(?:([0-9]{1,3}(?:\.[0-9]{1,3}){3})|\[([0-9A-Fa-f:.]+)\])" + _WS + r"\Z")
+#: The common request, a plain port pair (its ports at most 5 digits): read
+#: straight from the bytes; anything else goes through the full grammar.
+_PLAIN = re.compile(rb"[ \t]*([0-9]{1,5})[ \t]*,[ \t]*([0-9]{1,5})[ \t]*\r?\Z")
 _TOKEN_CHARS = re.compile(r"[\x21-\x39\x3b-\x7e]{1,512}\Z")
 
 
@@ -63,6 +66,16 @@ def parse_request(line: bytes) -> Request:
     :raise RequestError: anything else that does not parse (``ports`` are
         the numbers read, or (0, 0) when no port pair could be read).
     """
+    m = _PLAIN.match(line)
+    if m is not None:  # what parse_full gives (tests/test_wire.py), in half the time
+        p1, p2 = int(m.group(1)), int(m.group(2))
+        if 0 < p1 <= MAX_PORT and 0 < p2 <= MAX_PORT:
+            return Request((p1, p2))
+    return parse_full(line)
+
+
+def parse_full(line: bytes) -> Request:
+    """:func:`parse_request` without its shortcut for a plain port pair."""
     if line.endswith(b"\r"):
         line = line[:-1]
     # latin-1 maps every byte to one character, so 8-bit and NUL bytes

@@ -3,7 +3,7 @@
 import re
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from stop import wire
 from stop.errors import InvalidPort, RequestError
@@ -117,6 +117,35 @@ def test_any_bytes_parse_or_give_a_clean_error(data):
         reply = wire.format_token(r.ports, TOKEN)
     assert reply.endswith(b"\r\n") and reply.count(b"\n") == 1
     assert re.match(rb"\A\d+, \d+ : ", reply)
+
+
+def _outcome(parse, line):
+    try:
+        return parse(line)
+    except RequestError as e:
+        return type(e), e.ports, e.word
+
+
+_pair_chars = st.sampled_from(list(b"0123456789 \t,\r:x\x00"))
+
+
+@given(st.one_of(st.binary(max_size=40),
+                 st.lists(_pair_chars, max_size=20).map(bytes),
+                 st.tuples(st.integers(0, 999999), st.integers(0, 999999),
+                           st.sampled_from(["", " ", "\t", "00"]), st.booleans()).map(
+                     lambda t: b"%s%d%s,%s%d%s%s" % (t[2].encode(), t[0], t[2].encode(), t[2].encode(),
+                                                     t[1], t[2].encode(), b"\r" if t[3] else b""))))
+@example(b"0, 5")
+@example(b"5,0")
+@example(b"65536, 1")
+@example(b"1, 65536\r")
+@example(b"00023, 00080")
+@example(b"000023, 80")
+@example(b"1, 2\r\r")
+def test_the_plain_pair_shortcut_agrees_with_the_grammar(line):
+    """parse_request's shortcut for a plain port pair gives exactly what the
+    full grammar gives: the same Request, or the same error and ports."""
+    assert _outcome(wire.parse_request, line) == _outcome(wire.parse_full, line)
 
 
 ws = st.sampled_from(["", " ", "\t", "  "])
