@@ -198,9 +198,11 @@ class FloorServer:
     commit before the reply, and the daemon's log line; "store"
     ("floor+st"): no lookup, the record in stop's own flat store (fsync =
     batch), the same log line. What stop costs above floor+d is its own
-    per-query work (record, policy, store)."""
+    per-query work (record, policy, store). "chained" ("floor+dc"): floor+d
+    whose records are also chained and indexed in SQLite, the least way
+    (floor_server.ChainedLog): floor+d with spec 8's store duties."""
 
-    NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st"}
+    NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st", "chained": "floor+dc"}
 
     def __init__(self, workdir: pathlib.Path, kind: Optional[str] = None):
         self.proc: subprocess.Popen | None = None
@@ -209,9 +211,12 @@ class FloorServer:
         if kind is not None:
             # A directory of its own: the ID and SV parts of hot_bench each start one.
             base = pathlib.Path(tempfile.mkdtemp(prefix=f"floor-{kind}-", dir=workdir))
-            self.args = [f"--{kind}", str(base / "data"), "--log", str(base / "floor.log")]
-            if kind == "minimal":
+            option = "minimal" if kind == "chained" else kind
+            self.args = [f"--{option}", str(base / "data"), "--log", str(base / "floor.log")]
+            if kind in ("minimal", "chained"):
                 self.args.append("--lookup")
+            if kind == "chained":
+                self.args.append("--chained")
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),

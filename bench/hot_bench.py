@@ -419,8 +419,8 @@ def id_part(a, gen: CLoadgen, workdir: pathlib.Path, targets: list) -> None:
     floors = ()
     if a.floor:
         servers += [co.FloorServer(workdir), co.FloorServer(workdir, "minimal"),
-                    co.FloorServer(workdir, "store")]
-        floors = ("floor", "floor+d", "floor+st")
+                    co.FloorServer(workdir, "chained"), co.FloorServer(workdir, "store")]
+        floors = ("floor", "floor+d", "floor+dc", "floor+st")
     holders = co.Holders()
     results: dict = {}
     try:

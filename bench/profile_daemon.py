@@ -101,6 +101,9 @@ def main(argv=None) -> int:
                     help="--kind sv: this many extra established connections on the host")
     ap.add_argument("--time-wait", type=int, default=0,
                     help="--kind sv: this many TIME_WAIT sockets on the host at the start")
+    ap.add_argument("--floor", choices=("floor", "minimal", "chained", "store"),
+                    help="--kind id: profile this floor server (bench/floor_server.py, as "
+                         "hot_bench.py starts it: minimal = floor+d) instead of stop")
     ap.add_argument("--gil", action="store_true",
                     help="only samples holding the GIL (Python CPU; no GIL waits)")
     a = ap.parse_args(argv)
@@ -114,7 +117,12 @@ def main(argv=None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-prof-", dir="/var/tmp"))
     out = workdir / "pyspy.txt"
     holders = fresh = gen = idle = None
-    server = co.StopServer(workdir) if a.kind == "id" else hot_bench.SvDaemon(workdir)
+    if a.kind == "sv":
+        server = hot_bench.SvDaemon(workdir)
+    elif a.floor:
+        server = co.FloorServer(workdir, None if a.floor == "floor" else a.floor)
+    else:
+        server = co.StopServer(workdir)
     try:
         server.start()
         if a.kind == "id":
