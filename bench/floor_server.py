@@ -157,10 +157,30 @@ class ChainedLog(MinimalLog):
         os.fdatasync(self._fd)
         self._chain, self._seq, self._off = chain, seq, off
         self._rows += len(rows)
-        if self._rows >= 256:
-            self._db.execute("COMMIT")
-            self._db.execute("BEGIN")
+
+    def _commit_index(self) -> None:
+        self._db.execute("COMMIT")
+        self._db.execute("BEGIN")
+
+    def _done(self, batch: list) -> None:
+        # The index is committed by the writer thread, after the replies
+        # (as stop does): the reactor then sends batches there until it is
+        # done, never writing itself meanwhile.
+        if self._rows >= 256 and not self._busy:
             self._rows = 0
+            self._busy = True
+            self._queue.put(None)
+        super()._done(batch)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                self._commit_index()
+                reactor.callFromThread(self._returned, [])
+                continue
+            self._write(batch)
+            reactor.callFromThread(self._returned, batch)
 
 
 class FloorProtocol(LineReceiver):
