@@ -172,10 +172,18 @@ class Answerer:
                     home: Optional[str]):
         request = query.request
         now = self._clock.seconds()
+        over_quota = self._over_quota(now)
+        if not (over_quota or request.recursive or (
+                request.type != wire.ID and self._process_state is not None)):
+            # An ID record (also SV's when no process state is kept): its
+            # bytes made at once, without the dict.
+            data = records.id_record(request=request, requester=query.requester,
+                                     server=query.server, connection=conn, user_name=name,
+                                     now=now, host=self._host)
+            return self._save_data(query, conn, name, home, data, sv=False)
         record = records.base_record(
             request=self._request_fields(request), requester=query.requester,
             server=query.server, connection=conn, user_name=name, now=now, host=self._host)
-        over_quota = self._over_quota(now)
         if over_quota:
             record["quota"] = "reached"
         if request.recursive:
@@ -196,12 +204,15 @@ class Answerer:
 
     def _save(self, query: Query, conn: Connection, name, home, record: dict,
                sv: bool) -> defer.Deferred:
-        data = records.canonical(record)
+        return self._save_data(query, conn, name, home, records.canonical(record), sv,
+                               record.get("recursion"))
+
+    def _save_data(self, query: Query, conn: Connection, name, home, data: bytes, sv: bool,
+                   plan: Optional[dict] = None) -> defer.Deferred:
         # An SV token is the hash of the exact stored bytes (spec 4).
         token = self._tokens.of_record(data) if sv else self._tokens.random()
         d = self._record_store.save(token, data)
         d.addCallback(self._stored, query, conn, name, home, token, data)
-        plan = record.get("recursion")
         if plan and plan.get("targets"):
             d.addCallback(self._recurse_after_reply, token, query.request, plan)
         return d
