@@ -136,6 +136,12 @@ class Index:
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 raise IndexBroken("cannot use WAL mode")
             db.execute("PRAGMA synchronous = NORMAL")
+            # A batch's savepoint (add_new) keeps the pages it changes in a
+            # sub-journal; on disk that is a new file in the temp directory
+            # per batch (open, writes, unlink: ~2 syscalls a record, index
+            # pages outside the store). In memory it is bounded by the pages
+            # one batch touches.
+            db.execute("PRAGMA temp_store = MEMORY")
             for statement in _SCHEMA:
                 db.execute(statement)
             layout = db.execute("SELECT value FROM meta WHERE key = 'layout'").fetchone()
