@@ -1141,26 +1141,6 @@ class LogStoreTests(TempDirMixin):
         self.assertEqual(list(self.make(data).records()), items)
         self.assertTrue(os.path.exists(os.path.join(data, "records-0.1.0", "index")))
 
-    def test_the_index_writer_keeps_its_savepoint_journal_in_memory(self):
-        """A batch's savepoint (Index.add_new) journals the pages it changes;
-        with SQLite's default that journal spills to a new file in the
-        temp directory for nearly every batch under load (index pages
-        outside the store, ~2 syscalls a record): the writer keeps it
-        in memory."""
-        from stop.storage import index as index_mod
-        ix = index_mod.Index(self.tempdir(), readonly=False)
-        ix.open()
-        try:
-            self.assertEqual(ix._db.execute("PRAGMA temp_store").fetchone()[0], 2)  # MEMORY
-            rows = [(f"t{i:04d}", i, 1, i, 1) for i in range(300)]
-            self.assertTrue(ix.add_new(rows[:150]))
-            self.assertFalse(ix.add_new(rows[140:]))  # one known: none of them
-            self.assertTrue(ix.add_new(rows[150:]))
-            ix.commit()
-            self.assertEqual(ix._query("SELECT count(*) FROM records")[0][0], 300)
-        finally:
-            ix.close()
-
     @defer.inlineCallbacks
     def test_index_is_a_cache(self):
         """records/index.sqlite may be lost, stale, garbage or describe
@@ -1422,6 +1402,30 @@ class MemoryStoreTests(unittest.TestCase):
         self.successResultOf(store.close())
         self.failureResultOf(store.save("d", b"{}"), StoreFailed)
         self.assertEqual(store.get("a"), b"{}")
+
+
+class IndexTests(TempDirMixin, unittest.TestCase):
+    """stop.storage.index alone (once, not per store format)."""
+
+    def test_the_index_writer_keeps_its_savepoint_journal_in_memory(self):
+        """A batch's savepoint (Index.add_new) journals the pages it changes;
+        with SQLite's default that journal spills to a new file in the
+        temp directory for nearly every batch under load (index pages
+        outside the store, ~2 syscalls a record): the writer keeps it
+        in memory."""
+        from stop.storage import index as index_mod
+        ix = index_mod.Index(self.tempdir(), readonly=False)
+        ix.open()
+        try:
+            self.assertEqual(ix._db.execute("PRAGMA temp_store").fetchone()[0], 2)  # MEMORY
+            rows = [(f"t{i:04d}", i, 1, i, 1) for i in range(300)]
+            self.assertTrue(ix.add_new(rows[:150]))
+            self.assertFalse(ix.add_new(rows[140:]))  # one known: none of them
+            self.assertTrue(ix.add_new(rows[150:]))
+            ix.commit()
+            self.assertEqual(ix._query("SELECT count(*) FROM records")[0][0], 300)
+        finally:
+            ix.close()
 
 
 class FactoryTests(TempDirMixin, unittest.TestCase):
