@@ -334,11 +334,12 @@ class Answerer:
         r = query.request
         kind = r.type + (f":{r.sid}" if r.sid is not None else "") + (
             f" for {r.address}" if r.address else "")
-        text = f"{query.requester} asked {r.ports[0]}, {r.ports[1]} {kind}: {outcome}"
+        requester = str(query.requester)
+        text = f"{requester} asked {r.ports[0]}, {r.ports[1]} {kind}: {outcome}"
         # One line per query is the daemon's biggest single cost after the
         # kernel: the text is made here with an f-string, and the format
         # has no fields left for twisted.logger's (pure Python) formatter
         # to fill. The parts still travel in the event for JSON observers.
         emit = self.log.warn if warn else self.log.info
-        emit(text.replace("{", "{{").replace("}", "}}"), requester=str(query.requester),
+        emit(text.replace("{", "{{").replace("}", "}}"), requester=requester,
              ports=r.ports, type=r.type, sid=r.sid, address=r.address, outcome=outcome)
