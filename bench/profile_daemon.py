@@ -17,6 +17,9 @@ sockets (as ``hot_bench.py``'s SV points).
 py-spy samples every thread (``--threads``, idle samples dropped); the
 report gives, per thread, the share of samples whose stack contains each
 function (inclusive) and the functions on top of the stack (self).
+``--native`` adds the C frames (the interpreter, the GC, SQLite, libc):
+py-spy then stops the process for each sample, which slows it and
+over-counts system calls (``kernel_profile.py --perf`` measures those).
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ def main(argv=None) -> int:
                          "hot_bench.py starts it: minimal = floor+d) instead of stop")
     ap.add_argument("--gil", action="store_true",
                     help="only samples holding the GIL (Python CPU; no GIL waits)")
+    ap.add_argument("--native", action="store_true",
+                    help="with C frames (the interpreter, the cyclic GC, SQLite, libc): "
+                         "py-spy stops the daemon for each sample, so the load is slower")
     a = ap.parse_args(argv)
     spy = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep
                        + os.environ.get("PATH", ""))
@@ -142,8 +148,10 @@ def main(argv=None) -> int:
             if a.time_wait:
                 hot_bench.make_time_wait(a.time_wait)
         cmd = [spy, "record", "--pid", str(server.pid), "--threads", "--rate", str(a.rate),
-               "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(out),
-               "--nonblocking"] + (["--gil"] if a.gil else [])
+               "--duration", str(int(a.seconds)), "--format", "raw", "--output", str(out)]
+        # Native stacks can only be read from a stopped process.
+        cmd += ["--native"] if a.native else ["--nonblocking"]
+        cmd += ["--gil"] if a.gil else []
         spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
         c0, t0 = co.tree_cpu_seconds(server.pid), time.monotonic()
