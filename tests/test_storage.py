@@ -1407,12 +1407,12 @@ class MemoryStoreTests(unittest.TestCase):
 class IndexTests(TempDirMixin, unittest.TestCase):
     """stop.storage.index alone (once, not per store format)."""
 
-    def test_the_index_writer_keeps_its_savepoint_journal_in_memory(self):
-        """A batch's savepoint (Index.add_new) journals the pages it changes;
-        with SQLite's default that journal spills to a new file in the
-        temp directory for nearly every batch under load (index pages
-        outside the store, ~2 syscalls a record): the writer keeps it
-        in memory."""
+    def test_the_index_writer_keeps_its_statement_journals_in_memory(self):
+        """A statement or savepoint that may be undone journals the pages
+        it changes; with SQLite's default that journal spills to a new
+        file in the temp directory (a batch's savepoint did so for nearly
+        every batch under load: index pages outside the store, ~2
+        syscalls a record): the writer keeps such journals in memory."""
         from stop.storage import index as index_mod
         ix = index_mod.Index(self.tempdir(), readonly=False)
         ix.open()
@@ -1424,6 +1424,31 @@ class IndexTests(TempDirMixin, unittest.TestCase):
             self.assertTrue(ix.add_new(rows[150:]))
             ix.commit()
             self.assertEqual(ix._query("SELECT count(*) FROM records")[0][0], 300)
+        finally:
+            ix.close()
+
+    def test_a_batch_with_a_known_token_changes_nothing(self):
+        """Index.add_new is all or none: new tokens sorted before the
+        known one (inserted when it is met) and after it are not left in
+        the index, nor is a token twice in one batch; the rows stored
+        before, the known one's included, are untouched."""
+        from stop.storage import index as index_mod
+        ix = index_mod.Index(self.tempdir(), readonly=False)
+        ix.open()
+        try:
+            stored = [("m", 1, 1, 0, 10), ("q", 2, 1, 10, 10)]
+            self.assertTrue(ix.add_new(stored))
+            ix.commit()
+            for batch in ([("a", 3, 1, 20, 5), ("b", 4, 1, 25, 5), ("m", 5, 1, 30, 5),
+                           ("z", 6, 1, 35, 5)],
+                          [("c", 3, 1, 20, 5), ("d", 4, 1, 25, 5), ("c", 5, 1, 30, 5)],
+                          [("e", 3, 1, 20, 5), ("q", 2, 1, 10, 10)]):
+                self.assertFalse(ix.add_new(batch))
+                self.assertEqual(ix._query("SELECT * FROM records ORDER BY token"), stored)
+            self.assertTrue(ix.add_new([("a", 3, 1, 20, 5), ("b", 4, 1, 25, 5)]))
+            ix.commit()
+            self.assertEqual([r[0] for r in ix._query("SELECT token FROM records ORDER BY token")],
+                             ["a", "b", "m", "q"])
         finally:
             ix.close()
 

@@ -53,6 +53,8 @@ _SCHEMA = (
 Loc = tuple[int, int, int]
 _ONE = "SELECT 1 FROM records WHERE token = ?"
 _INSERT_ONE = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?)"
+#: add_new's insert: a known token stops it (IntegrityError).
+_INSERT_NEW = "INSERT INTO records VALUES (?, ?, ?, ?, ?)"
 
 
 class Last(NamedTuple):
@@ -136,11 +138,12 @@ class Index:
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
                 raise IndexBroken("cannot use WAL mode")
             db.execute("PRAGMA synchronous = NORMAL")
-            # A batch's savepoint (add_new) keeps the pages it changes in a
-            # sub-journal; on disk that is a new file in the temp directory
-            # per batch (open, writes, unlink: ~2 syscalls a record, index
-            # pages outside the store). In memory it is bounded by the pages
-            # one batch touches.
+            # A statement or savepoint that may have to be undone keeps the
+            # pages it changes in a sub-journal; on disk that is a new file
+            # in the temp directory each time (open, writes, unlink: index
+            # pages outside the store). add_new has none now; this keeps
+            # any other one (a rebuild's, a drop's) in memory, bounded by
+            # the pages it touches.
             db.execute("PRAGMA temp_store = MEMORY")
             for statement in _SCHEMA:
                 db.execute(statement)
@@ -313,22 +316,26 @@ class Index:
         nothing changed, when one was there already. A batch's duplicate
         check and its inserts in one pass (:meth:`known` first costs a
         second lookup per row, for a duplicate that random and hash tokens
-        make as good as impossible)."""
+        make as good as impossible).
+
+        "None" without a savepoint (two more statements a batch, each a
+        hand-off of the GIL): the first known token stops the inserts, and
+        the rows put in before it, whose tokens were new, are taken out
+        again by token.
+        """
         db = self._begin()
-        db.execute("SAVEPOINT batch")
+        before = db.total_changes
+        # In key order: each B-tree page is met once per batch.
+        rows = sorted(records)
         try:
-            before = db.total_changes
-            # In key order: each B-tree page is met once per batch.
-            db.executemany("INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?)", sorted(records))
-            if db.total_changes - before == len(records):
-                return True
-            db.execute("ROLLBACK TO batch")
+            db.executemany(_INSERT_NEW, rows)
+        except sqlite3.IntegrityError:
+            added = db.total_changes - before
+            if added:
+                db.executemany("DELETE FROM records WHERE token = ?",
+                               [(row[0],) for row in rows[:added]])
             return False
-        except BaseException:
-            db.execute("ROLLBACK TO batch")
-            raise
-        finally:
-            db.execute("RELEASE batch")
+        return True
 
     def add_record(self, row: tuple) -> bool:
         """Insert one record row in the open transaction; False (and
