@@ -52,6 +52,10 @@ import compare_oidentd as co  # noqa: E402
 from cloadgen import CLoadgen  # noqa: E402
 
 PERF_HZ = 2000
+#: A fixed sampling period (``-c``, in ns of cpu-clock): with ``-F`` perf
+#: adapts the period as it goes, and counting samples as 1/PERF_HZ s each
+#: gave 204 us a query where /proc gave 140-160 (bench/README.rst).
+PERF_PERIOD_NS = 1_000_000_000 // PERF_HZ
 SCHEDULER = ("finish_task_switch", "_raw_spin_unlock_irqrestore", "__schedule")
 STRACE_LINE = re.compile(r"(\d+)\s+(\w+)\(")
 
@@ -161,12 +165,15 @@ def main(argv=None) -> int:
                         print(f"  {thread:6} {call:16} {per:6.2f}")
                 if a.perf:
                     data = workdir / f"{kind}.perf"
-                    n = traced(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ),
-                                "-g", "-p", str(server.pid), "-o", str(data)],
+                    cpu0 = co.tree_cpu_seconds(server.pid)
+                    n = traced(["perf", "record", "-q", "-e", "cpu-clock", "-c",
+                                str(PERF_PERIOD_NS), "-g", "-p", str(server.pid), "-o", str(data)],
                                lambda: load(a.queries))
+                    own = (co.tree_cpu_seconds(server.pid) - cpu0) * 1e6 / n
                     rows = perf_samples(data, server.pid, n)
                     print(f"{kind}: CPU us per query by system call (perf cpu-clock "
-                          f"{PERF_HZ}/s, {n} queries; total {sum(r[2] for r in rows):.0f})")
+                          f"{PERF_HZ}/s, {n} queries; total {sum(r[2] for r in rows):.0f}; "
+                          f"/proc over the same window: {own:.0f})")
                     for thread in ("main", "other"):
                         mine = [r for r in rows if r[0] == thread]
                         print(f"  {thread}: {sum(r[2] for r in mine):.0f} us")
