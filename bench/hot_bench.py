@@ -604,6 +604,14 @@ def sv_part(a, workdir: pathlib.Path, targets: list) -> None:
         targets.append((f"SV fresh / ID fresh, +{a.idle} idle processes <= 5x", f"{r:.2f}x",
                         r <= 5.0))
 
+        # The quiet figure again, just before the sockets are made: the
+        # first one is minutes old by now, and a host that slowed down
+        # meanwhile (a noisy VM: ID and SV alike) must not read as the
+        # sockets' cost. The target uses this one; both are printed.
+        time.sleep(1.0)
+        again = fresh_point(daemon, fresh, a.sv_queries)
+        show("quiet again, before the sockets", again)
+
         holders = co.Holders()
         holders.grow(a.established)
         t0 = time.monotonic()
@@ -616,9 +624,11 @@ def sv_part(a, workdir: pathlib.Path, targets: list) -> None:
              f"after the first TIME_WAIT)")
         holders.stop()
         holders = None
-        r = sockets["SV"]["median_ms"] / quiet["SV"]["median_ms"]
+        r = sockets["SV"]["median_ms"] / again["SV"]["median_ms"]
+        first = sockets["SV"]["median_ms"] / quiet["SV"]["median_ms"]
         targets.append((f"SV fresh with {a.time_wait} TIME_WAIT + {a.established} estab. / "
-                        "quiet <= 1.5x", f"{r:.2f}x", r <= 1.5))
+                        "quiet <= 1.5x", f"{r:.2f}x (to the first quiet point: {first:.2f}x)",
+                        r <= 1.5))
 
         notes = daemon.index_notes()
         print("  index, per SV record: " + ", ".join(f"{k}: {v}" for k, v in
