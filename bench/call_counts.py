@@ -31,7 +31,6 @@ import os
 import pathlib
 import pstats
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -139,8 +138,7 @@ def main(argv=None) -> int:
         print("call_counts: run as root (the connections asked about belong to nobody)",
               file=sys.stderr)
         return 2
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    co.raise_nofile()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-calls-", dir="/var/tmp"))
     holders, gen = co.Holders(), CLoadgen()
     counts: dict[str, dict] = {}

@@ -97,6 +97,13 @@ def tree_cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def raise_nofile() -> None:
+    """The soft RLIMIT_NOFILE up to the hard one, for this process and every
+    child it starts (holders, servers, the load generator)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -427,8 +434,7 @@ def main(argv=None) -> int:
     no_user_sockets = a.no_user_sockets or (5000 if a.quick else 20000)
     no_user_seconds = min(a.no_user_seconds, 10.0) if a.quick else a.no_user_seconds
 
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by all children
+    raise_nofile()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-bench-", dir=a.workdir))
     servers = [StopServer(workdir), OidentdServer(workdir)]
     if a.floor:

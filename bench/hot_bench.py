@@ -42,7 +42,6 @@ import os
 import pathlib
 import pwd
 import random
-import resource
 import select
 import shutil
 import signal
@@ -677,8 +676,7 @@ def main(argv=None) -> int:
     if a.only != "sv" and shutil.which("oidentd") is None:
         print("hot_bench: oidentd is not installed (apt-get install oidentd)", file=sys.stderr)
         return 2
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    co.raise_nofile()
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"hot_bench: {os.cpu_count()} CPUs, load average {' '.join(load)} at the start, "

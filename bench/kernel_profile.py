@@ -37,7 +37,6 @@ import os
 import pathlib
 import random
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -138,8 +137,7 @@ def main(argv=None) -> int:
         print("kernel_profile: needs root, strace (and perf for --perf: linux-perf)",
               file=sys.stderr)
         return 2
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    co.raise_nofile()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-kprof-", dir="/var/tmp"))
     holders = co.Holders()
     gen = CLoadgen()

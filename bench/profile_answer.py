@@ -22,7 +22,6 @@ import cProfile
 import io
 import os
 import pstats
-import resource
 import sys
 import tempfile
 import time
@@ -97,8 +96,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("profile_answer: run as root", file=sys.stderr)
         return 2
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    compare_oidentd.raise_nofile()
     log = tempfile.NamedTemporaryFile("w", prefix="stop-profile-", suffix=".log")
     # The daemon's observer for twistd's lines (stop.tap sets it for twistd).
     globalLogBeginner.beginLoggingTo([TextLogObserver(log)], redirectStandardIO=False)

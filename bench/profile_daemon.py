@@ -29,7 +29,6 @@ import collections
 import os
 import pathlib
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -118,8 +117,7 @@ def main(argv=None) -> int:
     if spy is None or os.geteuid() != 0:
         print("profile_daemon: needs root and py-spy (pip install py-spy)", file=sys.stderr)
         return 2
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    co.raise_nofile()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="stop-prof-", dir="/var/tmp"))
     out = workdir / "pyspy.txt"
     holders = fresh = gen = idle = None
