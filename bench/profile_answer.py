@@ -128,6 +128,7 @@ def main() -> int:
             print(out.getvalue())
     finally:
         holders.stop()
+        log.close()  # (and removed: the observer still holds it at exit otherwise)
     return 0
 
 

@@ -63,7 +63,9 @@ echo "built $(basename "$DEB") ($(stat -c %s "$DEB") bytes)"
 
 # -- lintian -----------------------------------------------------------------
 step "lintian"
-if ! lintian --fail-on error,warning "$DEB" > "$WORK/lintian.log" 2>&1; then
+# TMPDIR: lintian leaves mldbm-elf-* files in the temp directory; in $WORK
+# they go with it.
+if ! TMPDIR="$WORK" lintian --fail-on error,warning "$DEB" > "$WORK/lintian.log" 2>&1; then
     cat "$WORK/lintian.log"
     fail "lintian reports errors or warnings"
 fi

@@ -9,6 +9,7 @@ processes it started.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,11 +182,13 @@ class Process:
 @dataclass
 class Tree:
     """Processes a test started, detached (their parent is PID 1, as in the
-    paper's figures, so the walk ends there); ``stop()`` ends them by id."""
+    paper's figures, so the walk ends there); ``stop()`` ends them by id,
+    then removes the directories in ``dirs``."""
 
     procs: list[Process] = field(default_factory=list)
     connection: Connection | None = None
     info: dict = field(default_factory=dict)
+    dirs: list[str] = field(default_factory=list)
 
     def spawn(self, cmd: str) -> Process:
         # setsid (not a group leader here, so it execs without forking) gives
@@ -212,6 +215,8 @@ class Tree:
                     os.killpg(p.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def listen_sink(tree: Tree, port: int) -> subprocess.Popen:
@@ -317,7 +322,8 @@ def socat_unix() -> Tree:
     try:
         port = free_port()
         listen_sink(tree, port)
-        path = os.path.join(tempfile.mkdtemp(prefix="stop-sv-"), "relay.sock")
+        tree.dirs.append(tempfile.mkdtemp(prefix="stop-sv-"))
+        path = os.path.join(tree.dirs[-1], "relay.sock")
         server = tree.spawn(f"exec socat UNIX-LISTEN:{path} TCP:127.0.0.1:{port}")
         wait_for(lambda: os.path.exists(path), what="unix socket")
         client = tree.spawn(f"sleep 600 | socat - UNIX-CONNECT:{path}")

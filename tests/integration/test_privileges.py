@@ -4,6 +4,7 @@ drops to an unprivileged user; records belong to that user."""
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,3 +94,6 @@ def test_binds_113_dual_stack_then_runs_as_nobody():
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(10)
+            # (not pytest's tmp_path: nobody must reach the data dir, and
+            # its parents are root's alone)
+            shutil.rmtree(work, ignore_errors=True)
