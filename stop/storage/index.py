@@ -321,7 +321,7 @@ class Index:
         "None" without a savepoint (two more statements a batch, each a
         hand-off of the GIL): the first known token stops the inserts, and
         the rows put in before it, whose tokens were new, are taken out
-        again by token.
+        again (:meth:`drop`).
         """
         db = self._begin()
         before = db.total_changes
@@ -332,8 +332,7 @@ class Index:
         except sqlite3.IntegrityError:
             added = db.total_changes - before
             if added:
-                db.executemany("DELETE FROM records WHERE token = ?",
-                               [(row[0],) for row in rows[:added]])
+                self.drop([row[:2] for row in rows[:added]], [])
             return False
         return True
 
