@@ -207,9 +207,14 @@ class FloorServer:
     batch), the same log line. What stop costs above floor+d is its own
     per-query work (record, policy, store). "chained" ("floor+dc"): floor+d
     whose records are also chained and indexed in SQLite, the least way
-    (floor_server.ChainedLog): floor+d with spec 8's store duties."""
+    (floor_server.ChainedLog): floor+d with spec 8's store duties.
+    "duties" ("floor+dcq"): floor+dc with stop's per-query duties too
+    (parse, the real record, account, ``~/.ident``, the log line's
+    fields), each with stop's own code and the least glue
+    (floor_server.Duties): what stop costs above it is its structure."""
 
-    NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st", "chained": "floor+dc"}
+    NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st", "chained": "floor+dc",
+             "duties": "floor+dcq"}
 
     def __init__(self, workdir: pathlib.Path, kind: Optional[str] = None):
         self.proc: subprocess.Popen | None = None
@@ -218,12 +223,14 @@ class FloorServer:
         if kind is not None:
             # A directory of its own: the ID and SV parts of hot_bench each start one.
             base = pathlib.Path(tempfile.mkdtemp(prefix=f"floor-{kind}-", dir=workdir))
-            option = "minimal" if kind == "chained" else kind
+            option = "minimal" if kind in ("chained", "duties") else kind
             self.args = [f"--{option}", str(base / "data"), "--log", str(base / "floor.log")]
-            if kind in ("minimal", "chained"):
+            if kind in ("minimal", "chained", "duties"):
                 self.args.append("--lookup")
-            if kind == "chained":
+            if kind in ("chained", "duties"):
                 self.args.append("--chained")
+            if kind == "duties":
+                self.args.append("--duties")
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),

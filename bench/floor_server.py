@@ -19,6 +19,17 @@ chain, no sequence numbers: a lower bound, not a store.
 per query, written as the daemon writes its own (stop.logsetup's observer
 for twistd's log file, the same line shape), emitted before the reply.
 
+``--duties`` (with ``--lookup --minimal --chained --log``: "floor+dcq" in
+hot_bench.py) adds stop's own per-query duties (spec 2-4), each with stop's
+own code and the least glue, all in ``lineReceived``: the request parsed
+by ``stop.wire``, the whole record of the asked connection made by
+``stop.records.id_record`` (the looked-up connection, the account name
+from a dict of ``pwd`` answers, the time), the ``~/.ident`` opt-in (the
+file read once per uid and home by ``stop.optin.read_entries``, kept in a
+dict, matched as the daemon matches it), the reply by ``stop.wire`` and
+the daemon's log line with its fields. No gate, no Deferred, no layers:
+what is left between it and ``stop`` is stop's structure.
+
 With ``--lookup --minimal --log`` ("floor+d" in hot_bench.py): the least
 an ident server doing stop's job can cost here (the lookup, a durable record
 and a log line per query, on Twisted); what ``stop`` spends above it is its
@@ -27,7 +38,8 @@ and the log line without any lookup.
 
 Prints its port on stdout, then serves until killed:
     python bench/floor_server.py [--interface 127.0.0.1] [--lookup]
-                                 [--minimal DIR | --store DIR] [--log FILE]
+                                 [--minimal DIR [--chained] | --store DIR] [--log FILE]
+                                 [--duties]
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import os
 import queue
 import sys
 import threading
+import time
 
 from twisted.internet import protocol, reactor
 from twisted.protocols.basic import LineReceiver
@@ -183,13 +196,106 @@ class ChainedLog(MinimalLog):
             reactor.callFromThread(self._returned, batch)
 
 
+class Duties:
+    """``--duties``: stop's per-query duties the least way (module doc).
+    Needs the lookup, a ChainedLog and the log line."""
+
+    def __init__(self, lookup, log_store: "ChainedLog", log):
+        import pwd
+        import socket as socket_mod
+        from stop import optin, records, wire
+        from stop.errors import RequestError
+        from stop.model import Endpoint
+        from stop.server import endpoint_of
+        from stop.tokens import Tokens
+        self._pwd, self._optin, self._records, self._wire = pwd, optin, records, wire
+        self._request_error = RequestError
+        self._endpoint, self._endpoint_of = Endpoint, endpoint_of
+        self._lookup, self._store, self._log = lookup, log_store, log
+        self._tokens = Tokens("sha1")
+        self._host = socket_mod.gethostname()
+        self._accounts: dict = {}   # uid -> (name, home)
+        self._entries: dict = {}    # (uid, home) -> ~/.ident entries
+
+    def connected(self, p) -> None:
+        p.requester = self._endpoint_of(p.transport.getPeer())
+        p.server = self._endpoint_of(p.transport.getHost())
+
+    def _account(self, uid: int):
+        account = self._accounts.get(uid)
+        if account is None:
+            try:
+                pw = self._pwd.getpwuid(uid)
+                account = (pw.pw_name, pw.pw_dir)
+            except KeyError:
+                account = (None, None)
+            self._accounts[uid] = account
+        return account
+
+    def answer(self, p, line: bytes) -> None:
+        wire = self._wire
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        try:
+            request = wire.parse_request(line)
+        except self._request_error as e:
+            p.transport.write(wire.format_error(e.ports, e.word))
+            return
+        requester, server = p.requester, p.server
+        ports = request.ports
+        conn = self._lookup.find(self._endpoint(server.host, ports[0]),
+                                 self._endpoint(requester.host, ports[1]))
+        if conn is None or conn.accepted:
+            p.transport.write(wire.format_error(ports, "NO-USER"))
+            return
+        name, home = self._account(conn.uid)
+        data = self._records.id_record(request=request, requester=requester, server=server,
+                                       connection=conn, user_name=name, now=time.time(),
+                                       host=self._host)
+        token = self._tokens.random()
+
+        def durable() -> None:
+            send_name = False
+            if name and home:
+                key = (conn.uid, home)
+                entries = self._entries.get(key)
+                if entries is None:
+                    entries = self._entries[key] = self._optin.read_entries(home, conn.uid,
+                                                                            True)
+                send_name = self._optin._matches(requester.host, entries)[0]
+            if send_name:
+                reply, outcome = (wire.format_user(ports, "UNIX", name),
+                                  f"{conn.local}->{conn.remote} uid {conn.uid} ({name}): "
+                                  f"user name sent (~/.ident), record {token}")
+            else:
+                reply, outcome = (wire.format_token(ports, token),
+                                  f"{conn.local}->{conn.remote} uid {conn.uid} ({name}): "
+                                  f"token {token}")
+            # The daemon's line and fields (stop.answer.Answerer._log).
+            who = str(requester)
+            self._log.info(f"{who} asked {ports[0]}, {ports[1]} {request.type}: {outcome}",
+                           requester=who, ports=ports, type=request.type, sid=request.sid,
+                           address=request.address, outcome=outcome)
+            p.transport.write(reply)
+
+        self._store.save(data + b"\n", durable, token)
+
+
 class FloorProtocol(LineReceiver):
     store = None
     minimal = None
     log = None
     lookup = None
+    duties = None
+
+    def connectionMade(self) -> None:
+        if self.duties is not None:
+            self.duties.connected(self)
 
     def lineReceived(self, line: bytes) -> None:
+        if self.duties is not None:
+            self.duties.answer(self, line)
+            return
         token = os.urandom(20).hex()
         line = line.rstrip(b"\r")
         if self.lookup is not None:
@@ -229,6 +335,9 @@ def main() -> int:
     ap.add_argument("--lookup", action="store_true", help="look the asked connection up")
     ap.add_argument("--chained", action="store_true",
                     help="with --minimal: chain the entries and index them in SQLite (spec 8)")
+    ap.add_argument("--duties", action="store_true",
+                    help="with --lookup --minimal --chained --log: stop's per-query duties "
+                         "(parse, record, account, ~/.ident, log fields), the least way")
     a = ap.parse_args()
     sys.path.insert(0, ROOT)
     if a.lookup:
@@ -244,6 +353,11 @@ def main() -> int:
         os.makedirs(a.minimal, mode=0o700, exist_ok=True)
         kind = ChainedLog if a.chained else MinimalLog
         FloorProtocol.minimal = kind(os.path.join(a.minimal, "records.log"))
+    if a.duties:
+        if not (a.lookup and a.chained and a.log):
+            ap.error("--duties needs --lookup, --minimal DIR --chained and --log")
+        FloorProtocol.duties = Duties(FloorProtocol.lookup, FloorProtocol.minimal,
+                                      FloorProtocol.log)
     if a.store:
         from stop.storage import make_store
         store = make_store("flat", a.store, reactor=reactor, fsync="batch")
