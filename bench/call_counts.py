@@ -10,7 +10,7 @@ Run as root with the ``.venv`` interpreter; everything is on loopback:
 ``stop`` runs as ``compare_oidentd.py`` runs it, through twistd's own
 ``--profile --profiler=cprofile``; a floor (``floor``, ``minimal`` =
 floor+d, ``chained`` = floor+dc, ``store`` = floor+st, ``duties`` =
-floor+dcq) runs as
+floor+dcq, ``store-duties`` = floor+stq) runs as
 ``hot_bench.py --floor`` runs it, under ``python -m cProfile``. 1,000
 established connections held by nobody, ``--queries`` queries from the C
 load generator; the counts cover the whole process life (start-up is a
@@ -47,7 +47,7 @@ import compare_oidentd as co  # noqa: E402
 from cloadgen import CLoadgen  # noqa: E402
 from tests.integration.harness import Daemon  # noqa: E402
 
-KINDS = ("stop", "floor", "minimal", "chained", "store", "duties")
+KINDS = ("stop", "floor", "minimal", "chained", "store", "duties", "store-duties")
 
 
 class ProfiledStop(co.StopServer):

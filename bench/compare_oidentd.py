@@ -211,10 +211,12 @@ class FloorServer:
     "duties" ("floor+dcq"): floor+dc with stop's per-query duties too
     (parse, the real record, account, ``~/.ident``, the log line's
     fields), each with stop's own code and the least glue
-    (floor_server.Duties): what stop costs above it is its structure."""
+    (floor_server.Duties): what stop costs above it is its structure.
+    "store-duties" ("floor+stq"): the same duties with stop's own flat
+    store (``fsync = batch``) in place of the least one."""
 
     NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st", "chained": "floor+dc",
-             "duties": "floor+dcq"}
+             "duties": "floor+dcq", "store-duties": "floor+stq"}
 
     def __init__(self, workdir: pathlib.Path, kind: Optional[str] = None):
         self.proc: subprocess.Popen | None = None
@@ -223,13 +225,14 @@ class FloorServer:
         if kind is not None:
             # A directory of its own: the ID and SV parts of hot_bench each start one.
             base = pathlib.Path(tempfile.mkdtemp(prefix=f"floor-{kind}-", dir=workdir))
-            option = "minimal" if kind in ("chained", "duties") else kind
+            option = ("minimal" if kind in ("chained", "duties") else
+                      "store" if kind == "store-duties" else kind)
             self.args = [f"--{option}", str(base / "data"), "--log", str(base / "floor.log")]
-            if kind in ("minimal", "chained", "duties"):
+            if kind in ("minimal", "chained", "duties", "store-duties"):
                 self.args.append("--lookup")
             if kind in ("chained", "duties"):
                 self.args.append("--chained")
-            if kind == "duties":
+            if kind in ("duties", "store-duties"):
                 self.args.append("--duties")
 
     def start(self) -> None:

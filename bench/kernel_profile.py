@@ -9,7 +9,9 @@ Run as root with the ``.venv`` interpreter; everything is on loopback:
     .venv/bin/python bench/kernel_profile.py [--kinds stop chained] [--clients 50] [--perf]
 
 For each server (``stop``: as ``compare_oidentd.py`` runs it; ``floor``,
-``minimal`` = floor+d, ``chained`` = floor+dc, ``store`` = floor+st: as
+``minimal`` = floor+d, ``chained`` = floor+dc, ``duties`` = floor+dcq,
+``store-duties`` = floor+stq,
+``store`` = floor+st: as
 ``hot_bench.py --floor`` runs them): 1,000 established connections held by
 nobody, the C load generator (``loadgen.c``), ``--warm`` queries first
 (the store and its index grow as in the benchmarks' later points), then
@@ -125,7 +127,8 @@ def perf_samples(path: pathlib.Path, main_tid: int, queries: int) -> list[tuple]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", nargs="+", default=["stop", "chained"],
-                    choices=["stop", "floor", "minimal", "chained", "store"])
+                    choices=["stop", "floor", "minimal", "chained", "duties", "store",
+                             "store-duties"])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--warm", type=int, default=20000, help="queries before the traced ones")
     ap.add_argument("--queries", type=int, default=3000, help="queries traced")
