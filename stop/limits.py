@@ -69,7 +69,8 @@ class Gate:
 
     def _release(self, result):
         self._running -= 1
-        self._pump()
+        if self._waiting:
+            self._pump()
         return result
 
     def _pump(self) -> None:
