@@ -267,6 +267,7 @@ class Duties:
         try:
             request = wire.parse_request(line)
         except self._request_error as e:
+            self._log.info(f"{p.requester} sent an unreadable request: {e.word}")
             send_now(p, wire.format_error(e.ports, e.word))
             return
         requester, server = p.requester, p.server
@@ -274,6 +275,7 @@ class Duties:
         conn = self._lookup.find(self._endpoint(server.host, ports[0]),
                                  self._endpoint(requester.host, ports[1]))
         if conn is None or conn.accepted:
+            self._log.info(f"{requester} asked {ports[0]}, {ports[1]} {request.type}: NO-USER")
             send_now(p, wire.format_error(ports, "NO-USER"))
             return
         name, home = self._account(conn.uid)
