@@ -27,14 +27,14 @@ for twistd's log file, the same line shape), emitted before the reply.
 in hot_bench.py; with ``--lookup --store DIR --log``: "floor+stq", the same
 on stop's own store) adds stop's own per-query duties (spec 2-4), each
 with stop's own code and the least glue, all in ``lineReceived``: the
-request parsed
-by ``stop.wire``, the whole record of the asked connection made by
-``stop.records.id_record`` (the looked-up connection, the account name
-from a dict of ``pwd`` answers, the time), the ``~/.ident`` opt-in (the
-file read once per uid and home by ``stop.optin.read_entries``, kept in a
-dict, matched as the daemon matches it), the reply by ``stop.wire`` and
-the daemon's log line with its fields. No gate, no Deferred, no layers:
-what is left between it and ``stop`` is stop's structure.
+request parsed by ``stop.wire``, the whole record of the asked connection
+made by ``stop.records.id_record`` (the looked-up connection, the account
+name from a dict of ``pwd`` answers, the time), the ``~/.ident`` opt-in
+(the file read once per uid and home by ``stop.optin.read_entries``, kept
+in a dict, matched as the daemon matches it), the reply by ``stop.wire``
+and the daemon's log line with its fields (NO-USER and unreadable
+requests logged too). No gate, no Deferred, no layers: what is left
+between it and ``stop`` is stop's structure.
 
 With ``--lookup --minimal --log`` ("floor+d" in hot_bench.py): the least
 an ident server doing stop's job can cost here (the lookup, a durable record
@@ -225,7 +225,7 @@ def send_now(p, reply: bytes) -> None:
 
 class Duties:
     """``--duties``: stop's per-query duties the least way (module doc).
-    Needs the lookup, a ChainedLog and the log line."""
+    Needs the lookup, the log line, and a ChainedLog or stop's own store."""
 
     def __init__(self, lookup, log_store: "ChainedLog", log):
         import pwd
