@@ -47,7 +47,7 @@ import compare_oidentd as co  # noqa: E402
 from cloadgen import CLoadgen  # noqa: E402
 from tests.integration.harness import Daemon  # noqa: E402
 
-KINDS = ("stop", "floor", "minimal", "chained", "store", "duties", "store-duties")
+KINDS = ("stop", "floor", *co.FloorServer.OPTIONS)
 
 
 class ProfiledStop(co.StopServer):

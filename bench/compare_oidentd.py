@@ -217,6 +217,12 @@ class FloorServer:
 
     NAMES = {None: "floor", "minimal": "floor+d", "store": "floor+st", "chained": "floor+dc",
              "duties": "floor+dcq", "store-duties": "floor+stq"}
+    #: Per kind: the store option (given a data directory) and the other flags.
+    OPTIONS = {"minimal": ("--minimal", ["--lookup"]),
+               "store": ("--store", []),
+               "chained": ("--minimal", ["--lookup", "--chained"]),
+               "duties": ("--minimal", ["--lookup", "--chained", "--duties"]),
+               "store-duties": ("--store", ["--lookup", "--duties"])}
 
     def __init__(self, workdir: pathlib.Path, kind: Optional[str] = None):
         self.proc: subprocess.Popen | None = None
@@ -225,15 +231,8 @@ class FloorServer:
         if kind is not None:
             # A directory of its own: the ID and SV parts of hot_bench each start one.
             base = pathlib.Path(tempfile.mkdtemp(prefix=f"floor-{kind}-", dir=workdir))
-            option = ("minimal" if kind in ("chained", "duties") else
-                      "store" if kind == "store-duties" else kind)
-            self.args = [f"--{option}", str(base / "data"), "--log", str(base / "floor.log")]
-            if kind in ("minimal", "chained", "duties", "store-duties"):
-                self.args.append("--lookup")
-            if kind in ("chained", "duties"):
-                self.args.append("--chained")
-            if kind in ("duties", "store-duties"):
-                self.args.append("--duties")
+            option, flags = self.OPTIONS[kind]
+            self.args = [option, str(base / "data"), "--log", str(base / "floor.log"), *flags]
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bench", "floor_server.py"),

@@ -211,7 +211,7 @@ def send_now(p, reply: bytes) -> None:
     on the socket (Twisted's write would send it on the next turn, after
     two more epoll_ctl calls), until once it takes less than the whole:
     the transport then carries every later write, so the order is kept."""
-    if TWISTED_WRITE or getattr(p, "buffered", False):
+    if TWISTED_WRITE or p.buffered:
         p.transport.write(reply)
         return
     try:
@@ -320,6 +320,7 @@ class FloorProtocol(LineReceiver):
     log = None
     lookup = None
     duties = None
+    buffered = False  # send_now: the transport carries every write from now on
 
     def connectionMade(self) -> None:
         if self.duties is not None:

@@ -10,8 +10,7 @@ Run as root with the ``.venv`` interpreter; everything is on loopback:
 
 For each server (``stop``: as ``compare_oidentd.py`` runs it; ``floor``,
 ``minimal`` = floor+d, ``chained`` = floor+dc, ``duties`` = floor+dcq,
-``store-duties`` = floor+stq,
-``store`` = floor+st: as
+``store-duties`` = floor+stq, ``store`` = floor+st: as
 ``hot_bench.py --floor`` runs them): 1,000 established connections held by
 nobody, the C load generator (``loadgen.c``), ``--warm`` queries first
 (the store and its index grow as in the benchmarks' later points), then
@@ -127,8 +126,7 @@ def perf_samples(path: pathlib.Path, main_tid: int, queries: int) -> list[tuple]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", nargs="+", default=["stop", "chained"],
-                    choices=["stop", "floor", "minimal", "chained", "duties", "store",
-                             "store-duties"])
+                    choices=["stop", "floor", *co.FloorServer.OPTIONS])
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--warm", type=int, default=20000, help="queries before the traced ones")
     ap.add_argument("--queries", type=int, default=3000, help="queries traced")
