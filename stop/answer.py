@@ -114,9 +114,7 @@ class Answerer:
             return defer.succeed(wire.format_token(query.request.ports, token))
         if query.request.recursive and self._recursion is not None:
             return self._answer_recursive(query)
-        d = self._gate.run(self._answer, query)
-        d.addErrback(self._failed, query)
-        return d
+        return self._gated(query)
 
     def error_reply(self, ports: tuple[int, int], error: StopError,
                     address_form: bool = False) -> bytes:
@@ -134,6 +132,39 @@ class Answerer:
             return True
         addr = ipaddress.ip_address(requester.host.split("%", 1)[0])
         return any(addr in net for net in nets)
+
+    def _gated(self, query: Query) -> "defer.Deferred[bytes]":
+        """The reply to ``query``, answered with a place in the lookup gate
+        (``max_lookups``; up to ``lookup_queue`` wait for one, the rest get
+        the Overloaded reply). Never fails."""
+        waiting = self._gate.enter()
+        if waiting is None:  # the common case: no Deferred of the gate's
+            return self._in_gate(query)
+        waiting.addCallbacks(self._let_in, self._failed, callbackArgs=(query,),
+                             errbackArgs=(query,))
+        return waiting
+
+    def _let_in(self, _, query: Query) -> "defer.Deferred[bytes]":
+        return self._in_gate(query)
+
+    def _in_gate(self, query: Query) -> "defer.Deferred[bytes]":
+        # Holding a place: it is given back once the reply is known, by one
+        # callback pair that also turns a failure into its reply.
+        try:
+            d = self._answer(query)
+        except BaseException:
+            self._gate.leave()
+            return defer.succeed(self._failed(Failure(), query))
+        d.addCallbacks(self._leave, self._leave_failed, errbackArgs=(query,))
+        return d
+
+    def _leave(self, reply: bytes) -> bytes:
+        self._gate.leave()
+        return reply
+
+    def _leave_failed(self, failure: Failure, query: Query) -> bytes:
+        self._gate.leave()
+        return self._failed(failure, query)
 
     def _connection(self, query: Query) -> Connection:
         p1, p2 = query.request.ports
@@ -153,7 +184,8 @@ class Answerer:
     def _answer(self, query: Query) -> defer.Deferred:
         # Plain callbacks, not inlineCallbacks: this runs for every query.
         # The common case (netlink, a uid seen a moment ago) makes no thread
-        # hop: the lookup and the cached account are answered here.
+        # hop: the lookup and the cached account are answered here. Always
+        # a Deferred (the store's, at the end of every path), or raises.
         if self._lookup_blocking:
             d = self._run(self._connection, query)
             d.addCallback(self._with_account, query)
@@ -231,13 +263,11 @@ class Answerer:
             return defer.succeed(wire.format_token(query.request.ports, token))
         host = query.requester.host
         if not recursion.admit(host):
-            d = defer.fail(Overloaded(
+            return defer.succeed(self._failed(Failure(Overloaded(
                 "recursive requests in progress from this address "
-                "(recursion_max_per_requester)"))
-        else:
-            d = self._gate.run(self._answer, query)
-            d.addBoth(recursion.release, host)
-        d.addErrback(self._failed, query)
+                "(recursion_max_per_requester)")), query))
+        d = self._gated(query)
+        d.addBoth(recursion.release, host)
         return d
 
     def _walk_for_recursion(self, query: Query, conn: Connection, name, home, record: dict,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from typing import Optional
 
 from twisted.internet import defer
 
@@ -11,18 +11,22 @@ from stop.errors import Overloaded
 
 
 class Gate:
-    """Runs at most ``active`` calls at once, queues at most ``queue`` more,
-    and refuses the rest at once with :class:`Overloaded`.
+    """At most ``active`` holders of a place at once, at most ``queue``
+    more waiting for one (in order); the rest are refused at once with
+    :class:`Overloaded`.
 
-    (Twisted's DeferredSemaphore would queue without bound, and costs two
-    more Deferreds per call on the hot path.)
+    A caller takes a place with :meth:`enter` and gives it back with
+    :meth:`leave`. The common case, a free place, costs a comparison and
+    no Deferred: this is on every query's path. (Twisted's
+    DeferredSemaphore would queue without bound, and costs two more
+    Deferreds per call.)
     """
 
     def __init__(self, active: int, queue: int):
         self._limit = active
         self._queue = queue
         self._running = 0
-        self._waiting: deque = deque()
+        self._waiting: deque[defer.Deferred] = deque()
         self._pumping = False
 
     @property
@@ -33,55 +37,47 @@ class Gate:
     def running(self) -> int:
         return self._running
 
-    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
-        """Call ``f`` (which may return a Deferred) when a place is free.
+    def enter(self) -> Optional[defer.Deferred]:
+        """Take a place.
 
-        :return: a Deferred with ``f``'s result (or its exception); fails
-            with Overloaded when the queue is full (``f`` is then never called).
+        :return: ``None`` when the place is taken now; else a Deferred that
+            fires (``None``) once a place is taken for the caller, in the
+            order of the callers, or that has failed with Overloaded when
+            the queue is full (no place is taken then). Whoever got a place
+            calls :meth:`leave` exactly once.
         """
         if self._running < self._limit:
-            return self._start(f, args, kwargs)
+            self._running += 1
+            return None
         if len(self._waiting) >= self._queue:
             return defer.fail(Overloaded("lookup queue full"))
         d: defer.Deferred = defer.Deferred()
-        self._waiting.append((d, f, args, kwargs))
+        self._waiting.append(d)
         return d
 
+    def leave(self) -> None:
+        """Give back a place taken by :meth:`enter`; the first waiting
+        caller takes it."""
+        self._running -= 1
+        if self._waiting:
+            self._pump()
+
     def resize(self, active: int, queue: int) -> None:
-        """New limits (a reload). More room starts waiting calls at once;
-        less lets the calls already running or waiting finish."""
+        """New limits (a reload). More room lets waiting callers in at once;
+        less lets the holders and the waiting callers finish."""
         self._limit = active
         self._queue = queue
         self._pump()
 
-    def _start(self, f, args, kwargs) -> defer.Deferred:
-        # defer.maybeDeferred, without its checks for coroutines and
-        # generators (f is ours: it returns a value or a Deferred), which
-        # cost a few microseconds on every query.
-        self._running += 1
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            return defer.fail().addBoth(self._release)
-        if isinstance(result, defer.Deferred):
-            return result.addBoth(self._release)
-        return defer.succeed(self._release(result))
-
-    def _release(self, result):
-        self._running -= 1
-        if self._waiting:
-            self._pump()
-        return result
-
     def _pump(self) -> None:
-        # A loop, not recursion: queued calls that finish at once would
-        # otherwise nest one stack frame deeper each.
+        # A loop, not recursion: callers that leave as soon as they are let
+        # in would otherwise nest one stack frame deeper each.
         if self._pumping:
             return
         self._pumping = True
         try:
             while self._waiting and self._running < self._limit:
-                d, f, args, kwargs = self._waiting.popleft()
-                self._start(f, args, kwargs).chainDeferred(d)
+                self._running += 1
+                self._waiting.popleft().callback(None)
         finally:
             self._pumping = False

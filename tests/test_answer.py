@@ -215,6 +215,33 @@ def test_queue_full_is_unknown_error_and_nothing_saved():
     assert len(store2.pending) == 1
 
 
+def test_every_outcome_gives_the_gate_place_back():
+    """One place, no queue: after each way a query can end (a token, NO-USER,
+    a lookup error, a bug, a failed save, an opt-in's name), the next query
+    still gets the place, and none is held at the end."""
+    a, store = make(Config(max_lookups=1, lookup_queue=0),
+                    optin=FakeOptIn({(1000, PEER)}), auto=False)
+
+    def answered(line, finish=None):
+        out = ask(a, line)
+        if finish is not None:
+            assert out == [] and a._gate.running == 1
+            finish()
+        assert len(out) == 1 and a._gate.running == 0
+        return out[0]
+    assert b"USERID : UNIX : alice" in answered(b"40000, 6667", store.complete)
+    assert b"NO-USER" in answered(b"40001, 6667")
+    for error in (LookupFailed("netlink said EPERM"), ZeroDivisionError("bug")):
+        a._lookup.error = error
+        assert ask(a, b"40000, 6667") == [b"40000, 6667 : ERROR : UNKNOWN-ERROR\r\n"]
+        assert a._gate.running == 0
+    a._lookup.error = None
+    out = ask(a, b"40000, 6667")
+    store.fail()
+    assert out == [b"40000, 6667 : ERROR : UNKNOWN-ERROR\r\n"] and a._gate.running == 0
+    assert b"USERID : OTHER" in answered(b"40000, 6667 : ID : " + PEER.encode(), store.complete)
+
+
 def test_quota_reached_is_noted_and_still_answers():
     a, store = make(Config(quota_mb=1))
     store.bytes_used = 2**20

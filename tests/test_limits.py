@@ -1,4 +1,4 @@
-"""stop.limits.Gate: at most N running, a bounded queue, order kept."""
+"""stop.limits.Gate: at most N holders, a bounded queue, order kept."""
 
 from twisted.internet import defer
 
@@ -6,54 +6,67 @@ from stop.errors import Overloaded
 from stop.limits import Gate
 
 
-def test_runs_queues_and_refuses():
-    g = Gate(2, 1)
-    held = [defer.Deferred() for _ in range(3)]
-    results = []
-    for d in held:
-        g.run(lambda d=d: d).addBoth(results.append)
-    refused = []
-    g.run(lambda: 1 / 0).addErrback(lambda f: refused.append(f.check(Overloaded)))
-    assert refused == [Overloaded] and (g.running, g.waiting) == (2, 1)
-    held[0].callback("a")
-    assert results == ["a"] and (g.running, g.waiting) == (2, 0)
-    held[2].callback("c")
-    held[1].callback("b")
-    assert results == ["a", "c", "b"] and g.running == 0
-
-
-def test_exceptions_are_failures_and_free_the_place():
-    g = Gate(1, 0)
+def refused(d) -> bool:
     out = []
-    g.run(lambda: 1 / 0).addErrback(lambda f: out.append(f.type))
-    assert out == [ZeroDivisionError] and g.running == 0
+    d.addErrback(lambda f: out.append(f.check(Overloaded)))
+    return out == [Overloaded]
 
 
-def test_long_queue_of_instant_calls_does_not_recurse():
+def test_enters_queues_and_refuses():
+    g = Gate(2, 1)
+    assert g.enter() is None and g.enter() is None  # free places: no Deferred
+    let_in = []
+    g.enter().addCallback(let_in.append)
+    assert refused(g.enter()) and (g.running, g.waiting) == (2, 1)
+    assert let_in == []
+    g.leave()  # the waiting caller takes the place
+    assert let_in == [None] and (g.running, g.waiting) == (2, 0)
+    g.leave()
+    g.leave()
+    assert g.running == 0
+    assert g.enter() is None and g.running == 1
+
+
+def test_waiting_callers_are_let_in_in_order():
+    g = Gate(1, 3)
+    assert g.enter() is None
+    order = []
+    for i in range(3):
+        g.enter().addCallback(lambda _, i=i: order.append(i))
+    g.leave()
+    g.leave()
+    assert order == [0, 1] and (g.running, g.waiting) == (1, 1)
+
+
+def test_long_queue_of_instant_callers_does_not_recurse():
+    # Each caller leaves as soon as it is let in (a query answered at
+    # once): the queue drains in a loop, not one stack frame deeper each.
     g = Gate(1, 5000)
-    first = defer.Deferred()
+    assert g.enter() is None
     done = []
-    g.run(lambda: first)
+
+    def instant(_, i):
+        done.append(i)
+        g.leave()
     for i in range(5000):
-        g.run(lambda i=i: i).addCallback(done.append)
-    first.callback(None)
-    assert done == list(range(5000)) and g.running == 0
+        g.enter().addCallback(instant, i)
+    g.leave()
+    assert done == list(range(5000)) and (g.running, g.waiting) == (0, 0)
 
 
-def test_resize_starts_waiting_calls_or_lets_running_ones_finish():
+def test_resize_lets_waiting_callers_in_or_lets_holders_finish():
     g = Gate(1, 2)
-    held = [defer.Deferred() for _ in range(3)]
-    for d in held:
-        g.run(lambda d=d: d)
+    assert g.enter() is None
+    let_in = []
+    for i in range(2):
+        g.enter().addCallback(lambda _, i=i: let_in.append(i))
     assert (g.running, g.waiting) == (1, 2)
-    g.resize(2, 2)  # more room: one waiting call starts at once
+    g.resize(2, 2)  # more room: one waiting caller is let in at once
+    assert let_in == [0] and (g.running, g.waiting) == (2, 1)
+    g.resize(1, 0)  # less: no holder is cut off, no new caller is queued
     assert (g.running, g.waiting) == (2, 1)
-    g.resize(1, 0)  # less: nothing is cancelled, no new call is queued
-    assert (g.running, g.waiting) == (2, 1)
-    refused = []
-    g.run(lambda: None).addErrback(lambda f: refused.append(f.check(Overloaded)))
-    assert refused == [Overloaded]
-    held[0].callback(None)
-    assert (g.running, g.waiting) == (1, 1)  # at the new limit: the waiting one still waits
-    held[1].callback(None)
-    assert (g.running, g.waiting) == (1, 0)
+    assert refused(g.enter())
+    g.leave()
+    assert let_in == [0] and (g.running, g.waiting) == (1, 1)  # at the new limit
+    g.leave()
+    assert let_in == [0, 1] and (g.running, g.waiting) == (1, 0)
