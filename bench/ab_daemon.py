@@ -6,8 +6,12 @@ Run as root with the ``.venv`` interpreter; everything is on loopback:
     .venv/bin/python bench/ab_daemon.py main HEAD [--clients 1 10 50] [--runs 5]
 
 Each argument is a git revision of this checkout (exported with ``git
-archive`` into a temporary directory) or ``.`` (the working tree as it
-is). Every version runs as ``twistd stop`` as in ``compare_oidentd.py``
+archive`` into a temporary directory), ``.`` (the working tree as it
+is), or ``floor:KIND``: one of ``floor_server.py``'s floors from this
+checkout (KIND: ``minimal``, ``chained``, ``duties``, ``store``,
+``store-duties``: floor+d, floor+dc, floor+dcq, floor+st, floor+stq;
+``floor:`` alone: the bare floor; see bench/README.rst), measured the same way, to see a change's distance to
+a floor in one run. Every version runs as ``twistd stop`` as in ``compare_oidentd.py``
 (flat store, ``fsync = batch``, one log line per query to a file), all at
 once, each on its own port; 1,000 established connections held by
 nobody; the C load generator (``loadgen.c``); one query per connection.
@@ -106,7 +110,9 @@ def measure(version: Version, pairs: str, count: int, clients: int, gen) -> dict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("revisions", nargs="+", help="git revisions, or . for the working tree")
+    ap.add_argument("revisions", nargs="+",
+                    help="git revisions, . for the working tree, floor:KIND for a floor "
+                         f"(KIND: {', '.join(co.FloorServer.OPTIONS)}; none: the bare floor)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 50])
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--queries", type=int, default=3000, help="queries per run")
@@ -116,9 +122,19 @@ def main(argv=None) -> int:
         print("ab_daemon: run as root (the connections asked about belong to nobody)",
               file=sys.stderr)
         return 2
+    for rev in a.revisions:
+        if rev.startswith("floor:") and (rev.partition(":")[2] or None) not in co.FloorServer.NAMES:
+            ap.error(f"{rev}: no such floor (KIND: {', '.join(co.FloorServer.OPTIONS)}, "
+                     "or nothing for the bare one)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="stop-ab-", dir="/var/tmp"))
-    versions = [Version(f"{i}:{rev}", export(rev, work / f"tree{i}"), work / f"run{i}")
-                for i, rev in enumerate(a.revisions)]
+    versions = []
+    for i, rev in enumerate(a.revisions):
+        if rev.startswith("floor:"):
+            floor = co.FloorServer(work, rev.partition(":")[2] or None)
+            floor.name = f"{i}:{floor.name}"
+            versions.append(floor)
+        else:
+            versions.append(Version(f"{i}:{rev}", export(rev, work / f"tree{i}"), work / f"run{i}"))
     gen = holders = None
     print(f"ab_daemon: load average {open('/proc/loadavg').read().split(' ', 3)[:3]} at the start",
           flush=True)

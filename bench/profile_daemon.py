@@ -103,9 +103,10 @@ def main(argv=None) -> int:
                     help="--kind sv: this many extra established connections on the host")
     ap.add_argument("--time-wait", type=int, default=0,
                     help="--kind sv: this many TIME_WAIT sockets on the host at the start")
-    ap.add_argument("--floor", choices=("floor", "minimal", "chained", "store"),
+    ap.add_argument("--floor", choices=("floor", *co.FloorServer.OPTIONS),
                     help="--kind id: profile this floor server (bench/floor_server.py, as "
-                         "hot_bench.py starts it: minimal = floor+d) instead of stop")
+                         "hot_bench.py starts it: minimal = floor+d, duties = floor+dcq; "
+                         "see compare_oidentd.FloorServer) instead of stop")
     ap.add_argument("--gil", action="store_true",
                     help="only samples holding the GIL (Python CPU; no GIL waits)")
     ap.add_argument("--native", action="store_true",
