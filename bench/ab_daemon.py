@@ -22,6 +22,14 @@ its main thread (the reactor) and of its other threads together (the
 store's writer, the thread pool; ``/proc/PID/task``), user and system:
 where a difference is, Python or the kernel. Prints
 the load average at the start and the end: quote figures with it.
+
+``--events`` also counts, per query and thread (the main one, the others
+together), kernel events with ``perf stat`` on tracepoints (no sampling,
+no stop per system call, unlike ``strace``: the load runs at its usual
+speed): ``fdatasync`` calls (one per batch: the group commit's batch
+size), ``futex`` calls (thread hand-offs and GIL waits), context
+switches, ``epoll_wait`` calls (reactor turns). Needs ``perf``
+(linux-perf) and the kernel's tracepoints.
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ import os
 import pathlib
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -45,6 +56,10 @@ from cloadgen import CLoadgen  # noqa: E402
 from tests.integration.harness import Daemon  # noqa: E402
 
 HZ = os.sysconf("SC_CLK_TCK")
+
+#: --events: tracepoint -> the short name printed.
+EVENTS = {"syscalls:sys_enter_fdatasync": "fdatasync", "syscalls:sys_enter_futex": "futex",
+          "sched:sched_switch": "switches", "syscalls:sys_enter_epoll_wait": "epoll_wait"}
 
 
 def export(rev: str, into: pathlib.Path) -> str:
@@ -91,13 +106,49 @@ def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
     return out
 
 
-def measure(version: Version, pairs: str, count: int, clients: int, gen) -> dict:
+class EventCount:
+    """``perf stat --per-thread`` on the tracepoints of :data:`EVENTS` for
+    process ``pid``, from now until :meth:`stop`."""
+
+    def __init__(self, pid: int, out: pathlib.Path):
+        self.pid, self.out = pid, out
+        self.proc = subprocess.Popen(
+            ["perf", "stat", "-x", ",", "--per-thread", "-e", ",".join(EVENTS),
+             "-p", str(pid), "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.2)  # attached (perf says nothing when it is)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"perf stat failed: {self.proc.stderr.read().decode().strip()}")
+
+    def stop(self) -> dict[str, dict[str, int]]:
+        """``{"main"|"threads": {short name: count}}``."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+        counts: dict[str, dict[str, int]] = {"main": {}, "threads": {}}
+        for line in self.out.read_text().splitlines():
+            fields = line.split(",")
+            if line.startswith("#") or len(fields) < 4 or fields[3] not in EVENTS:
+                continue
+            tid = fields[0].rpartition("-")[2]
+            value = int(fields[1]) if fields[1].isdigit() else 0  # "<not counted>": idle
+            per = counts["main" if tid == str(self.pid) else "threads"]
+            per[EVENTS[fields[3]]] = per.get(EVENTS[fields[3]], 0) + value
+        return counts
+
+
+def measure(version: Version, pairs: str, count: int, clients: int, gen,
+            events: Optional[pathlib.Path] = None) -> dict:
     """One run: compare_oidentd.measure's figures plus user/system CPU per
-    query (us) of the main thread and of the other threads together."""
+    query (us) of the main thread and of the other threads together (and
+    with ``events``, a file for perf's output, the kernel events per query
+    and thread: ``res["events"]``)."""
+    counter = EventCount(version.pid, events) if events is not None else None
     before = thread_cpu(version.pid)
     res = co.measure(version, pairs, count, clients, 60, gen)
     after = thread_cpu(version.pid)
     n = res["replies"] or 1
+    if counter is not None:
+        res["events"] = {where: {name: c / n for name, c in per.items()}
+                         for where, per in counter.stop().items()}
     per: dict[str, list[float]] = {}
     for tid, (user, system) in after.items():
         user0, system0 = before.get(tid, (0.0, 0.0))
@@ -117,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--queries", type=int, default=3000, help="queries per run")
     ap.add_argument("--sockets", type=int, default=1000)
+    ap.add_argument("--events", action="store_true",
+                    help="count fdatasync, futex, context switches and epoll_wait per query "
+                         "and thread (perf stat on tracepoints)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("ab_daemon: run as root (the connections asked about belong to nobody)",
@@ -152,7 +206,8 @@ def main(argv=None) -> int:
             runs: dict[str, list[dict]] = {v.name: [] for v in versions}
             for r in range(a.runs):
                 for v in (versions if r % 2 == 0 else versions[::-1]):
-                    runs[v.name].append(measure(v, pairs_file, a.queries, c, gen))
+                    runs[v.name].append(measure(v, pairs_file, a.queries, c, gen,
+                                                work / "perf-stat.txt" if a.events else None))
             for v in versions:
                 m = co.median_of(runs[v.name])
                 threads = {}
@@ -167,6 +222,12 @@ def main(argv=None) -> int:
                 print(f"C={c:<3} {v.name:<20} req/s {m['rate']:7.0f}  p99 {m['p99_ms']:6.2f} ms  "
                       f"CPU/query {m['cpu_ms_per_1k']:4.0f} us ({m.get('cpu_range', '')})  "
                       f"[{parts}]", flush=True)
+                if a.events:
+                    print(" " * 26 + "per query: " + "; ".join(
+                        f"{where} " + " ".join(
+                            f"{name} {statistics.median(run['events'][where].get(name, 0.0) for run in runs[v.name]):.2f}"
+                            for name in EVENTS.values())
+                        for where in ("main", "threads")), flush=True)
     finally:
         for v in versions:
             v.stop()
