@@ -134,8 +134,9 @@ class ChainedLog(MinimalLog):
     tamper-evident chain (each entry's SHA-256 over the previous one's and
     its payload's SHA-256, in the entry) and an on-disk index from token to
     entry (memory must not grow with the records): a row per record in
-    SQLite (stop's table, WAL, ``synchronous = NORMAL``), committed every
-    256 rows. No sequence numbers, no duplicate check, no segments."""
+    SQLite (stop's table, WAL, ``synchronous = NORMAL``, inserted as stop
+    inserts them: a statement per chunk of rows), committed every 256
+    rows. No sequence numbers, no duplicate check, no segments."""
 
     def __init__(self, path: str):
         import sqlite3
@@ -171,7 +172,12 @@ class ChainedLog(MinimalLog):
             rows.append((token, seq, 1, off, len(line)))
             out.append(line)
             off += len(line)
-        self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?, ?)", sorted(rows))
+        # stop's insert (Index.add_new): a statement per chunk of rows, not
+        # a statement step (and a hand-off of the GIL) per row.
+        from stop.storage.index import insert_statements
+        rows.sort()
+        for sql, parameters, _ in insert_statements(rows):
+            self._db.execute(sql, parameters)
         os.write(self._fd, b"".join(out))
         os.fdatasync(self._fd)
         self._chain, self._seq, self._off = chain, seq, off

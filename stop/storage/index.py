@@ -29,6 +29,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+from collections.abc import Iterator
 from typing import NamedTuple, Optional
 
 from stop.errors import StoreFailed
@@ -61,10 +62,21 @@ INSERT_CHUNK = 64
 
 @functools.lru_cache(maxsize=None)
 def _insert_new(rows: int) -> str:
-    """add_new's insert of ``rows`` rows in one statement: a known token
-    stops it (IntegrityError), and SQLite takes back the rows it had put
-    in (a statement is atomic)."""
     return "INSERT INTO records VALUES " + ", ".join(["(?, ?, ?, ?, ?)"] * rows)
+
+
+def insert_statements(rows: list) -> Iterator[tuple[str, list, int]]:
+    """The statements that insert record ``rows`` (``(token, seq, seg,
+    off, len)``, in this order) into ``records``: ``(sql, parameters,
+    rows inserted once it ran)``, one per chunk of a power of two rows up
+    to :data:`INSERT_CHUNK`. A known token makes its statement fail
+    (IntegrityError), and SQLite takes back the rows that statement had
+    put in (a statement is atomic)."""
+    done = 0
+    while done < len(rows):
+        n = min(INSERT_CHUNK, 1 << ((len(rows) - done).bit_length() - 1))
+        yield _insert_new(n), [v for row in rows[done:done + n] for v in row], done + n
+        done += n
 
 
 class Last(NamedTuple):
@@ -346,10 +358,9 @@ class Index:
         rows = sorted(records)
         done = 0
         try:
-            while done < len(rows):
-                n = min(INSERT_CHUNK, 1 << ((len(rows) - done).bit_length() - 1))
-                db.execute(_insert_new(n), [v for row in rows[done:done + n] for v in row])
-                done += n
+            for sql, parameters, end in insert_statements(rows):
+                db.execute(sql, parameters)
+                done = end
         except sqlite3.IntegrityError:
             if done:
                 self.drop([row[:2] for row in rows[:done]], [])
