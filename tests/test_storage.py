@@ -1428,11 +1428,10 @@ class IndexTests(TempDirMixin, unittest.TestCase):
             ix.close()
 
     def test_a_batch_goes_in_with_a_statement_per_chunk_all_or_none(self):
-        """Index.add_new puts a batch in with a few statements (chunks of
-        powers of two up to INSERT_CHUNK rows), not one per row: each step
-        of a statement lets the GIL go, and the writer thread then waits
-        for it. A known token in a later chunk still leaves nothing of the
-        batch in the index."""
+        """Index.add_new puts a batch in with one statement per INSERT_CHUNK
+        (64) rows, not one per row: each step of a statement lets the GIL
+        go, and the writer thread then waits for it. A known token in a
+        later chunk still leaves nothing of the batch in the index."""
         from stop.storage import index as index_mod
         ix = index_mod.Index(self.tempdir(), readonly=False)
         ix.open()
@@ -1441,9 +1440,9 @@ class IndexTests(TempDirMixin, unittest.TestCase):
             ix._db.set_trace_callback(
                 lambda sql: inserts.append(sql) if sql.startswith("INSERT") else None)
             rows = [(f"t{i:04d}", i + 1, 1, i, 1) for i in range(300)]
-            self.assertTrue(ix.add_new(rows[:100]))  # 64 + 32 + 4
+            self.assertTrue(ix.add_new(rows[:100]))
             # (SQLite shows each statement with its values bound.)
-            self.assertEqual([sql.count("('t") for sql in inserts], [64, 32, 4])
+            self.assertEqual([sql.count("('t") for sql in inserts], [64, 36])
             # 200 rows whose last-sorted one is known: three chunks go in,
             # the fourth fails; nothing of the batch stays.
             batch = rows[100:299] + [rows[99]]

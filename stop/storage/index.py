@@ -55,8 +55,9 @@ _SCHEMA = (
 Loc = tuple[int, int, int]
 _ONE = "SELECT 1 FROM records WHERE token = ?"
 _INSERT_ONE = "INSERT OR IGNORE INTO records VALUES (?, ?, ?, ?, ?)"
-#: add_new inserts at most this many rows with one statement (a power of
-#: two; 5 parameters a row stay far under SQLite's oldest limit of 999).
+#: add_new inserts at most this many rows with one statement (5 parameters
+#: a row stay far under SQLite's oldest limit of 999; a statement for each
+#: size stays prepared in the connection's cache of 128).
 INSERT_CHUNK = 64
 
 
@@ -68,13 +69,13 @@ def _insert_new(rows: int) -> str:
 def insert_statements(rows: list) -> Iterator[tuple[str, list, int]]:
     """The statements that insert record ``rows`` (``(token, seq, seg,
     off, len)``, in this order) into ``records``: ``(sql, parameters,
-    rows inserted once it ran)``, one per chunk of a power of two rows up
-    to :data:`INSERT_CHUNK`. A known token makes its statement fail
+    rows inserted once it ran)``, one per :data:`INSERT_CHUNK` rows (a
+    batch of up to that many: one statement). A known token makes its statement fail
     (IntegrityError), and SQLite takes back the rows that statement had
     put in (a statement is atomic)."""
     done = 0
     while done < len(rows):
-        n = min(INSERT_CHUNK, 1 << ((len(rows) - done).bit_length() - 1))
+        n = min(INSERT_CHUNK, len(rows) - done)
         yield _insert_new(n), [v for row in rows[done:done + n] for v in row], done + n
         done += n
 
@@ -340,8 +341,7 @@ class Index:
         second lookup per row, for a duplicate that random and hash tokens
         make as good as impossible).
 
-        The rows go in with one statement per :data:`INSERT_CHUNK` rows
-        (in chunks of powers of two: a few statements to keep prepared),
+        The rows go in with one statement per :data:`INSERT_CHUNK` rows,
         not one per row as ``executemany`` would: ``sqlite3`` lets the GIL
         go at every statement step, and the writer thread then waits to
         take it back from the reactor thread, once per row (measured with
