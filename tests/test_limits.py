@@ -12,6 +12,19 @@ def refused(d) -> bool:
     return out == [Overloaded]
 
 
+def full_gate(active: int, queue: int, waiting: int):
+    """A gate whose ``active`` places are taken and with ``waiting``
+    callers queued; each appends its number to the list returned with it
+    when it is let in."""
+    g = Gate(active, queue)
+    for _ in range(active):
+        assert g.enter() is None  # a free place: no Deferred
+    let_in: list = []
+    for i in range(waiting):
+        g.enter().addCallback(lambda _, i=i: let_in.append(i))
+    return g, let_in
+
+
 def test_enters_queues_and_refuses():
     g = Gate(2, 1)
     assert g.enter() is None and g.enter() is None  # free places: no Deferred
@@ -28,11 +41,7 @@ def test_enters_queues_and_refuses():
 
 
 def test_waiting_callers_are_let_in_in_order():
-    g = Gate(1, 3)
-    assert g.enter() is None
-    order = []
-    for i in range(3):
-        g.enter().addCallback(lambda _, i=i: order.append(i))
+    g, order = full_gate(1, 3, 3)
     g.leave()
     g.leave()
     assert order == [0, 1] and (g.running, g.waiting) == (1, 1)
@@ -55,11 +64,7 @@ def test_long_queue_of_instant_callers_does_not_recurse():
 
 
 def test_resize_lets_waiting_callers_in_or_lets_holders_finish():
-    g = Gate(1, 2)
-    assert g.enter() is None
-    let_in = []
-    for i in range(2):
-        g.enter().addCallback(lambda _, i=i: let_in.append(i))
+    g, let_in = full_gate(1, 2, 2)
     assert (g.running, g.waiting) == (1, 2)
     g.resize(2, 2)  # more room: one waiting caller is let in at once
     assert let_in == [0] and (g.running, g.waiting) == (2, 1)
