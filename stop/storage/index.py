@@ -70,9 +70,9 @@ def insert_statements(rows: list) -> Iterator[tuple[str, list, int]]:
     """The statements that insert record ``rows`` (``(token, seq, seg,
     off, len)``, in this order) into ``records``: ``(sql, parameters,
     rows inserted once it ran)``, one per :data:`INSERT_CHUNK` rows (a
-    batch of up to that many: one statement). A known token makes its statement fail
-    (IntegrityError), and SQLite takes back the rows that statement had
-    put in (a statement is atomic)."""
+    batch of up to that many: one statement). A known token makes its
+    statement fail (IntegrityError), and SQLite takes back the rows that
+    statement had put in (a statement is atomic)."""
     done = 0
     while done < len(rows):
         n = min(INSERT_CHUNK, len(rows) - done)
