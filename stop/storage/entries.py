@@ -118,10 +118,10 @@ def format_entry(kind: str, seq: int, token: str, payload: bytes, prev: str) -> 
 
     :param prev: the chain value of the entry before it.
     """
-    fields = b"%s %d %s %s" % (kind.encode("ascii"), seq, token.encode("ascii"),
-                               hashlib.sha256(payload).hexdigest().encode("ascii"))
-    chain = hashlib.sha256(prev.encode("ascii") + b" " + fields).hexdigest()
-    return b"%s %s %s\n" % (fields, chain.encode("ascii"), payload), chain
+    # Formatted as str (f-strings are faster than bytes' %), encoded once.
+    fields = f"{kind} {seq} {token} {hashlib.sha256(payload).hexdigest()}"
+    chain = hashlib.sha256(f"{prev} {fields}".encode("ascii")).hexdigest()
+    return f"{fields} {chain} ".encode("ascii") + payload + b"\n", chain
 
 
 class BadEntry(Exception):

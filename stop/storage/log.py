@@ -166,7 +166,10 @@ class LogStore:
         self._ix_stale = False         # the index missed entries: catch up before the next batch
         self._ix_corrupt = False       # SQLite said it is corrupt: rebuild it before the next batch
         self._index_timer = None
-        self._pending: list[tuple[str, str, bytes, defer.Deferred]] = []
+        # The queued entries (kind, token, payload), as the writer takes
+        # them, and their Deferreds, in the same order.
+        self._pending: list[tuple[str, str, bytes]] = []
+        self._waiters: list[defer.Deferred] = []
         self._reserved: set[str] = set()
         self._flushing = False
         self._turn_call = None         # the end of this reactor turn: batch what came in it
@@ -510,7 +513,8 @@ class LogStore:
 
     def _queue(self, kind: str, token: str, payload: bytes) -> defer.Deferred:
         d = defer.Deferred()
-        self._pending.append((kind, token, payload, d))
+        self._pending.append((kind, token, payload))
+        self._waiters.append(d)
         self._arrived += 1
         if not self._flushing and self._turn_call is None:
             if self._fsync == "never" or self._lone >= INLINE_AFTER:
@@ -550,19 +554,22 @@ class LogStore:
         elif arrived > 1:
             self._lone = 0
         stopped = self._pool is None or not self._pool.started
-        take = 1 if self._fsync == "always" and not stopped else len(self._pending)
-        batch, self._pending = self._pending[:take], self._pending[take:]
+        if self._fsync != "always" or stopped:  # all of them, without copies
+            items, self._pending = self._pending, []
+            batch, self._waiters = self._waiters, []
+        else:
+            items, self._pending = self._pending[:1], self._pending[1:]
+            batch, self._waiters = self._waiters[:1], self._waiters[1:]
         self._flushing = True
         if stopped:
             # The reactor shuts down and the worker is gone: fail them
             # rather than leave them (and a close) waiting for ever.
             error = StoreFailed(f"{self.name} store {self.data_dir}: the writer stopped (shutdown)")
-            self._committed(([error] * len(batch), 0, None), batch)
+            self._committed(([error] * len(items), 0, None), items, batch)
             return
-        items = [(kind, token, payload) for kind, token, payload, _ in batch]
         if self._index_timer is None:
             self._index_timer = self._reactor.callLater(INDEX_DELAY, self._index_due)
-        if turn and self._may_inline(len(batch)) and self._pool.hold_if_idle():
+        if turn and self._may_inline(len(items)) and self._pool.hold_if_idle():
             try:
                 done = not self._ix_stale  # (read under the lock) catching up may take long
                 if done:
@@ -573,12 +580,12 @@ class LogStore:
             finally:
                 self._pool.release()
             if done:
-                self._committed(result, batch)
+                self._committed(result, items, batch)
                 if self._pool is not None and self._ix_rows >= INDEX_ROWS:
                     self._pool.call(self._index_some)
                 return
         d = self._pool.call(self._commit, items, then=self._index_some)
-        d.addBoth(self._committed, batch)
+        d.addBoth(self._committed, items, batch)
 
     def _may_inline(self, size: int) -> bool:
         """May a batch of ``size`` entries be committed on the reactor
@@ -594,24 +601,25 @@ class LogStore:
         if self._pool is not None and self._pool.started:
             self._pool.call(self._index_commit)
 
-    def _committed(self, result, batch) -> None:
-        """Reactor thread: fire the batch's Deferreds, start the next batch.
-        ``_flushing`` stays set while the Deferreds fire, so a callback's
-        ``save`` queues and its ``close`` waits."""
+    def _committed(self, result, items: list, waiters: list) -> None:
+        """Reactor thread: fire the Deferreds (``waiters``) of a batch's
+        ``items``, start the next batch. ``_flushing`` stays set while the
+        Deferreds fire, so a callback's ``save`` queues and its ``close``
+        waits."""
         if isinstance(result, tuple):
             outcomes, added, head = result
         else:  # not an OSError: a bug; fail the batch, keep the store going
-            log.failure("{name} store: batch of {n} failed", result, name=self.name, n=len(batch))
+            log.failure("{name} store: batch of {n} failed", result, name=self.name, n=len(items))
             error = StoreFailed(f"{self.name} store: internal error: {result.value!r}")
-            outcomes, added, head = [error] * len(batch), 0, None
+            outcomes, added, head = [error] * len(items), 0, None
         self._seg_bytes += added
         if head is not None:
             self._head_seq, self._head_chain = head
-        errors = [o for o in outcomes if o is not None]
-        if errors:
+        if any(outcomes):
+            errors = [o for o in outcomes if o is not None]
             log.error("{name} store: {n} of {m} entries not stored: {error}",
-                      name=self.name, n=len(errors), m=len(batch), error=errors[0])
-        for (kind, token, _, d), outcome in zip(batch, outcomes):
+                      name=self.name, n=len(errors), m=len(items), error=errors[0])
+        for (kind, token, _), d, outcome in zip(items, waiters, outcomes):
             if kind == RECORD:
                 self._reserved.discard(token)
             if outcome is not None:
@@ -667,8 +675,8 @@ class LogStore:
                 # Rotation always syncs the old segment (even with
                 # fsync=never) so that only the last one can be torn.
                 last_group = end == len(plan)
-                added += self._append(b"".join(p[6] for p in plan[start:end]),
-                                      sync=self._fsync != "never" or not last_group)
+                raw = plan[start][6] if end - start == 1 else b"".join([p[6] for p in plan[start:end]])
+                added += self._append(raw, sync=self._fsync != "never" or not last_group)
                 durable, start = end, end
         except OSError as exc:
             error = oserror("cannot write", getattr(exc, "filename", None) or self._seg_path(self._seg_no), exc)
@@ -705,7 +713,7 @@ class LogStore:
         """
         ix = self._wix
         single = len(items) == 1 and items[0][0] == RECORD
-        fast = not checked and all(item[0] == RECORD for item in items)
+        fast = not checked and (single or all(item[0] == RECORD for item in items))
         before = set() if fast else ix.known([item[1] for item in items])
         here: set[str] = set()
         plan = []
