@@ -556,16 +556,16 @@ class LogStore:
         stopped = self._pool is None or not self._pool.started
         if self._fsync != "always" or stopped:  # all of them, without copies
             items, self._pending = self._pending, []
-            batch, self._waiters = self._waiters, []
+            waiters, self._waiters = self._waiters, []
         else:
             items, self._pending = self._pending[:1], self._pending[1:]
-            batch, self._waiters = self._waiters[:1], self._waiters[1:]
+            waiters, self._waiters = self._waiters[:1], self._waiters[1:]
         self._flushing = True
         if stopped:
             # The reactor shuts down and the worker is gone: fail them
             # rather than leave them (and a close) waiting for ever.
             error = StoreFailed(f"{self.name} store {self.data_dir}: the writer stopped (shutdown)")
-            self._committed(([error] * len(items), 0, None), items, batch)
+            self._committed(([error] * len(items), 0, None), items, waiters)
             return
         if self._index_timer is None:
             self._index_timer = self._reactor.callLater(INDEX_DELAY, self._index_due)
@@ -580,12 +580,12 @@ class LogStore:
             finally:
                 self._pool.release()
             if done:
-                self._committed(result, items, batch)
+                self._committed(result, items, waiters)
                 if self._pool is not None and self._ix_rows >= INDEX_ROWS:
                     self._pool.call(self._index_some)
                 return
         d = self._pool.call(self._commit, items, then=self._index_some)
-        d.addBoth(self._committed, items, batch)
+        d.addBoth(self._committed, items, waiters)
 
     def _may_inline(self, size: int) -> bool:
         """May a batch of ``size`` entries be committed on the reactor
