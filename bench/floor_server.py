@@ -51,6 +51,7 @@ Prints its port on stdout, then serves until killed:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import queue
 import sys
@@ -135,11 +136,14 @@ class ChainedLog(MinimalLog):
     its payload's SHA-256, in the entry) and an on-disk index from token to
     entry (memory must not grow with the records): a row per record in
     SQLite (stop's table, WAL, ``synchronous = NORMAL``, inserted as stop
-    inserts them: a statement per chunk of rows), committed every 256
-    rows. No sequence numbers, no duplicate check, no segments."""
+    inserts them: one statement per batch of up to 64 rows), committed
+    every 256 rows. No sequence numbers, no duplicate check, no segments."""
 
     def __init__(self, path: str):
         import sqlite3
+
+        from stop.storage.index import insert_statements
+        self._insert_statements = insert_statements
         super().__init__(path)
         self._chain = b"0" * 64
         self._seq = 0
@@ -161,7 +165,6 @@ class ChainedLog(MinimalLog):
             reactor.callLater(0, self._end_of_turn)
 
     def _write(self, batch: list) -> None:
-        import hashlib
         out, rows = [], []
         chain, seq, off = self._chain, self._seq, self._off
         for (token, data), _ in batch:
@@ -172,11 +175,10 @@ class ChainedLog(MinimalLog):
             rows.append((token, seq, 1, off, len(line)))
             out.append(line)
             off += len(line)
-        # stop's insert (Index.add_new): a statement per chunk of rows, not
-        # a statement step (and a hand-off of the GIL) per row.
-        from stop.storage.index import insert_statements
+        # stop's insert (Index.add_new): one statement per batch (up to 64
+        # rows), not a statement step (and a hand-off of the GIL) per row.
         rows.sort()
-        for sql, parameters, _ in insert_statements(rows):
+        for sql, parameters, _ in self._insert_statements(rows):
             self._db.execute(sql, parameters)
         os.write(self._fd, b"".join(out))
         os.fdatasync(self._fd)

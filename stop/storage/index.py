@@ -349,9 +349,10 @@ class Index:
         switches of the writer a query at 50 clients).
 
         "None" without a savepoint (two more statements a batch, each a
-        hand-off of the GIL): a known token stops its chunk, which SQLite
-        takes back, and the rows of the chunks before it, whose tokens
-        were new, are taken out again (:meth:`drop`).
+        hand-off of the GIL): a known token stops its statement, which
+        SQLite takes back, and the rows of the statements before it (a
+        batch of more than :data:`INSERT_CHUNK`), whose tokens were new,
+        are taken out again (:meth:`drop`).
         """
         db = self._begin()
         # In key order: each B-tree page is met once per batch.
