@@ -476,8 +476,11 @@ sys.stderr = open(out + ".err", "w", buffering=1)
 conn = socket.create_connection(("127.0.0.1", int(sys.argv[3]))) if len(sys.argv) > 3 else None
 fds, kids, seq = {}, [], 0
 for _ in range(200):
+    # Read to EOF: the command is done only once the writer has closed the
+    # FIFO, else the next open(ctl) could find the writer still there and
+    # hold ctl open while a walk reads this process's descriptors.
     with open(ctl) as f:
-        line = f.readline().split()
+        line = f.read().split()
     if not line:  # a writer that came and went without a command
         continue
     seq += 1
