@@ -28,8 +28,10 @@ together), kernel events with ``perf stat`` on tracepoints (no sampling,
 no stop per system call, unlike ``strace``: the load runs at its usual
 speed): ``fdatasync`` calls (one per batch: the group commit's batch
 size), ``futex`` calls (thread hand-offs and GIL waits), context
-switches, ``epoll_wait`` calls (reactor turns). Needs ``perf``
-(linux-perf) and the kernel's tracepoints.
+switches, ``epoll_wait`` calls (reactor turns), and system calls of
+every kind (``raw_syscalls:sys_enter``: two versions making the same
+calls differ in GIL waits and Python work, not in the kernel work asked
+for). Needs ``perf`` (linux-perf) and the kernel's tracepoints.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 #: --events: tracepoint -> the short name printed.
 EVENTS = {"syscalls:sys_enter_fdatasync": "fdatasync", "syscalls:sys_enter_futex": "futex",
-          "sched:sched_switch": "switches", "syscalls:sys_enter_epoll_wait": "epoll_wait"}
+          "sched:sched_switch": "switches", "syscalls:sys_enter_epoll_wait": "epoll_wait",
+          "raw_syscalls:sys_enter": "syscalls"}
 
 
 def export(rev: str, into: pathlib.Path) -> str:
@@ -169,8 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=3000, help="queries per run")
     ap.add_argument("--sockets", type=int, default=1000)
     ap.add_argument("--events", action="store_true",
-                    help="count fdatasync, futex, context switches and epoll_wait per query "
-                         "and thread (perf stat on tracepoints)")
+                    help="count fdatasync, futex, context switches, epoll_wait and all system "
+                         "calls per query and thread (perf stat on tracepoints)")
     a = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("ab_daemon: run as root (the connections asked about belong to nobody)",
