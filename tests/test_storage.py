@@ -33,6 +33,8 @@ from stop.storage import STORES, make_store
 from stop.storage import log as storelog
 from stop.storage.flat import FlatStore
 from stop.storage.gzip import GzipCodec, GzipStore
+from stop.storage.chain import verify_all
+from stop.storage.entries import PREALLOC_BYTES, segment_end
 from stop.storage.log import GENESIS, BadEntry, Codec, chain_next, format_entry, parse_entry
 from stop.storage.memory import MemoryStore
 
@@ -79,8 +81,17 @@ def indexed(store) -> defer.Deferred:
     return store._pool.call(store._index_commit)
 
 
+def entries_end(path: str) -> int:
+    """Where the entries of the segment at ``path`` end: a flat store's
+    current segment has room preallocated after them (NUL bytes)."""
+    return segment_end(GzipCodec() if path.endswith(".gz") else Codec(), path)
+
+
 def disk_bytes(store) -> int:
-    return sum(os.path.getsize(os.path.join(store.records_dir, n)) for n in os.listdir(store.records_dir))
+    """The bytes under records/, a segment's up to the end of its entries
+    (usage() does not count the room preallocated after them)."""
+    return sum(entries_end(p) if os.path.basename(p).startswith("seg-") else os.path.getsize(p)
+               for p in (os.path.join(store.records_dir, n) for n in os.listdir(store.records_dir)))
 
 
 def segment_files(store) -> list[str]:
@@ -128,7 +139,8 @@ class LogStoreTests(TempDirMixin):
         real = storelog.fdatasync
 
         def spy(fd):
-            calls.append((threading.current_thread(), os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            calls.append((threading.current_thread(), path, entries_end(path)))
             if hold is not None and len(calls) == 1:
                 hold.wait(10)
             real(fd)
@@ -243,7 +255,7 @@ class LogStoreTests(TempDirMixin):
         self.addCleanup(lambda: release.active() and release.cancel())
         yield defer.gatherResults(ds)
         self.assertEqual(len(calls), 2)
-        self.assertEqual(calls[-1][2], os.path.getsize(segment_files(store)[0]))
+        self.assertEqual(calls[-1][2], entries_end(segment_files(store)[0]))
         self.assertEqual(len(list(store.records())), 50)
 
     @defer.inlineCallbacks
@@ -388,7 +400,7 @@ class LogStoreTests(TempDirMixin):
         store = self.make()
         yield self.alone(store)
         seg = segment_files(store)[0]
-        size = os.path.getsize(seg)
+        size = entries_end(seg)
         self.fail_next_write(errno.ENOSPC, half=True)
         errors = []
         observer = lambda event: event.get("log_level") == LogLevel.error and errors.append(formatEvent(event))
@@ -397,7 +409,7 @@ class LogStoreTests(TempDirMixin):
         err = yield self.assertFailure(store.save("lost", b'{"a":2}'), StoreFailed)
         self.assertIn("No space left on device", str(err))
         self.assertTrue(any("not stored" in e and "No space left" in e for e in errors), errors)
-        self.assertEqual(os.path.getsize(seg), size)
+        self.assertEqual(entries_end(seg), size)
         n = len(calls)
         yield self.lone(store, "after", b'{"a":3}')
         self.assertEqual(len(calls), n + 1)
@@ -690,7 +702,9 @@ class LogStoreTests(TempDirMixin):
         return self.cls.codec.encode(line)[:-7]
 
     @defer.inlineCallbacks
-    def check_torn_tail(self, kind):
+    def check_torn_tail(self, kind, room=0):
+        """``room``: that many NUL bytes after the tail, the room a flat
+        store's writer preallocates (a crash leaves it)."""
         store = self.make()
         items = [(f"k{i}", canonical({"i": i})) for i in range(3)]
         yield self.save_all(store, items)
@@ -699,12 +713,12 @@ class LogStoreTests(TempDirMixin):
         good = os.path.getsize(seg)
         tail = self.torn_bytes(kind)
         with open(seg, "ab") as f:
-            f.write(tail)
+            f.write(tail + b"\0" * room)
         # A reader neither repairs nor indexes it.
         reader = self.cls(store.data_dir, readonly=True)
         reader.open()
         self.assertEqual(list(reader.records()), items)
-        self.assertEqual(os.path.getsize(seg), good + len(tail))
+        self.assertEqual(os.path.getsize(seg), good + len(tail) + room)
         reader.close()
 
         events = []
@@ -823,11 +837,11 @@ class LogStoreTests(TempDirMixin):
         yield store.save("before", b'{"a":1}')
         self.fail_next_write(errno.ENOSPC, half=True)
         seg = segment_files(store)[0]
-        size = os.path.getsize(seg)
+        size = entries_end(seg)
         err = yield self.assertFailure(store.save("lost", b'{"a":2}'), StoreFailed)
         self.assertIn("No space left on device", str(err))
         self.assertIn("seg-00000001", str(err))
-        self.assertEqual(os.path.getsize(seg), size)  # the half-written entry was cut off
+        self.assertEqual(entries_end(seg), size)  # the half-written entry was cut off
         self.assertIsNone(store.get("lost"))
         yield store.save("after", b'{"a":3}')
         yield store.save("lost", b'{"a":4}')  # never stored, so not a reuse
@@ -970,7 +984,7 @@ class LogStoreTests(TempDirMixin):
         store = self.make()
         empty = store.usage()
         yield self.save_all(store, [(f"u{i}", canonical({"i": i})) for i in range(5)])
-        segments = sum(os.path.getsize(f) for f in segment_files(store))
+        segments = sum(entries_end(f) for f in segment_files(store))
         self.assertGreaterEqual(store.usage(), empty + segments)
         yield indexed(store)
         self.assertEqual(store.usage(), disk_bytes(store))
@@ -1317,12 +1331,26 @@ class LogStoreTests(TempDirMixin):
 class FlatStoreTests(LogStoreTests, unittest.TestCase):
     cls = FlatStore
 
+    def test_torn_tail_before_room(self):
+        """A crash in the middle of an entry, with the room the writer
+        preallocated after it: the torn bytes (not the room) are moved
+        aside, and the segment is cut back to its last sound entry."""
+        return self.check_torn_tail("incomplete", room=5000)
+
     @defer.inlineCallbacks
     def test_segment_is_plain_lines(self):
         store = self.make()
         items = [("f1", canonical({"a": "b c"})), ("f2", canonical({"ü": 1}))]
         yield self.save_all(store, items)
-        with open(segment_files(store)[0], "rb") as f:
+        path = segment_files(store)[0]
+        with open(path, "rb") as f:
+            data = f.read()
+        # The current segment: its entries, then room preallocated for the
+        # next ones (NUL bytes), given back when the store closes.
+        self.assertEqual(data[:len(lines_of(items))], lines_of(items))
+        self.assertEqual(data[len(lines_of(items)):].strip(b"\0"), b"")
+        yield store.close()
+        with open(path, "rb") as f:
             self.assertEqual(f.read(), lines_of(items))
 
 
@@ -1358,6 +1386,148 @@ class GzipStoreTests(LogStoreTests, unittest.TestCase):
         self.assertIsNone(again.get("g2"))
         self.assertEqual(os.path.getsize(seg), good)
         self.assertTrue(os.path.exists(os.path.join(again.records_dir, "torn-00000001-%d" % good)))
+
+
+class PreallocationTests(TempDirMixin, unittest.TestCase):
+    """A flat store gives its current segment room ahead of its entries
+    (storelog.PREALLOC_BYTES, up to the segment size), so that appends
+    change no file size and fdatasync has no metadata to commit; the room
+    is given back when the segment is left, and cut off on open when a
+    crash left it."""
+
+    def make(self, data_dir=None, **kw):
+        store = FlatStore(data_dir or os.path.join(self.tempdir(), "data"), reactor=reactor, **kw)
+        store.open()
+        self.addCleanup(store.close)
+        return store
+
+    def events(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        return events
+
+    @defer.inlineCallbacks
+    def test_room_ahead_of_the_entries_given_back_when_the_segment_is_left(self):
+        store = self.make(segment_bytes=1500)
+        items = [(f"p{i}", canonical({"i": i, "pad": "p" * 200})) for i in range(12)]
+        yield store.save(*items[0])
+        (seg1,) = segment_files(store)
+        end = entries_end(seg1)
+        self.assertEqual(end, len(lines_of(items[:1])))
+        # Room up to the segment size (here less than PREALLOC_BYTES).
+        self.assertEqual(os.path.getsize(seg1), 1500)
+        # A reader, and verify, see the entries and nothing wrong after them.
+        reader = FlatStore(store.data_dir, readonly=True)
+        reader.open()
+        self.addCleanup(reader.close)
+        self.assertEqual(list(reader.records()), items[:1])
+        self.assertTrue(verify_all(store).sound)
+        for item in items[1:]:
+            yield store.save(*item)
+        segs = segment_files(store)
+        self.assertGreater(len(segs), 2)
+        for path in segs[:-1]:  # left: cut back to its entries, durably
+            self.assertEqual(os.path.getsize(path), entries_end(path))
+        self.assertGreater(os.path.getsize(segs[-1]), entries_end(segs[-1]))
+        self.assertEqual(list(reader.records()), items)
+        report = verify_all(store)
+        self.assertTrue(report.sound, report.findings)
+        self.assertEqual(report.records, len(items))
+        # usage() counts the entries, not the room, counted again or not,
+        # by the writer or by a reader.
+        yield indexed(store)
+        self.assertEqual(store.usage(), disk_bytes(store))
+        store.recount_usage()
+        self.assertEqual(store.usage(), disk_bytes(store))
+        reader.recount_usage()
+        self.assertEqual(reader.usage(), disk_bytes(store))
+        yield store.close()
+        self.assertEqual(os.path.getsize(segs[-1]), entries_end(segs[-1]))
+        data = b""
+        for path in segs:
+            with open(path, "rb") as f:
+                data += f.read()
+        self.assertEqual(data, lines_of(items))
+
+    @defer.inlineCallbacks
+    def test_a_default_segment_gets_prealloc_bytes_of_room(self):
+        store = self.make()
+        yield store.save("one", b"{}")
+        (seg,) = segment_files(store)
+        self.assertEqual(os.path.getsize(seg), entries_end(seg) + PREALLOC_BYTES)
+
+    @defer.inlineCallbacks
+    def test_room_left_by_a_crash_is_cut_on_open(self):
+        store = self.make()
+        items = [(f"c{i}", canonical({"i": i})) for i in range(3)]
+        for item in items:
+            yield store.save(*item)
+        yield store.close()
+        (seg,) = segment_files(store)
+        good = os.path.getsize(seg)
+        with open(seg, "ab") as f:  # as a crash leaves the room
+            f.write(b"\0" * 100000)
+        reader = FlatStore(store.data_dir, readonly=True)
+        reader.open()
+        self.assertEqual(list(reader.records()), items)
+        self.assertTrue(verify_all(reader).sound)
+        reader.close()
+        events = self.events()
+        again = self.make(store.data_dir)
+        text = [formatEvent(e) for e in events]
+        self.assertFalse([t for e, t in zip(events, text) if e.get("log_level") in
+                          (LogLevel.warn, LogLevel.error)], text)
+        self.assertTrue(any("100000 bytes of room" in t for t in text), text)
+        self.assertFalse([n for n in os.listdir(again.records_dir) if n.startswith("torn-")])
+        self.assertEqual(os.path.getsize(seg), good)  # cut off, durably, before any read
+        self.assertEqual(list(again.records()), items)
+        yield again.save("c3", canonical({"i": 3}))
+        yield again.close()
+        with open(seg, "rb") as f:
+            self.assertEqual(f.read(), lines_of(items + [("c3", canonical({"i": 3}))]))
+        self.assertTrue(verify_all(self.make(store.data_dir)).sound)
+
+    @defer.inlineCallbacks
+    def test_no_room_when_the_disk_is_full(self):
+        """Writing the room fails (no space) after part of it was written:
+        that part is cut back, the saves are stored all the same, without
+        room, with a warning; the next segment tries again."""
+        refused = []
+        real = storelog.pwrite_room
+
+        def refuse(fd, data, offset):
+            refused.append(fd)
+            real(fd, data[:len(data) // 2], offset)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.patch(storelog, "pwrite_room", refuse)
+        events = self.events()
+        store = self.make(segment_bytes=600)
+        items = [(f"n{i}", canonical({"i": i, "pad": "n" * 100})) for i in range(4)]
+        for item in items:
+            yield store.save(*item)
+            for seg in segment_files(store):  # no zeros left after the entries
+                self.assertEqual(os.path.getsize(seg), entries_end(seg))
+        self.assertEqual(len(segment_files(store)), 2)
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(refused), 2)
+        self.assertEqual(len(warnings), 2, warnings)
+        self.assertIn("cannot preallocate", warnings[0])
+        self.assertIn("No space left on device", warnings[0])
+        self.assertEqual(list(store.records()), items)
+        yield store.close()
+        self.assertEqual(list(self.make(store.data_dir).records()), items)
+
+    @defer.inlineCallbacks
+    def test_a_gzip_segment_gets_no_room(self):
+        """A gzip member may end with NUL bytes: no room, ever."""
+        store = GzipStore(os.path.join(self.tempdir(), "data"), reactor=reactor)
+        store.open()
+        self.addCleanup(store.close)
+        yield store.save("z", canonical({"z": 1}))
+        (seg,) = segment_files(store)
+        entry = GzipCodec().encode(format_line("z", canonical({"z": 1})))
+        self.assertEqual(os.path.getsize(seg), len(entry))
 
 
 class MemoryStoreTests(unittest.TestCase):

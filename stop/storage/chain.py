@@ -34,7 +34,8 @@ from typing import Callable, NamedTuple, Optional
 
 from stop.errors import StoreFailed
 from stop.storage.entries import (
-    GENESIS, RECORD, chain_next, fsync_dir, salvage_fields, salvage_line, write_file)
+    GENESIS, RECORD, chain_next, fsync_dir, salvage_fields, salvage_line, segment_end,
+    write_file)
 from stop.storage.index import Index, IndexBroken
 
 #: File under records/ holding where the chain starts after a prune.
@@ -277,7 +278,8 @@ class _Verifier:
                 continue  # left by an interrupted prune: reported by check_numbering
             where = f"{os.path.basename(self.store._seg_path(seg))} offset {found.pos}"
             if found.entry is None:
-                at_end = seg == last_seg and found.end >= os.path.getsize(self.store._seg_path(seg))
+                at_end = seg == last_seg and found.end >= segment_end(self.store.codec,
+                                                                     self.store._seg_path(seg))
                 if at_end and not again:
                     self.tail = (seg, found.pos)
                     return

@@ -53,6 +53,9 @@ MAX_LINE = 2 + 21 + MAX_TOKEN_CHARS + 2 * 65 + 1 + MAX_RECORD_BYTES + 1
 _READ_CHUNK = 4096
 #: Bytes read from a segment at a time when scanning.
 SCAN_CHUNK = 1 << 20
+#: Room the writer gives the current segment file ahead of its entries
+#: (codecs whose ``pads`` is true; see :func:`data_end`), written as zeros.
+PREALLOC_BYTES = 2**20
 
 
 def check_entry(token: str, record: bytes) -> None:
@@ -185,6 +188,10 @@ class Codec:
 
     #: Segment file name suffix.
     suffix = ".log"
+    #: No entry of this codec ends with a NUL byte, so the NUL bytes at the
+    #: end of a segment are room the writer preallocated, not data
+    #: (:func:`data_end`): the writer may preallocate its segments.
+    pads = True
 
     def encode(self, line: bytes) -> bytes:
         """The bytes appended to a segment for one entry ``line``."""
@@ -279,12 +286,14 @@ def read_entries(codec: Codec, path: str, start: int = 0, chunk: int = SCAN_CHUN
     """
     fd = open_file(path, os.O_RDONLY)
     try:
+        limit = data_end(fd) if codec.pads else None
         buf = b""
         base = start  # file offset of buf[0]
         eof = False
         while True:
             if not eof:
-                data = os.pread(fd, chunk, base + len(buf))
+                want = chunk if limit is None else min(chunk, limit - base - len(buf))
+                data = os.pread(fd, want, base + len(buf)) if want > 0 else b""
                 eof = not data
                 buf += data
             pos = 0
@@ -297,6 +306,41 @@ def read_entries(codec: Codec, path: str, start: int = 0, chunk: int = SCAN_CHUN
             base += pos
             if eof and not buf:
                 return
+    finally:
+        os.close(fd)
+
+
+def data_end(fd: int) -> int:
+    """Where the entries of the segment file ``fd`` end: its size less the
+    NUL bytes at its end, the room a writer preallocated (only for a codec
+    whose ``pads`` is true: its entries never end with a NUL). Reads back
+    from the end a block at a time (the room is about
+    :data:`PREALLOC_BYTES`)."""
+    end = os.fstat(fd).st_size
+    while end > 0:
+        n = min(end, 1 << 16)
+        block = os.pread(fd, n, end - n)
+        if len(block) < n:  # cut meanwhile (a writer closing): look again
+            end = os.fstat(fd).st_size
+            continue
+        kept = block.rstrip(b"\0")
+        if kept:
+            return end - n + len(kept)
+        end -= n
+    return 0
+
+
+def segment_end(codec: Codec, path: str) -> int:
+    """The end of the entries of the segment at ``path`` (its size when
+    ``codec`` never pads).
+
+    :raise OSError: it cannot be read.
+    """
+    if not codec.pads:
+        return os.path.getsize(path)
+    fd = open_file(path, os.O_RDONLY)
+    try:
+        return data_end(fd)
     finally:
         os.close(fd)
 

@@ -25,6 +25,9 @@ class GzipCodec(Codec):
     SHA-256 (over the uncompressed record) are both checked on read."""
 
     suffix = ".log.gz"
+    #: A member's trailer may end with NUL bytes (its length, little
+    #: endian): a segment's NULs at its end may be data, so no preallocation.
+    pads = False
 
     def encode(self, line: bytes) -> bytes:
         """One gzip member holding ``line`` (header mtime 0: deterministic)."""

@@ -5,6 +5,7 @@ Layout under ``data_dir`` (see docs/storage.rst)::
     records/                    0700
         format                  0600, "stop-store 2": the format of the entries
         seg-00000001.log[.gz]   0600, append-only entries, rotated at segment_bytes
+                                (the current .log: then NUL bytes, room for more)
         index.sqlite[-wal|-shm] 0600, a cache: token -> where (stop.storage.index)
         checkpoint              0600, where the chain starts after a prune (stop.storage.chain)
         torn-<segment>-<offset> 0600, bytes of a torn tail moved aside on open
@@ -35,6 +36,11 @@ before. Who writes a batch:
   written inline when the worker is idle.
 
 Both run the same code (:meth:`LogStore._commit`) with the same outcomes.
+A flat store's current segment has room preallocated after its entries
+(zeros, :data:`~stop.storage.entries.PREALLOC_BYTES` at a time), so an
+append changes no file size and its ``fdatasync`` commits no inode; the
+room is given back when the segment is left and cut off on open after a
+crash (:meth:`LogStore._preallocate`, docs/storage.rst).
 After a batch the rows go into the index in the worker (one SQLite commit
 per ``INDEX_ROWS`` rows or ``INDEX_DELAY`` seconds, no fsync).
 Reads are synchronous: an index lookup, then a ``pread`` whose payload is
@@ -66,6 +72,7 @@ from stop.storage.entries import (  # noqa: F401
     MAX_TOKEN_CHARS, RECORD, BadEntry, Codec, Entry, Found, check_dir, check_entry,
     check_linked, chain_next, format_entry, fsync_dir, iter_entries, make_dir, open_file,
     oserror, parse_entry, read_entries, write_all, write_file)
+from stop.storage.entries import PREALLOC_BYTES, data_end, segment_end
 from stop.storage.index import Index, IndexBroken, Last
 from stop.storage.writer import WriterThread
 
@@ -73,6 +80,10 @@ from stop.storage.writer import WriterThread
 fdatasync = os.fdatasync
 fsync = os.fsync
 pwrite = os.pwrite
+#: Writes a segment's preallocated room (zeros).
+pwrite_room = os.pwrite
+#: Zeros to write room with, a block at a time.
+_ZEROS = bytes(1 << 16)
 
 #: The ``fsync`` settings: one fdatasync per batch, per record, or none.
 FSYNC_MODES = ("batch", "always", "never")
@@ -158,6 +169,11 @@ class LogStore:
         self._seg_no = 0
         self._seg_fd: int | None = None
         self._seg_size = 0
+        # The current segment file's size: its entries (_seg_size) and the
+        # room preallocated after them (see _preallocate); whether it may
+        # get more (False after a failure, until the next segment).
+        self._seg_alloc = 0
+        self._prealloc_ok = True
         self._dir_dirty = False
         self._w_seq = 0
         self._w_chain = GENESIS
@@ -221,6 +237,7 @@ class LogStore:
                 self._head_seq, self._head_chain = self._tail_head()
             else:
                 self._open_index()
+                self._cut_room()
                 self._load()
                 self._open_writer()
             self._count_usage()
@@ -457,13 +474,30 @@ class LogStore:
                 self._index_bytes += size
             else:
                 self._other_bytes += size
+        self._seg_bytes -= self._room()
+
+    def _room(self) -> int:
+        """Bytes of room preallocated after the current segment's entries
+        (not counted in usage()): the writer's own figure (read on another
+        thread: a moment old at worst, as a batch being written is); a
+        reader's, from the file."""
+        if self._seg_fd is not None:
+            return max(0, self._seg_alloc - self._seg_size)
+        segments = self.segments() if self.codec.pads else []
+        if not segments:
+            return 0
+        path = self._seg_path(segments[-1])
+        try:
+            return os.path.getsize(path) - segment_end(self.codec, path)
+        except OSError:
+            return 0
 
     def _open_writer(self) -> None:
         segments = self.segments()
         if segments:
             self._seg_no = segments[-1]
             self._seg_fd = open_file(self._seg_path(self._seg_no), os.O_WRONLY)
-            self._seg_size = os.fstat(self._seg_fd).st_size
+            self._seg_size = self._seg_alloc = os.fstat(self._seg_fd).st_size
         self._w_seq, self._w_chain = self._head_seq, self._head_chain
         if self._reactor is None:
             from twisted.internet import reactor
@@ -669,6 +703,7 @@ class LogStore:
                     end += 1
                 if self._seg_fd is None or seg != self._seg_no:
                     if self._seg_fd is not None:
+                        self._give_back_room()
                         os.close(self._seg_fd)
                         self._seg_fd = None
                     self._new_segment()
@@ -855,6 +890,8 @@ class LogStore:
             fsync_dir(self.records_dir)
             self._dir_dirty = False
         start = self._seg_size
+        if start + len(buf) > self._seg_alloc:
+            self._preallocate(start, start + len(buf))
         try:
             view = memoryview(buf)
             off = start
@@ -866,6 +903,7 @@ class LogStore:
         except OSError:
             try:
                 os.ftruncate(self._seg_fd, start)
+                self._seg_alloc = start
             except OSError as exc:
                 log.error("cannot cut {path} back to {size} bytes after a failed write: {exc}",
                           path=self._seg_path(self._seg_no), size=start, exc=exc)
@@ -879,12 +917,84 @@ class LogStore:
         path = self._seg_path(self._seg_no + 1)
         self._seg_fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         self._seg_no += 1
-        self._seg_size = 0
+        self._seg_size = self._seg_alloc = 0
+        self._prealloc_ok = True
         self._dir_dirty = True  # retried before the next write if this fails
         fsync(self._seg_fd)
         fsync_dir(self.records_dir)
         self._dir_dirty = False
         return path
+
+    def _preallocate(self, start: int, end: int) -> None:
+        """Writer: before entries go at ``start`` .. ``end``, give the
+        current segment room up to ``end`` and :data:`PREALLOC_BYTES` more
+        (not past the segment size, unless ``end`` is): zeros written after
+        its entries, so that the appends into them change no file size and
+        allocate no block, and their fdatasync has only the data to flush
+        (ext4, this VM: a median of 0.17 ms against 0.23, p99 0.5 against
+        0.83-0.95). Zeros rather than ``posix_fallocate``: a durable
+        append into them relies on no file system's handling of unwritten
+        extents. The room reads as NUL bytes (:func:`data_end`); it is
+        given back when the segment is left (:meth:`_give_back_room`). A
+        failure (no space) is logged, what was written of the room is cut
+        back, and the segment is appended to without room until the next
+        one: never a lost write. Never raises."""
+        if not (self._prealloc_ok and self.codec.pads):
+            return
+        base = max(self._seg_alloc, start)  # never over an entry
+        target = max(end, min(end + PREALLOC_BYTES, self._segment_bytes))
+        try:
+            off = base
+            zeros = memoryview(_ZEROS)
+            while off < target:
+                off += pwrite_room(self._seg_fd, zeros[:min(target - off, len(zeros))], off)
+        except OSError as exc:
+            self._prealloc_ok = False
+            try:
+                os.ftruncate(self._seg_fd, base)
+            except OSError:
+                pass  # the next open cuts it (_cut_room)
+            log.warn("cannot preallocate room in {path} ({exc}); appending to it without "
+                     "(each fdatasync then commits the file size too)",
+                     path=self._seg_path(self._seg_no), exc=exc)
+            return
+        self._seg_alloc = target
+
+    def _give_back_room(self) -> None:
+        """Writer: cut the current segment file back to its entries (before
+        it is left: the next segment starts, or the store closes), durably.
+        A failure is logged; the next open cuts the room (:meth:`_cut_room`)."""
+        if self._seg_alloc <= self._seg_size:
+            return
+        try:
+            os.ftruncate(self._seg_fd, self._seg_size)
+            fsync(self._seg_fd)
+        except OSError as exc:
+            log.warn("cannot cut {path} back to its entries ({exc}); the next open will",
+                     path=self._seg_path(self._seg_no), exc=exc)
+            return
+        self._seg_alloc = self._seg_size
+
+    def _cut_room(self) -> None:
+        """Writer, on open: cut back to its entries every segment that still
+        has preallocated room (NUL bytes at its end: left by a crash, or by
+        a failure to cut it), durably, before the segments are read."""
+        if not self.codec.pads:
+            return
+        for seg in self.segments():
+            path = self._seg_path(seg)
+            fd = open_file(path, os.O_RDWR)
+            try:
+                size = os.fstat(fd).st_size
+                if not size or os.pread(fd, 1, size - 1) != b"\0":
+                    continue
+                end = data_end(fd)
+                os.ftruncate(fd, end)
+                fsync(fd)
+            finally:
+                os.close(fd)
+            log.info("{path}: {n} bytes of room preallocated after its entries cut off "
+                     "(left by a crash or a failed cut)", path=path, n=size - end)
 
     # -- read --------------------------------------------------------------
 
@@ -1156,6 +1266,8 @@ class LogStore:
             self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
             self._shutdown_trigger = None
         self._index_commit()
+        if self._seg_fd is not None:
+            self._give_back_room()
         self._release_fds()
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
