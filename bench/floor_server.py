@@ -77,10 +77,16 @@ INLINE_AFTER = 4
 
 class MinimalLog:
     """Append + fdatasync with group commit; ``save(data, done)`` calls
-    ``done()`` on the reactor thread once ``data`` is on disk."""
+    ``done()`` on the reactor thread once ``data`` is on disk. Appends
+    into room preallocated ahead (zeros, stop.storage.entries.PREALLOC_BYTES
+    at a time), as stop's flat store does: an fdatasync then has no file
+    size to commit."""
 
     def __init__(self, path: str):
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        from stop.storage.entries import PREALLOC_BYTES
+        self._prealloc = PREALLOC_BYTES
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        self._off = self._room = os.lseek(self._fd, 0, os.SEEK_END)
         self._pending: list = []
         self._busy = False        # a batch is in the writer thread
         self._turn = False        # the end-of-turn call is scheduled
@@ -107,8 +113,20 @@ class MinimalLog:
             self._busy = True
             self._queue.put(batch)
 
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` at the end (no fdatasync)."""
+        end = self._off + len(data)
+        if end > self._room:
+            room = end + self._prealloc
+            os.pwrite(self._fd, bytes(room - self._off), self._off)
+            self._room = room
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, self._off)
+            view, self._off = view[n:], self._off + n
+
     def _write(self, batch: list) -> None:
-        os.write(self._fd, b"".join(data for data, _ in batch))
+        self._append(b"".join(data for data, _ in batch))
         os.fdatasync(self._fd)
 
     def _run(self) -> None:
@@ -156,7 +174,6 @@ class ChainedLog(MinimalLog):
                          "seq INTEGER NOT NULL, seg INTEGER NOT NULL, off INTEGER NOT NULL, "
                          "len INTEGER NOT NULL) WITHOUT ROWID")
         self._db.execute("BEGIN")
-        self._off = os.lseek(self._fd, 0, os.SEEK_END)
 
     def save(self, data: bytes, done, token: str = "") -> None:
         self._pending.append(((token, data), done))
@@ -180,9 +197,9 @@ class ChainedLog(MinimalLog):
         rows.sort()
         for sql, parameters, _ in self._insert_statements(rows):
             self._db.execute(sql, parameters)
-        os.write(self._fd, b"".join(out))
+        self._append(b"".join(out))
         os.fdatasync(self._fd)
-        self._chain, self._seq, self._off = chain, seq, off
+        self._chain, self._seq = chain, seq
         self._rows += len(rows)
 
     def _commit_index(self) -> None:
