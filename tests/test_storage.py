@@ -1489,6 +1489,67 @@ class PreallocationTests(TempDirMixin, unittest.TestCase):
         self.assertTrue(verify_all(self.make(store.data_dir)).sound)
 
     @defer.inlineCallbacks
+    def test_a_hole_in_the_room_before_later_entries_is_a_torn_tail(self):
+        """A power loss in the middle of a batch written into the room: a
+        later page of it reached the disk, an earlier one did not (zeros).
+        No acknowledged entry is after such a hole (its batch's fdatasync
+        would have written the hole too): the hole and what follows are
+        the torn tail, moved aside, not damage left in the log."""
+        store = self.make()
+        items = [(f"h{i}", canonical({"i": i})) for i in range(3)]
+        for item in items:
+            yield store.save(*item)
+        seq, chain = store.head()
+        yield store.close()
+        (seg,) = segment_files(store)
+        good = os.path.getsize(seg)
+        # Two entries after the hole: the bad bytes (the hole up to the
+        # first one's newline) are then followed by a sound entry.
+        late, chain2 = format_entry("R", seq + 2, "late", canonical({"late": 1}), chain)
+        later, _ = format_entry("R", seq + 3, "later", canonical({"late": 2}), chain2)
+        tail = b"\0" * 300 + late + later
+        with open(seg, "ab") as f:
+            f.write(tail + b"\0" * 5000)
+        events = self.events()
+        again = self.make(store.data_dir)
+        text = [formatEvent(e) for e in events]
+        self.assertFalse([t for e, t in zip(events, text) if e.get("log_level") == LogLevel.error],
+                         text)
+        warnings = [t for e, t in zip(events, text) if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(f"torn tail of {len(tail)} bytes", warnings[0])
+        with open(os.path.join(again.records_dir, "torn-00000001-%d" % good), "rb") as f:
+            self.assertEqual(f.read(), tail)
+        self.assertEqual(os.path.getsize(seg), good)
+        self.assertEqual(list(again.records()), items)
+        self.assertIsNone(again.get("late"))
+        self.assertIsNone(again.get("later"))
+        yield again.save("h3", canonical({"i": 3}))
+        self.assertTrue(verify_all(again).sound)
+
+    @defer.inlineCallbacks
+    def test_room_left_in_an_older_segment_is_cut_with_a_warning(self):
+        """Only a failed cut at rotation leaves room in a segment that is
+        not the last: cut on open, and said louder than a crash's."""
+        store = self.make(segment_bytes=600)
+        items = [(f"o{i}", canonical({"i": i, "pad": "o" * 100})) for i in range(4)]
+        for item in items:
+            yield store.save(*item)
+        yield store.close()
+        first, last = segment_files(store)
+        good = os.path.getsize(first)
+        with open(first, "ab") as f:
+            f.write(b"\0" * 700)
+        events = self.events()
+        again = self.make(store.data_dir)
+        warnings = [formatEvent(e) for e in events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn("700 bytes of room", warnings[0])
+        self.assertEqual(os.path.getsize(first), good)
+        self.assertEqual(list(again.records()), items)
+        self.assertTrue(verify_all(again).sound)
+
+    @defer.inlineCallbacks
     def test_no_room_when_the_disk_is_full(self):
         """Writing the room fails (no space) after part of it was written:
         that part is cut back, the saves are stored all the same, without

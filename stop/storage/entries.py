@@ -318,16 +318,33 @@ def data_end(fd: int) -> int:
     :data:`PREALLOC_BYTES`)."""
     end = os.fstat(fd).st_size
     while end > 0:
-        n = min(end, 1 << 16)
+        n = min(end, len(_ZERO_BLOCK))
         block = os.pread(fd, n, end - n)
         if len(block) < n:  # cut meanwhile (a writer closing): look again
             end = os.fstat(fd).st_size
             continue
-        kept = block.rstrip(b"\0")
-        if kept:
-            return end - n + len(kept)
+        # A comparison is ~70x cheaper than rstrip over a block of zeros.
+        if block != (_ZERO_BLOCK if n == len(_ZERO_BLOCK) else bytes(n)):
+            return end - n + len(block.rstrip(b"\0"))
         end -= n
     return 0
+
+
+_ZERO_BLOCK = bytes(1 << 16)
+
+
+def starts_with_nul(path: str, pos: int) -> bool:
+    """Does the bad entry at ``pos`` of the segment at ``path`` start with
+    a NUL byte? No entry written starts with one (of a codec that pads):
+    such bytes are room the writer preallocated, a hole in it left by a
+    power loss in the middle of a batch (its pages reach the disk in any
+    order) -- never an acknowledged entry, whose batch's fdatasync wrote
+    every byte before it."""
+    fd = open_file(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, 1, pos) == b"\0"
+    finally:
+        os.close(fd)
 
 
 def segment_end(codec: Codec, path: str) -> int:

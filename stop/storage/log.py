@@ -72,7 +72,7 @@ from stop.storage.entries import (  # noqa: F401
     MAX_TOKEN_CHARS, RECORD, BadEntry, Codec, Entry, Found, check_dir, check_entry,
     check_linked, chain_next, format_entry, fsync_dir, iter_entries, make_dir, open_file,
     oserror, parse_entry, read_entries, write_all, write_file)
-from stop.storage.entries import PREALLOC_BYTES, data_end, segment_end
+from stop.storage.entries import PREALLOC_BYTES, data_end, segment_end, starts_with_nul
 from stop.storage.index import Index, IndexBroken, Last
 from stop.storage.writer import WriterThread
 
@@ -403,7 +403,7 @@ class LogStore:
                     (records if entry.kind == RECORD else linked).append(row)
                     self._head_seq, self._head_chain = entry.seq, entry.chain
                     last = Last(entry.seq, *loc, entry.chain)
-                elif s == segments[-1] and item.end == os.path.getsize(path):
+                elif s == segments[-1] and self._torn(path, item):
                     tail_end = item if repair else None  # torn tail: moved aside below
                     break
                 else:
@@ -429,6 +429,16 @@ class LogStore:
             log.error("{dir}: {n} records reuse a token stored before them; the index keeps the first",
                       dir=self.records_dir, n=skipped)
         self._w_last = last
+
+    def _torn(self, path: str, item: Found) -> bool:
+        """Is the bad ``item`` of the last segment at ``path`` where a crash
+        tore it: at the end of its entries, or (a codec that pads) a hole of
+        NULs in its room that a power loss left before later bytes of the
+        same unacknowledged batch (:func:`~stop.storage.entries.starts_with_nul`)?
+        Everything from there on is then the torn tail."""
+        if item.end >= segment_end(self.codec, path):
+            return True
+        return self.codec.pads and starts_with_nul(path, item.pos)
 
     def _move_torn_tail(self, seg: int, offset: int, why: str) -> None:
         """Copy a torn tail to ``torn-<seg>-<offset>`` (0600, durable), then
@@ -466,31 +476,26 @@ class LogStore:
         self._seg_bytes = self._other_bytes = self._index_bytes = 0
         index_files = set(os.path.basename(p) for p in index_mod.files(self.records_dir))
         seg_re = re.compile(r"seg-[0-9]{8}%s\Z" % re.escape(self.codec.suffix))
+        current = os.path.basename(self._seg_path(self._seg_no)) if self._seg_fd is not None else None
+        last = None
         for entry in os.listdir(self.records_dir):
             size = os.lstat(os.path.join(self.records_dir, entry)).st_size
             if seg_re.match(entry):
-                self._seg_bytes += size
+                # The room after the current segment's entries is not
+                # counted: the writer's own figure (read on another thread:
+                # a batch old at worst), else (a reader) read from the file.
+                self._seg_bytes += self._seg_size if entry == current else size
+                last = max(last or entry, entry)
             elif entry in index_files:
                 self._index_bytes += size
             else:
                 self._other_bytes += size
-        self._seg_bytes -= self._room()
-
-    def _room(self) -> int:
-        """Bytes of room preallocated after the current segment's entries
-        (not counted in usage()): the writer's own figure (read on another
-        thread: a moment old at worst, as a batch being written is); a
-        reader's, from the file."""
-        if self._seg_fd is not None:
-            return max(0, self._seg_alloc - self._seg_size)
-        segments = self.segments() if self.codec.pads else []
-        if not segments:
-            return 0
-        path = self._seg_path(segments[-1])
-        try:
-            return os.path.getsize(path) - segment_end(self.codec, path)
-        except OSError:
-            return 0
+        if current is None and last is not None and self.codec.pads:
+            path = os.path.join(self.records_dir, last)
+            try:
+                self._seg_bytes -= os.path.getsize(path) - segment_end(self.codec, path)
+            except OSError:
+                pass
 
     def _open_writer(self) -> None:
         segments = self.segments()
@@ -981,20 +986,28 @@ class LogStore:
         a failure to cut it), durably, before the segments are read."""
         if not self.codec.pads:
             return
-        for seg in self.segments():
+        segments = self.segments()
+        for seg in segments:
             path = self._seg_path(seg)
-            fd = open_file(path, os.O_RDWR)
+            fd = open_file(path, os.O_RDONLY)  # most are read here, never written
             try:
                 size = os.fstat(fd).st_size
                 if not size or os.pread(fd, 1, size - 1) != b"\0":
                     continue
                 end = data_end(fd)
+            finally:
+                os.close(fd)
+            fd = open_file(path, os.O_WRONLY)
+            try:
                 os.ftruncate(fd, end)
                 fsync(fd)
             finally:
                 os.close(fd)
-            log.info("{path}: {n} bytes of room preallocated after its entries cut off "
-                     "(left by a crash or a failed cut)", path=path, n=size - end)
+            # The last segment's room is what a crash leaves; an older one's
+            # only a failed cut at rotation (logged then) leaves.
+            (log.info if seg == segments[-1] else log.warn)(
+                "{path}: {n} bytes of room preallocated after its entries cut off "
+                "(left by a crash or a failed cut)", path=path, n=size - end)
 
     # -- read --------------------------------------------------------------
 
