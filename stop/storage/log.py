@@ -463,12 +463,7 @@ class LogStore:
         finally:
             os.close(fd)
         fsync_dir(self.records_dir)
-        fd = open_file(seg_path, os.O_WRONLY)
-        try:
-            os.ftruncate(fd, offset)
-            fsync(fd)
-        finally:
-            os.close(fd)
+        _cut_file(seg_path, offset)
         log.warn("{seg}: torn tail of {n} bytes at offset {off} ({why}), from a crash before its reply; "
                  "moved to {path} and truncated", seg=seg_path, n=len(tail), off=offset, why=why, path=path)
 
@@ -485,7 +480,8 @@ class LogStore:
                 # counted: the writer's own figure (read on another thread:
                 # a batch old at worst), else (a reader) read from the file.
                 self._seg_bytes += self._seg_size if entry == current else size
-                last = max(last or entry, entry)
+                if last is None or entry > last:
+                    last = entry
             elif entry in index_files:
                 self._index_bytes += size
             else:
@@ -997,12 +993,7 @@ class LogStore:
                 end = data_end(fd)
             finally:
                 os.close(fd)
-            fd = open_file(path, os.O_WRONLY)
-            try:
-                os.ftruncate(fd, end)
-                fsync(fd)
-            finally:
-                os.close(fd)
+            _cut_file(path, end)
             # The last segment's room is what a crash leaves; an older one's
             # only a failed cut at rotation (logged then) leaves.
             (log.info if seg == segments[-1] else log.warn)(
@@ -1299,6 +1290,16 @@ class LogStore:
         self._seg_fd = None
         self._read_fds = collections.OrderedDict()
         self._released = True
+
+
+def _cut_file(path: str, size: int) -> None:
+    """Truncate the file at ``path`` to ``size`` bytes, durably."""
+    fd = open_file(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+        fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_read(path: str, cache: collections.OrderedDict, key) -> int:
